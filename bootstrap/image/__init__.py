@@ -1,0 +1,1 @@
+"""Images: references, registry client, manifests, the shared store, unpacking."""

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Install bootstrap on a Debian 12 machine: run-time packages, a venv in ./.venv, the `bootstrap`
+# command in /usr/local/bin, and (when systemd is PID 1) the tool's own units.
+#   sudo ./install.sh         the tool
+#   sudo ./install.sh --dev   the tool plus everything the tests need
+# Idempotent: a second run changes nothing that is already in place.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+step() { printf '==> %s\n' "$*" >&2; }
+fail() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+trap 'fail "step failed at line $LINENO: $BASH_COMMAND"' ERR
+
+[ "$(id -u)" -eq 0 ] || fail "must run as root: sudo ./install.sh $*"
+[ -r /etc/debian_version ] || fail "this installer supports Debian 12 (bookworm) only"
+
+# Run-time: runc and dbus for system containers; python3-venv; gcc + headers + gi/cairo
+# development files to build PyGObject (pydbus imports gi).
+runtime_pkgs=(ca-certificates runc dbus iproute2 python3 python3-venv python3-dev gcc
+  pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar)
+# Tests: a real registry, reference tools to compare with, a systemd node, an offline CRI daemon.
+dev_pkgs=(skopeo umoci docker-registry busybox-static debootstrap systemd-container jq openssl
+  apache2-utils containerd tini zstd sudo)
+
+pkgs=("${runtime_pkgs[@]}")
+[ "$dev" -eq 1 ] && pkgs+=("${dev_pkgs[@]}")
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq || fail "apt-get update failed: check the network and /etc/apt/sources.list"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || fail "apt-get install failed for: ${missing[*]}"
+else
+  step "Debian packages already installed"
+fi
+
+venv="$here/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  step "creating $venv with /usr/bin/python3"
+  /usr/bin/python3 -m venv "$venv" || fail "could not create the venv (is python3-venv installed?)"
+fi
+step "installing bootstrap into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null \
+  || fail "could not upgrade pip in $venv"
+target="$here"
+[ "$dev" -eq 1 ] && target="$here[dev]"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$target" \
+  || fail "pip install of the project failed (PyGObject needs libgirepository1.0-dev and libcairo2-dev)"
+
+ln -sfn "$venv/bin/bootstrap" /usr/local/bin/bootstrap
+step "linked /usr/local/bin/bootstrap -> $venv/bin/bootstrap"
+
+if [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+  if compgen -G "$here/units/*.service" >/dev/null; then
+    step "installing units into /etc/systemd/system"
+    install -m 0644 "$here"/units/*.service /etc/systemd/system/
+    systemctl daemon-reload
+    for u in "$here"/units/*.service; do systemctl enable "$(basename "$u")" >/dev/null; done
+  fi
+else
+  step "systemd is not PID 1 here: skipping unit installation"
+fi
+step "done: $(/usr/local/bin/bootstrap --version)"

@@ -1,0 +1,50 @@
+"""Run the real ``bootstrap`` command (the venv's console script) as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BOOTSTRAP = Path(sys.executable).parent / "bootstrap"
+
+
+@dataclass
+class Ran:
+    rc: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def bootstrap(
+    *args: str | Path,
+    store: Path | None = None,
+    state: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = False,
+) -> Ran:
+    """Run ``bootstrap [--store S] [--state T] ARGS...``; return exit code and decoded output.
+    With ``check``, assert exit 0 and show stderr when not."""
+    argv: list[str] = [str(BOOTSTRAP)]
+    if store is not None:
+        argv += ["--store", str(store)]
+    if state is not None:
+        argv += ["--state", str(state)]
+    argv += [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, timeout=timeout)
+    ran = Ran(proc.returncode, proc.stdout, proc.stderr)
+    if check:
+        assert ran.rc == 0, f"{argv} exited {ran.rc}\nstdout: {ran.stdout}\nstderr: {ran.stderr}"
+    return ran

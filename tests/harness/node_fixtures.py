@@ -1,0 +1,1 @@
+"""Fixtures: node_fixtures (filled in by its part of the harness)."""

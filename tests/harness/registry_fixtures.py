@@ -1,0 +1,1 @@
+"""Fixtures: registry_fixtures (filled in by its part of the harness)."""

@@ -1,0 +1,30 @@
+"""Static checks run as tests: ruff lint, ruff format, mypy --strict."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(*argv: str) -> None:
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_ruff_check() -> None:
+    _run(str(BIN / "ruff"), "check", ".")
+
+
+def test_ruff_format() -> None:
+    _run(str(BIN / "ruff"), "format", "--check", ".")
+
+
+@pytest.mark.slow
+def test_mypy_strict() -> None:
+    _run(str(BIN / "mypy"), "--strict", "bootstrap")
