@@ -62,9 +62,9 @@ def _pull(s: Settings, a: argparse.Namespace) -> Result:
 
 
 def _import(s: Settings, a: argparse.Namespace) -> Result:
-    from bootstrap.image import api
+    from bootstrap.image import archive
 
-    return api.import_archive(s, a.path, name=a.name)
+    return archive.import_command(s, a.path, name=a.name)
 
 
 def _images(s: Settings, a: argparse.Namespace) -> Result:
@@ -92,9 +92,9 @@ def _fsck(s: Settings, a: argparse.Namespace) -> Result:
 
 
 def _checkout(s: Settings, a: argparse.Namespace) -> Result:
-    from bootstrap.image import api
+    from bootstrap.image import unpack
 
-    return api.checkout(s, a.ref, a.dest, copy=a.copy, devices=a.devices)
+    return unpack.checkout_command(s, a.ref, a.dest, copy=a.copy, devices=a.devices)
 
 
 COMMANDS: dict[str, Handler] = {
