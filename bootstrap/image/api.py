@@ -1,0 +1,154 @@
+"""The image stage's CLI-facing API: ``pull``, ``images``, ``rmi``, ``gc``, ``fsck``.
+
+Each function takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments as the
+command line gave them, does one thing, and returns a frozen result with ``to_json()`` and
+``to_text()``. Errors are :class:`~bootstrap.errors.BootstrapError` subclasses carrying the exit
+code (2 bad reference or platform, 3 registry, 4 integrity, 6 store busy).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from bootstrap.errors import IntegrityError, UsageError
+from bootstrap.image.model import Platform
+from bootstrap.image.pull import PullResult, pull_image
+from bootstrap.image.store import FsckReport, GcReport, Store, StoredRef
+from bootstrap.progress import human_size, make_progress
+from bootstrap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImagesResult:
+    """The stored references, sorted by name."""
+
+    images: tuple[StoredRef, ...]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [ref.to_json() for ref in self.images]
+
+    def to_text(self) -> str:
+        if not self.images:
+            return ""
+        width = max(len("REFERENCE"), *(len(r.name) for r in self.images))
+        lines = [f"{'REFERENCE':<{width}}  {'DIGEST':<19}  TYPE"]
+        for r in self.images:
+            kind = "index" if "index" in r.media_type or "list" in r.media_type else "manifest"
+            lines.append(f"{r.name:<{width}}  {r.digest[:19]:<19}  {kind}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RmiResult:
+    """The reference removed and the digest it pointed at (blobs stay until ``gc``)."""
+
+    name: str
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "digest": self.digest}
+
+    def to_text(self) -> str:
+        return f"untagged {self.name} ({self.digest}); 'bootstrap gc' frees unreferenced blobs"
+
+
+class FsckFailed(IntegrityError):
+    """fsck found damage (exit 4). ``result`` is the full report; the CLI adds it to the
+    ``--json`` error document."""
+
+    def __init__(self, report: FsckReport) -> None:
+        findings = report.findings()
+        super().__init__(
+            f"store is damaged: {len(findings)} problems ({findings[0]}"
+            + (", ..." if len(findings) > 1 else "")
+            + ")",
+            "delete the damaged blobs named, then pull the affected images again",
+        )
+        self.result = report
+
+
+def stored_name(store: Store, text: str) -> str:
+    """The name under which what a user typed is stored: its normalized form when that is
+    stored; else, for a short name, the first of registries.conf's aliases/search candidates
+    that is stored (what ``pull`` of the same text would have stored); else the normalized
+    form (a later lookup then fails with the usual "bootstrap pull" hint). Invalid text:
+    UsageError (exit 2)."""
+    from bootstrap.image import registries
+    from bootstrap.image.reference import Reference, has_explicit_domain
+
+    name = str(Reference.parse(text))
+    known = {ref.name for ref in store.images()}
+    if name in known or has_explicit_domain(text):
+        return name
+    try:
+        candidates = registries.load().unqualified_search(text)
+    except UsageError:
+        return name  # a broken registries.conf does not stop local lookups
+    return next((str(c) for c in candidates if str(c) in known), name)
+
+
+def pull(settings: Settings, ref: str, *, platform: str | None = None) -> PullResult:
+    """Pull ``ref`` into the store; the result's text is the digest the tag points at.
+
+    A short name (no registry) is tried against registries.conf's aliases and
+    ``unqualified-search-registries`` in order, else normalized as Docker does. Raises
+    UsageError (bad reference/platform), RegistryError, IntegrityError, BusyError."""
+    from bootstrap.image.reference import Reference
+    from bootstrap.image.registry import RegistryClient
+
+    reference = Reference.parse(ref)
+    plat = Platform.parse(platform) if platform else None
+    store = Store(settings.store)
+    with RegistryClient.from_environment() as client:
+        candidates = client.conf.unqualified_search(ref)
+        if len(candidates) > 1:
+            reference, _ = client.resolve(ref)
+        elif candidates:
+            reference = candidates[0]
+        with make_progress(settings) as progress:
+            result = pull_image(store, reference, platform=plat, client=client, progress=progress)
+    # logged after the bars are gone, so the line is not drawn over
+    log.info(
+        "pulled %s (%s): %s",
+        result.name,
+        result.digest,
+        f"{human_size(result.downloaded)} downloaded in {result.elapsed:.1f}s"
+        if result.downloaded
+        else "up to date",
+    )
+    return result
+
+
+def images(settings: Settings) -> ImagesResult:
+    """Every reference stored, sorted by name."""
+    return ImagesResult(tuple(Store(settings.store).images()))
+
+
+def rmi(settings: Settings, ref: str) -> RmiResult:
+    """Remove reference ``ref`` (as :func:`stored_name` finds it) from the store's index; blobs
+    stay until gc. A reference that is not stored: UsageError (exit 2)."""
+    store = Store(settings.store)
+    name = stored_name(store, ref)
+    desc = store.untag(name)
+    return RmiResult(name, desc.digest)
+
+
+def gc(settings: Settings) -> GcReport:
+    """Remove unreferenced blobs, unused cached layers and temp files; waits for running pulls
+    and checkouts to finish first."""
+    return Store(settings.store).gc()
+
+
+def fsck(settings: Settings) -> FsckReport:
+    """Re-hash every blob and check index.json and reachability. Clean: the report. Damage: each
+    finding logged on stderr, then :class:`FsckFailed` (exit 4) carrying the report."""
+    report = Store(settings.store).fsck()
+    if not report.ok:
+        for line in report.findings():
+            log.error("fsck: %s", line)
+        raise FsckFailed(report)
+    return report

@@ -1,0 +1,883 @@
+"""The shared image store: an OCI image layout plus temp files, locks and a per-layer cache.
+
+Layout under ``root`` (``Settings.store``)::
+
+    oci/                 a real OCI image layout (``skopeo inspect oci:ROOT/oci:REF`` and
+      oci-layout         ``umoci unpack --image ROOT/oci:REF`` read it); index.json entries are
+      index.json         annotated ``org.opencontainers.image.ref.name`` = the normalized reference
+      blobs/<alg>/<hex>
+    tmp/                 temp files of blobs being written (stale ones are removed by gc)
+    locks/               store.lock (using/exclusive), index.lock, blobs/*.lock, layers/*.lock
+    layers/<alg>/<hex>   extracted-layer cache dirs keyed by diff_id (written by the unpack module)
+
+Lock discipline (``fcntl.flock`` via :func:`bootstrap.locks.flocked` only):
+
+- ``locks/store.lock`` shared = :meth:`Store.using` (any operation that reads blobs or adds
+  blobs, caches or tags); exclusive = :meth:`Store.exclusive` (gc). So gc never deletes anything
+  that a concurrent pull, checkout or import is reading or about to reference. Both are
+  re-entrant within a thread (nested ``using()`` in an ``exclusive()`` block is allowed; asking
+  for ``exclusive()`` while the thread holds ``using()`` is a :class:`BusyError`); other threads
+  take their own flock, so they are excluded like other processes.
+- ``locks/index.lock`` exclusive while index.json is rewritten (temp + fsync + rename, so readers
+  never see a partial file and need no lock).
+- ``locks/blobs/<alg>-<hex>.lock`` exclusive while one blob is fetched: concurrent pullers of a
+  shared layer wait and then find it present, so each blob is downloaded once.
+- ``locks/layers/<alg>-<hex>.lock`` exclusive while a layer cache dir is built
+  (:meth:`Store.layer_lock`).
+
+Per-blob and per-layer lock files are only taken inside ``using()``, so gc (exclusive) may
+delete them safely.
+
+A blob appears under ``blobs/`` only complete and verified (temp file, digest and size checked,
+fsync, rename, fsync dir), and index.json is replaced whole, so a process killed at any point
+leaves a valid store: at worst unreferenced blobs and temp files, which :meth:`Store.gc` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
+from bootstrap.fsutil import atomic_writer, fsync_dir, remove_tree
+from bootstrap.image.model import (
+    DOCKER_CONFIG,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    REF_NAME_ANNOTATION,
+    Descriptor,
+    Image,
+    Platform,
+    check_digest,
+)
+from bootstrap.locks import flocked
+
+log = logging.getLogger(__name__)
+
+OCI_LAYOUT_VERSION = "1.0.0"
+SOURCE_DIGEST_ANNOTATION = "io.bootstrap.source.digest"
+"""On an index.json entry whose manifest was converted (Docker v2s2 -> OCI) when pulled: the
+digest the registry served (what ``pull`` printed and what ``REF@DIGEST`` pins)."""
+_CHUNK = 1024 * 1024
+# How long to wait for a lock before BusyError (exit 6). The store lock waits out a running gc
+# (or, for gc, running pulls/checkouts); a blob lock waits while another process downloads that
+# blob; a layer lock while another process extracts that layer; the index lock is held briefly.
+STORE_LOCK_WAIT = 600.0
+BLOB_LOCK_WAIT = 3600.0
+LAYER_LOCK_WAIT = 1800.0
+INDEX_LOCK_WAIT = 60.0
+_HASHES: dict[str, Callable[..., Any]] = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredRef:
+    """One index.json entry: the normalized reference and the descriptor it names.
+    ``source_digest``: the digest the registry served when the stored manifest is a conversion
+    of it (annotation ``io.bootstrap.source.digest``), else ""."""
+
+    name: str
+    digest: str
+    media_type: str
+    size: int
+    source_digest: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "digest": self.digest,
+            "media_type": self.media_type,
+            "size": self.size,
+        }
+        if self.source_digest:
+            doc["source_digest"] = self.source_digest
+        return doc
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`Store.gc` removed."""
+
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    layers_removed: int = 0
+    temp_removed: int = 0
+    locks_removed: int = 0
+    blobs_kept: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "blobs_removed": self.blobs_removed,
+            "bytes_freed": self.bytes_freed,
+            "layers_removed": self.layers_removed,
+            "temp_removed": self.temp_removed,
+            "locks_removed": self.locks_removed,
+            "blobs_kept": self.blobs_kept,
+        }
+
+    def to_text(self) -> str:
+        return (
+            f"removed {self.blobs_removed} blobs ({_human(self.bytes_freed)}), "
+            f"{self.layers_removed} cached layers, {self.temp_removed} temp files; "
+            f"{self.blobs_kept} blobs kept"
+        )
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    """What :meth:`Store.fsck` found. ``damaged``: blobs whose content does not hash to their
+    name (or that cannot be parsed although referenced as manifests/configs); ``missing``: blobs
+    referenced from index.json (directly or through manifests) but absent; ``problems``: other
+    findings, one line each (bad index.json, size disagreements...). ``unreferenced`` blobs are
+    not damage (gc removes them)."""
+
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    damaged: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    unreferenced: int = 0
+    refs_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.missing or self.problems)
+
+    def findings(self) -> list[str]:
+        """One human line per finding."""
+        return (
+            [f"damaged blob {d}" for d in self.damaged]
+            + [f"missing blob {d}" for d in self.missing]
+            + list(self.problems)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "blobs_checked": self.blobs_checked,
+            "bytes_checked": self.bytes_checked,
+            "refs_checked": self.refs_checked,
+            "damaged": list(self.damaged),
+            "missing": list(self.missing),
+            "problems": list(self.problems),
+            "unreferenced": self.unreferenced,
+        }
+
+    def to_text(self) -> str:
+        head = (
+            f"checked {self.blobs_checked} blobs ({_human(self.bytes_checked)}), "
+            f"{self.refs_checked} refs: "
+        )
+        if self.ok:
+            tail = "ok"
+            if self.unreferenced:
+                tail += f" ({self.unreferenced} unreferenced blobs; 'bootstrap gc' removes them)"
+            return head + tail
+        return head + f"{len(self.findings())} problems\n" + "\n".join(self.findings())
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+# ---- process-wide re-entrant holds of the store lock -------------------------------------------
+
+
+@dataclass
+class _Hold:
+    shared: bool
+    count: int
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
+_thread_holds = threading.local()
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    """The shared store rooted at ``root`` (see the module docstring for layout and locks)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self.oci = self.root / "oci"
+        self.blobs = self.oci / "blobs"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        self.layers = self.root / "layers"
+        self._index_path = self.oci / "index.json"
+        self._store_lock = self.locks / "store.lock"
+        self._index_lock = self.locks / "index.lock"
+        self._initialized = False
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Create the layout if missing (idempotent; safe to race with other processes)."""
+        if self._initialized:
+            return
+        with self._io("create directories"):
+            for d in (self.blobs / "sha256", self.tmp, self.locks, self.layers):
+                d.mkdir(parents=True, exist_ok=True)
+        layout = self.oci / "oci-layout"
+        if not layout.exists():
+            with flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
+                if not layout.exists():
+                    data = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
+                    _write_file_atomic(layout, data)
+        if not self._index_path.exists():
+            with flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
+                if not self._index_path.exists():
+                    self._write_index([])
+        self._initialized = True
+
+    # -- locks ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def using(self, timeout: float | None = STORE_LOCK_WAIT) -> Iterator[None]:
+        """Hold the store lock shared for the block: gc cannot delete anything meanwhile.
+
+        Re-entrant within a thread (and a no-op inside :meth:`exclusive`). Waits for a
+        running gc (``timeout`` None: forever; else :class:`BusyError` after it)."""
+        with self._hold(shared=True, timeout=timeout):
+            yield
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float | None = STORE_LOCK_WAIT) -> Iterator[None]:
+        """Hold the store lock exclusively (no pull, checkout or import runs meanwhile).
+
+        Raises :class:`BusyError` if this thread already holds :meth:`using` (an upgrade would
+        deadlock), or after ``timeout`` seconds of waiting for other processes."""
+        with self._hold(shared=False, timeout=timeout):
+            yield
+
+    @contextlib.contextmanager
+    def _hold(self, *, shared: bool, timeout: float | None) -> Iterator[None]:
+        # Holds are per thread: each thread takes the flock on its own descriptor, so a thread
+        # of this process running gc excludes the others just as other processes are excluded,
+        # and a thread re-entering (using() inside using() or exclusive()) only counts. Worker
+        # threads of a pull take their own shared hold while the pull's thread holds one: Linux
+        # grants a shared flock while an exclusive request (a waiting gc) is queued, so this
+        # cannot deadlock behind that gc.
+        holds: dict[str, _Hold] = _thread_holds.__dict__.setdefault("holds", {})
+        key = str(self._store_lock)
+        hold = holds.get(key)
+        if hold is not None:
+            if not shared and hold.shared:
+                raise BusyError(
+                    f"store {self.root} is in use by this thread; cannot lock it exclusively",
+                    "run the command on its own",
+                )
+            hold.count += 1
+        else:
+            hold = _Hold(shared=shared, count=1)
+            what = f"the store {self.root}"
+            try:
+                hold.stack.enter_context(
+                    flocked(self._store_lock, shared=shared, timeout=0, what=what)
+                )
+            except BusyError:
+                log.info(
+                    "waiting for %s",
+                    "a running 'bootstrap gc'"
+                    if shared
+                    else "other bootstrap commands using the store",
+                )
+                hold.stack.enter_context(
+                    flocked(self._store_lock, shared=shared, timeout=timeout, what=what)
+                )
+            holds[key] = hold
+        try:
+            yield
+        finally:
+            hold.count -= 1
+            if hold.count == 0:
+                del holds[key]
+                hold.stack.close()
+
+    @contextlib.contextmanager
+    def layer_lock(self, diff_id: str) -> Iterator[None]:
+        """Hold the store shared and the lock of one layer cache dir exclusively: whoever builds
+        :meth:`layer_cache_dir` ``(diff_id)`` does it inside this block (build in a temp name
+        under ``layers/``, rename into place)."""
+        alg, hexpart = _split(diff_id, "diff_id")
+        with (
+            self.using(),
+            flocked(
+                self.locks / "layers" / f"{alg}-{hexpart}.lock",
+                timeout=LAYER_LOCK_WAIT,
+                what=f"layer {diff_id}",
+            ),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def _blob_lock(self, digest: str) -> Iterator[None]:
+        alg, hexpart = _split(digest)
+        with flocked(
+            self.locks / "blobs" / f"{alg}-{hexpart}.lock",
+            timeout=BLOB_LOCK_WAIT,
+            what=f"blob {digest} (being downloaded by another process)",
+        ):
+            yield
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        """``oci/blobs/<alg>/<hex>``; raises :class:`IntegrityError` for a malformed digest."""
+        alg, hexpart = _split(digest)
+        return self.blobs / alg / hexpart
+
+    def has_blob(self, digest: str) -> bool:
+        """True if the blob is stored (complete and verified when written)."""
+        return self.blob_path(digest).is_file()
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """Open a stored blob for reading. A missing blob is store damage:
+        :class:`IntegrityError` (exit 4). The caller should hold :meth:`using`."""
+        path = self.blob_path(digest)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"blob {digest} is missing from the store {self.root}",
+                "run 'bootstrap fsck', then pull the image again",
+            ) from None
+
+    def read_blob(self, digest: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+        """Read a small stored blob whole, verifying its digest; more than ``limit`` bytes or
+        a mismatch raises :class:`IntegrityError`."""
+        with self.open_blob(digest) as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise IntegrityError(
+                f"blob {digest} is larger than {limit} bytes", "it cannot be a manifest or config"
+            )
+        alg, _ = _split(digest)
+        actual = f"{alg}:{_HASHES[alg](data).hexdigest()}"
+        if actual != digest:
+            raise IntegrityError(
+                f"stored blob {digest} is damaged (hashes to {actual})",
+                "run 'bootstrap fsck', delete the damaged blob and pull the image again",
+            )
+        return data
+
+    def ensure_blob(
+        self, desc: Descriptor, fetch: Callable[[Callable[[bytes], object]], None]
+    ) -> Path:
+        """Make sure the blob ``desc`` names is stored; return its path.
+
+        Under the blob's own lock: if the blob is present, return at once (each blob is fetched
+        once even by concurrent pullers). Otherwise call ``fetch(write)``, which must stream the
+        content by calling ``write(chunk)``; the chunks go to a temp file under ``tmp/`` while
+        being hashed. More bytes than ``desc.size`` raise :class:`IntegrityError` at once; at
+        the end the size and digest must match exactly, else :class:`IntegrityError` (exit 4).
+        The file is fsynced and renamed into ``blobs/``. On any failure (including errors raised
+        by ``fetch``, which propagate unchanged) the temp file is removed and nothing is stored.
+        """
+        check_digest(desc.digest)
+        path = self.blob_path(desc.digest)
+        self.init()
+        with self.using(), self._blob_lock(desc.digest):
+            if self._present(desc, path):
+                return path
+            self._write_blob(desc, path, fetch)
+            return path
+
+    def put_blob(self, data: bytes, media_type: str, *, digest: str | None = None) -> Descriptor:
+        """Store a small blob (manifest, config) given whole; return its descriptor.
+
+        The digest is sha256 of ``data`` unless ``digest`` is given, in which case ``data`` must
+        hash to it (under its algorithm) or :class:`IntegrityError` is raised."""
+        if digest is None:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        desc = Descriptor(media_type, check_digest(digest), len(data))
+
+        def fetch(write: Callable[[bytes], object]) -> None:
+            write(data)
+
+        self.ensure_blob(desc, fetch)
+        return desc
+
+    def _present(self, desc: Descriptor, path: Path) -> bool:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size == desc.size:
+            return True
+        # The digest fixes the size: either the stored file is damaged, or desc lies.
+        actual = _hash_file(path, desc.digest)
+        if actual == desc.digest:
+            raise IntegrityError(
+                f"descriptor of {desc.digest} says {desc.size} bytes, the content has {size}",
+                "the manifest is inconsistent; report it to the image's publisher",
+            )
+        log.warning("stored blob %s is damaged; fetching it again", desc.digest)
+        path.unlink()
+        return False
+
+    def _write_blob(
+        self, desc: Descriptor, path: Path, fetch: Callable[[Callable[[bytes], object]], None]
+    ) -> None:
+        alg, hexpart = _split(desc.digest)
+        hasher = _HASHES[alg]()
+        with self._io("create a temp file"):
+            fd, tmpname = tempfile.mkstemp(
+                dir=self.tmp, prefix=f"blob-{hexpart[:16]}-", suffix=".part"
+            )
+        tmp = Path(tmpname)
+        written = 0
+        try:
+            # unbuffered: a failed write (ENOSPC) leaves no buffer for close() to flush again,
+            # which would replace the mapped error with a bare OSError
+            with os.fdopen(fd, "wb", buffering=0) as fh:
+
+                def write(chunk: bytes) -> None:
+                    nonlocal written
+                    written += len(chunk)
+                    if written > desc.size:
+                        raise IntegrityError(
+                            f"blob {desc.digest}: more than the {desc.size} bytes its "
+                            "descriptor announces",
+                            "the registry sent wrong content; try again or another mirror",
+                        )
+                    hasher.update(chunk)
+                    with self._io("write a blob"):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[fh.write(view) :]
+
+                fetch(write)
+                if written != desc.size:
+                    raise IntegrityError(
+                        f"blob {desc.digest}: got {written} bytes, expected {desc.size}",
+                        "the download was truncated; try again",
+                    )
+                actual = f"{alg}:{hasher.hexdigest()}"
+                if actual != desc.digest:
+                    raise IntegrityError(
+                        f"blob {desc.digest}: content hashes to {actual}",
+                        "the registry sent wrong content; try again or another mirror",
+                    )
+                with self._io("write a blob"):
+                    fh.flush()
+                    os.fchmod(fh.fileno(), 0o644)
+                    os.fsync(fh.fileno())
+            with self._io("store a blob"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._io("store a blob"):
+            fsync_dir(path.parent)
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Turn an OSError of the store's own files into a one-line error with a hint."""
+        try:
+            yield
+        except OSError as exc:
+            raise BootstrapError(
+                f"cannot {what} in the store {self.root}: {exc.strerror or exc}",
+                "check free space and permissions of the store (--store / $BOOTSTRAP_STORE)",
+            ) from exc
+
+    # -- refs ----------------------------------------------------------------------------------
+
+    def _read_index(self) -> list[dict[str, Any]]:
+        try:
+            raw = self._index_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        try:
+            doc = json.loads(raw)
+            manifests = doc.get("manifests") or []
+            if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+                raise ValueError("manifests is not a list of objects")
+        except (ValueError, AttributeError) as exc:
+            raise IntegrityError(
+                f"{self._index_path} is not a valid OCI index: {exc}",
+                "run 'bootstrap fsck'; restore or remove the file",
+            ) from None
+        return manifests
+
+    def _write_index(self, manifests: list[dict[str, Any]]) -> None:
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+        _write_file_atomic(self._index_path, json.dumps(doc, indent=2).encode() + b"\n")
+
+    def tag(self, name: str, desc: Descriptor) -> None:
+        """Point ``name`` (a normalized reference) at ``desc`` in index.json, replacing any
+        entry of that name. The blob must be stored (else :class:`IntegrityError`)."""
+        if not name or any(c.isspace() for c in name):
+            raise UsageError(f"invalid image name {name!r}", "use a normalized reference")
+        self.init()
+        with (
+            self.using(),
+            flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
+        ):
+            if not self.has_blob(desc.digest):
+                raise IntegrityError(
+                    f"cannot tag {name}: blob {desc.digest} is not stored",
+                    "pull the image again",
+                )
+            entries = [m for m in self._read_index() if _ref_name(m) != name]
+            doc = desc.to_json()
+            doc["annotations"] = {**dict(desc.annotations), REF_NAME_ANNOTATION: name}
+            doc.pop("platform", None)
+            entries.append(doc)
+            self._write_index(entries)
+
+    def untag(self, name: str) -> Descriptor:
+        """Remove ``name`` from index.json; return what it pointed at. Blobs stay until gc.
+        Missing name: :class:`UsageError`."""
+        self.init()
+        with (
+            self.using(),
+            flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
+        ):
+            entries = self._read_index()
+            found = [m for m in entries if _ref_name(m) == name]
+            if not found:
+                raise self._not_found(name)
+            self._write_index([m for m in entries if _ref_name(m) != name])
+            return Descriptor.from_json(found[-1], f"index.json[{name}]")
+
+    def resolve(self, name: str) -> Descriptor:
+        """The descriptor ``name`` (a normalized reference) points at; missing name:
+        :class:`UsageError` (exit 2) with the hint to pull it."""
+        for m in reversed(self._read_index()):
+            if _ref_name(m) == name:
+                return Descriptor.from_json(m, f"index.json[{name}]")
+        raise self._not_found(name)
+
+    def _not_found(self, name: str) -> UsageError:
+        return UsageError(f"image {name} is not in the store {self.root}", f"bootstrap pull {name}")
+
+    def images(self) -> list[StoredRef]:
+        """Every named entry of index.json, sorted by name."""
+        out = []
+        for m in self._read_index():
+            name = _ref_name(m)
+            if name is None:
+                continue
+            ann = m.get("annotations") or {}
+            out.append(
+                StoredRef(
+                    name,
+                    str(m.get("digest", "")),
+                    str(m.get("mediaType", "")),
+                    _size(m),
+                    str(ann.get(SOURCE_DIGEST_ANNOTATION, "")),
+                )
+            )
+        return sorted(out, key=lambda r: r.name)
+
+    def image(self, name: str, platform: Platform | None = None) -> Image:
+        """Resolve ``name`` and parse its manifest and config.
+
+        If the name points at an index, choose among the manifests stored: ``platform`` if
+        given, else the host's, else (when only one is stored) that one. Raises
+        :class:`UsageError` if the name or a stored manifest for the platform is missing,
+        :class:`IntegrityError` if stored content is damaged."""
+        import bootstrap.image.manifest as mf
+        from bootstrap.image.model import Index, Manifest
+
+        with self.using():
+            desc = self.resolve(name)
+            doc = mf.parse_manifest(self.read_blob(desc.digest), desc.media_type, desc.digest)
+            if isinstance(doc, Index):
+                stored = tuple(d for d in doc.manifests if self.has_blob(d.digest))
+                if not stored:
+                    raise IntegrityError(
+                        f"image {name}: no manifest of its index is stored",
+                        f"bootstrap pull {name}",
+                    )
+                sub = Index(doc.media_type, doc.digest, stored)
+                wanted = platform or Platform.host()
+                try:
+                    child = mf.select_platform(sub, wanted)
+                except UsageError:
+                    if platform is not None or len(stored) != 1:
+                        raise UsageError(
+                            f"image {name} has no manifest for {wanted} in the store",
+                            f"bootstrap pull --platform {wanted} {name}",
+                        ) from None
+                    child = stored[0]
+                doc = mf.parse_manifest(
+                    self.read_blob(child.digest), child.media_type, child.digest
+                )
+            if not isinstance(doc, Manifest):
+                raise IntegrityError(
+                    f"image {name}: stored index nests another index", "pull the image again"
+                )
+            config = mf.parse_config(
+                self.read_blob(doc.config.digest, MAX_CONFIG_BYTES), doc.config.digest
+            )
+            return Image(name, doc, config)
+
+    def layer_cache_dir(self, diff_id: str) -> Path:
+        """``layers/<alg>/<hex>``: where the extracted layer with this diff_id is cached."""
+        alg, hexpart = _split(diff_id, "diff_id")
+        return self.layers / alg / hexpart
+
+    # -- gc and fsck ---------------------------------------------------------------------------
+
+    def _walk(
+        self, on_problem: Callable[[str, str], None] | None = None
+    ) -> tuple[set[str], set[str], int]:
+        """Reachability from index.json: (reachable blob digests, diff_ids of stored image
+        configs, refs). ``on_problem(kind, text)`` gets ("missing", digest) for a required blob
+        that is absent and ("damaged", digest) / ("problem", line) for unparseable content."""
+
+        def problem(kind: str, text: str) -> None:
+            if on_problem is not None:
+                on_problem(kind, text)
+
+        reachable: set[str] = set()
+        diff_ids: set[str] = set()
+        entries = self._read_index()
+        todo: list[tuple[str, str, int, bool, str]] = []
+        for i, m in enumerate(entries):
+            name = _ref_name(m) or f"index.json manifests[{i}]"
+            try:
+                d = Descriptor.from_json(m, f"index.json manifests[{i}]")
+            except IntegrityError as exc:
+                problem("problem", exc.message)
+                continue
+            todo.append((d.digest, d.media_type, d.size, True, name))
+        seen: set[str] = set()
+        while todo:
+            digest, media_type, size, required, where = todo.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            path = self.blob_path(digest)
+            if not path.is_file():
+                if required:
+                    problem("missing", digest)
+                continue
+            reachable.add(digest)
+            actual_size = path.stat().st_size
+            if actual_size != size:
+                problem("problem", f"{where}: blob {digest} has {actual_size} bytes, not {size}")
+            if media_type not in MANIFEST_TYPES | INDEX_TYPES | {OCI_CONFIG, DOCKER_CONFIG}:
+                continue  # layers and unknown blobs are leaves
+            limit = (
+                MAX_CONFIG_BYTES
+                if media_type in (OCI_CONFIG, DOCKER_CONFIG)
+                else MAX_MANIFEST_BYTES
+            )
+            try:
+                with open(path, "rb") as fh:
+                    doc = json.loads(fh.read(limit + 1))
+                if not isinstance(doc, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                problem("damaged", digest)
+                continue
+            try:
+                if media_type in INDEX_TYPES:
+                    children = [
+                        Descriptor.from_json(c, f"{digest} manifests[{j}]")
+                        for j, c in enumerate(doc.get("manifests") or [])
+                    ]
+                    # an index keeps only the platforms pulled: at least one must be stored
+                    if children and not any(self.has_blob(c.digest) for c in children):
+                        problem("problem", f"{where}: none of the manifests of {digest} stored")
+                    todo.extend((c.digest, c.media_type, c.size, False, where) for c in children)
+                elif media_type in MANIFEST_TYPES:
+                    cfg = Descriptor.from_json(doc.get("config"), f"{digest} config")
+                    cfg_type = cfg.media_type if cfg.media_type else OCI_CONFIG
+                    if cfg_type not in (OCI_CONFIG, DOCKER_CONFIG):
+                        cfg_type = OCI_CONFIG
+                    todo.append((cfg.digest, cfg_type, cfg.size, True, where))
+                    for j, layer in enumerate(doc.get("layers") or []):
+                        ld = Descriptor.from_json(layer, f"{digest} layers[{j}]")
+                        if ld.urls and not self.has_blob(ld.digest):
+                            continue  # a foreign layer not pulled is not missing
+                        todo.append((ld.digest, ld.media_type, ld.size, True, where))
+                else:
+                    rootfs = doc.get("rootfs") or {}
+                    for j, diff in enumerate(rootfs.get("diff_ids") or []):
+                        diff_ids.add(check_digest(diff, f"{digest} rootfs.diff_ids[{j}]"))
+            except (IntegrityError, AttributeError) as exc:
+                problem("problem", f"{where}: {getattr(exc, 'message', exc)}")
+        return reachable, diff_ids, len(entries)
+
+    def _stored_blobs(self) -> Iterator[tuple[str, Path]]:
+        if not self.blobs.is_dir():
+            return
+        for algdir in sorted(self.blobs.iterdir()):
+            if not algdir.is_dir():
+                continue
+            for p in sorted(algdir.iterdir()):
+                yield f"{algdir.name}:{p.name}", p
+
+    def gc(self, timeout: float | None = STORE_LOCK_WAIT) -> GcReport:
+        """Under :meth:`exclusive`: remove blobs not reachable from index.json, cached layers
+        whose diff_id no stored image lists, every temp file and the per-blob/per-layer lock
+        files. Returns counts and bytes freed."""
+        if not self.root.exists():
+            return GcReport()
+        self.init()
+        with self.exclusive(timeout=timeout):
+            reachable, diff_ids, _ = self._walk()
+            blobs_removed = bytes_freed = kept = 0
+            for digest, path in self._stored_blobs():
+                if digest in reachable:
+                    kept += 1
+                    continue
+                try:
+                    bytes_freed += path.lstat().st_size
+                except FileNotFoundError:
+                    continue
+                remove_tree(path)
+                blobs_removed += 1
+            if blobs_removed:
+                for algdir in self.blobs.iterdir():
+                    fsync_dir(algdir)
+            layers_removed = 0
+            if self.layers.is_dir():
+                for algdir in self.layers.iterdir():
+                    if not algdir.is_dir() or algdir.name not in _HASHES:
+                        remove_tree(algdir)
+                        layers_removed += 1
+                        continue
+                    for entry in algdir.iterdir():
+                        if f"{algdir.name}:{entry.name}" not in diff_ids:
+                            remove_tree(entry)
+                            layers_removed += 1
+            temp_removed = 0
+            if self.tmp.is_dir():
+                for entry in self.tmp.iterdir():
+                    remove_tree(entry)
+                    temp_removed += 1
+            locks_removed = 0
+            for sub in ("blobs", "layers"):
+                d = self.locks / sub
+                if d.is_dir():
+                    for entry in d.iterdir():
+                        entry.unlink(missing_ok=True)
+                        locks_removed += 1
+            return GcReport(
+                blobs_removed, bytes_freed, layers_removed, temp_removed, locks_removed, kept
+            )
+
+    def fsck(self) -> FsckReport:
+        """Re-hash every blob (streamed), check index.json, the oci-layout file and that every
+        blob reachable from index.json is present and parses. Holds :meth:`using` (pulls may run
+        meanwhile; gc may not). Never changes anything."""
+        if not self.root.exists():
+            return FsckReport()  # no store yet: nothing stored, nothing damaged
+        damaged: list[str] = []
+        missing: list[str] = []
+        problems: list[str] = []
+        with self.using():
+            layout = self.oci / "oci-layout"
+            try:
+                version = json.loads(layout.read_bytes()).get("imageLayoutVersion")
+                if not isinstance(version, str):
+                    problems.append(f"{layout}: no imageLayoutVersion")
+            except (OSError, ValueError, AttributeError) as exc:
+                problems.append(f"{layout}: {type(exc).__name__}: {exc}")
+            checked = nbytes = 0
+            names: set[str] = set()
+            for digest, path in self._stored_blobs():
+                try:
+                    check_digest(digest)
+                except IntegrityError:
+                    problems.append(f"{path}: not a blob name")
+                    continue
+                names.add(digest)
+                checked += 1
+                nbytes += path.stat().st_size
+                if _hash_file(path, digest) != digest:
+                    damaged.append(digest)
+
+            def on_problem(kind: str, text: str) -> None:
+                if kind == "missing":
+                    missing.append(text)
+                elif kind == "damaged":
+                    if text not in damaged:
+                        damaged.append(text)
+                else:
+                    problems.append(text)
+
+            try:
+                reachable, _, refs = self._walk(on_problem)
+            except IntegrityError as exc:
+                problems.append(exc.message)
+                reachable, refs = set(), 0
+            unreferenced = len(names - reachable)
+        return FsckReport(
+            checked,
+            nbytes,
+            tuple(sorted(set(damaged))),
+            tuple(sorted(set(missing))),
+            tuple(problems),
+            unreferenced,
+            refs,
+        )
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _split(digest: str, where: str = "digest") -> tuple[str, str]:
+    check_digest(digest, where)
+    alg, _, hexpart = digest.partition(":")
+    return alg, hexpart
+
+
+def _ref_name(entry: dict[str, Any]) -> str | None:
+    ann = entry.get("annotations")
+    if isinstance(ann, dict):
+        name = ann.get(REF_NAME_ANNOTATION)
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def _size(entry: dict[str, Any]) -> int:
+    size = entry.get("size")
+    return size if isinstance(size, int) else 0
+
+
+def _hash_file(path: Path, digest: str) -> str:
+    alg, _ = _split(digest)
+    hasher = _HASHES[alg]()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            hasher.update(chunk)
+    return f"{alg}:{hasher.hexdigest()}"
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as fh:
+        fh.write(data)

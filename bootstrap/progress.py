@@ -1,0 +1,156 @@
+"""Progress reporting for long transfers, always on stderr (never stdout: that is for results).
+
+:class:`Progress` is the interface stages call: ``add`` a task (e.g. one blob) with its total
+size, ``advance`` it by bytes as they arrive, ``done`` when finished. Implementations are
+thread-safe (layers download in parallel). :func:`make_progress` picks bars drawn with ``rich``
+when ``Settings.progress`` is true (stderr is a TTY, not quiet, not ``--json``), otherwise plain
+log lines at INFO, one per finished task.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bootstrap.settings import Settings
+
+log = logging.getLogger("bootstrap.progress")
+
+
+def human_size(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as registries and skopeo print)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+class Progress:
+    """Interface, and the silent implementation. Keys are caller-chosen strings (a digest)."""
+
+    def add(self, key: str, total: int, label: str) -> None:
+        """Announce a task of ``total`` bytes shown as ``label``."""
+
+    def advance(self, key: str, n: int) -> None:
+        """``n`` more bytes of ``key`` arrived."""
+
+    def done(self, key: str, note: str = "") -> None:
+        """``key`` finished; ``note`` says how (e.g. "already present")."""
+
+    def close(self) -> None:
+        """Stop drawing; further calls are ignored."""
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LogProgress(Progress):
+    """One INFO log line per finished task (label, size, rate): for pipes, files and CI logs."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._log = logger or log
+        self._lock = threading.Lock()
+        self._tasks: dict[str, tuple[str, int, float]] = {}
+        self._got: dict[str, int] = {}
+
+    def add(self, key: str, total: int, label: str) -> None:
+        with self._lock:
+            self._tasks[key] = (label, total, time.monotonic())
+            self._got[key] = 0
+
+    def advance(self, key: str, n: int) -> None:
+        with self._lock:
+            self._got[key] = self._got.get(key, 0) + n
+
+    def done(self, key: str, note: str = "") -> None:
+        with self._lock:
+            label, total, started = self._tasks.pop(key, (key, 0, time.monotonic()))
+            got = self._got.pop(key, 0)
+        if note:
+            self._log.info("%s: %s", label, note)
+            return
+        elapsed = max(time.monotonic() - started, 1e-6)
+        self._log.info(
+            "%s: %s in %.1fs (%s/s)",
+            label,
+            human_size(got or total),
+            elapsed,
+            human_size(got / elapsed),
+        )
+
+
+class RichProgress(Progress):
+    """Live bars on stderr, one per task, drawn by ``rich``."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as _Bars
+
+        self._bars: Any = _Bars(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=False,
+        )
+        self._ids: dict[str, tuple[Any, int, str]] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    def add(self, key: str, total: int, label: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if not self._started:
+                self._bars.start()
+                self._started = True
+            self._ids[key] = (self._bars.add_task(label, total=total), total, label)
+
+    def advance(self, key: str, n: int) -> None:
+        entry = self._ids.get(key)
+        if entry is not None and not self._closed:
+            self._bars.advance(entry[0], n)
+
+    def done(self, key: str, note: str = "") -> None:
+        entry = self._ids.get(key)
+        if entry is None or self._closed:
+            return
+        task, total, label = entry
+        self._bars.update(task, completed=total, description=f"{label} ({note})" if note else label)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._started and not self._closed:
+                self._bars.stop()
+            self._closed = True
+
+
+def make_progress(settings: Settings) -> Progress:
+    """Bars when ``settings.progress``, else log lines (INFO; hidden by ``-q``)."""
+    if settings.progress:
+        return RichProgress()
+    return LogProgress()
