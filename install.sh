@@ -29,7 +29,7 @@ runtime_pkgs=(ca-certificates runc dbus iproute2 python3 python3-venv python3-de
   pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar)
 # Tests: a real registry, reference tools to compare with, a systemd node, an offline CRI daemon.
 dev_pkgs=(skopeo umoci docker-registry busybox-static debootstrap systemd-container jq openssl
-  apache2-utils containerd tini zstd sudo)
+  apache2-utils containerd tini zstd sudo time)
 
 pkgs=("${runtime_pkgs[@]}")
 [ "$dev" -eq 1 ] && pkgs+=("${dev_pkgs[@]}")
