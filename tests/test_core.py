@@ -154,13 +154,14 @@ def test_flock_exclusive_blocks_then_busy(tmp_path: Path) -> None:
     holder = _hold_lock(lock, shared=False, seconds=5)
     try:
         start = time.monotonic()
-        with pytest.raises(BusyError, match="thing is locked"):
-            with flocked(lock, timeout=0.3, what="thing"):
-                pass
+        with (
+            pytest.raises(BusyError, match="thing is locked"),
+            flocked(lock, timeout=0.3, what="thing"),
+        ):
+            pass
         assert 0.25 < time.monotonic() - start < 3
-        with pytest.raises(BusyError):
-            with flocked(lock, shared=True, timeout=0):
-                pass
+        with pytest.raises(BusyError), flocked(lock, shared=True, timeout=0):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -174,9 +175,8 @@ def test_flock_shared_coexist(tmp_path: Path) -> None:
     try:
         with flocked(lock, shared=True, timeout=0):
             pass
-        with pytest.raises(BusyError):
-            with flocked(lock, shared=False, timeout=0.1):
-                pass
+        with pytest.raises(BusyError), flocked(lock, shared=False, timeout=0.1):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -190,10 +190,9 @@ def test_atomic_write_replaces_and_cleans_on_error(tmp_path: Path) -> None:
     write_atomic(target, "one", mode=0o600)
     assert target.read_text() == "one"
     assert (target.stat().st_mode & 0o777) == 0o600
-    with pytest.raises(RuntimeError):
-        with atomic_writer(target) as fh:
-            fh.write(b"partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_writer(target) as fh:
+        fh.write(b"partial")
+        raise RuntimeError("boom")
     assert target.read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
 
