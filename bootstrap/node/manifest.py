@@ -1,0 +1,499 @@
+"""The node manifest: the YAML document ``bootstrap up`` provisions a node from.
+
+The document is read once, bounded (:data:`MAX_BYTES`, :data:`MAX_NODES` after alias expansion,
+no recursive aliases, no duplicate keys), parsed with PyYAML's ``SafeLoader`` (what
+``yaml.safe_load`` uses) and validated into frozen dataclasses. Every error is a
+:class:`~bootstrap.errors.UsageError` (exit 2) whose message starts with the path of the offending
+value in the document, e.g. ``containers[1].image: required``; nothing on disk is touched. The
+format is documented in docs/node-manifest.md, with an example in examples/node.yaml::
+
+    version: 1                       # optional; only 1 is known
+    registries:                      # optional
+      credentials: /etc/bootstrap/auth.json       # containers-auth.json; relative to this file
+      insecure: ["registry.local:5000"]           # plain HTTP / unverified TLS
+      mirrors:                                    # tried in order before the registry itself
+        docker.io: ["mirror.local:5000"]
+    network:                         # optional
+      timeout: 120                   # seconds to wait for the network (default 120)
+      require_default_route: true    # default true
+      resolve: [registry.example.com]   # names that must resolve (default none)
+    containers:                      # required, at least one
+      - name: ocid                   # systemd-unit-safe: [A-Za-z0-9][A-Za-z0-9_-]*, <= 64
+        image: registry.example.com/ocid:1.0
+        definition: /usr/share/bootstrap/ocid   # optional; relative to this file
+        set: {CRI_SOCKET: /run/crio/crio.sock}  # optional template values (--set K=V)
+      - name: kubelet
+        image: registry.example.com/kubelet:1.30
+        after: [ocid]                # started only once these are active/ready
+    # a container may also say when it is ready beyond its unit being active:
+    #   ready: {cri_socket: /run/crio/crio.sock, timeout: 300}   # answers CRI Version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bootstrap.errors import BootstrapError, UsageError
+from bootstrap.image.reference import Reference
+
+MAX_BYTES = 1 << 20
+"""Largest manifest accepted, in bytes."""
+
+MAX_NODES = 20_000
+"""Largest number of YAML nodes accepted, counting every alias as the size of what it names."""
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A container name: safe as a systemd unit name, a runc container id and a directory name
+(no dots, so it cannot collide with the ``NAME.0``/``NAME.1`` deployment slots)."""
+
+VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""A template variable name (a key of ``set:``)."""
+
+HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
+"""A registry host, optionally with a port (``registry.local:5000``)."""
+
+_HINT = "fix the node manifest (see docs/node-manifest.md)"
+
+DEFAULT_NETWORK_TIMEOUT = 120.0
+DEFAULT_READY_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    """Mirrors for one registry, tried in order before the registry itself."""
+
+    registry: str
+    mirrors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Registries:
+    """How to reach registries: credentials file, insecure hosts, mirrors."""
+
+    credentials: Path | None = None
+    insecure: tuple[str, ...] = ()
+    mirrors: tuple[Mirrors, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """True when the manifest asks for nothing beyond the defaults."""
+        return self.credentials is None and not self.insecure and not self.mirrors
+
+    def to_registries_conf(self) -> str:
+        """Render ``insecure`` and ``mirrors`` as a containers-registries.conf(5) v2 TOML text.
+
+        Every registry named in either list gets one ``[[registry]]`` table; a mirror is insecure
+        when its host is in ``insecure``. Strings are TOML basic strings (hosts are validated,
+        so they need no escaping)."""
+        hosts = [m.registry for m in self.mirrors]
+        hosts += [h for h in self.insecure if h not in hosts]
+        by_host = {m.registry: m.mirrors for m in self.mirrors}
+        lines = ["# written by bootstrap up from the node manifest", ""]
+        for host in hosts:
+            lines += [
+                "[[registry]]",
+                f'location = "{host}"',
+                f"insecure = {_toml_bool(host in self.insecure)}",
+            ]
+            for mirror in by_host.get(host, ()):
+                lines += [
+                    "[[registry.mirror]]",
+                    f'location = "{mirror}"',
+                    f"insecure = {_toml_bool(mirror in self.insecure)}",
+                ]
+            lines.append("")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NetworkWait:
+    """What "the network is up" means for this node, and how long to wait for it."""
+
+    timeout: float = DEFAULT_NETWORK_TIMEOUT
+    require_default_route: bool = True
+    resolve: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """One system container to install: ``bootstrap install NAME IMAGE [--definition DIR]
+    [--set K=V]...``, started once everything in ``after`` is active/ready.
+
+    ``image`` is the fully normalized reference (``str(Reference.parse(...))``); ``values`` are
+    the ``set:`` pairs in document order; ``index`` is the position in ``containers``;
+    ``ready_cri_socket``: once the unit is active, wait (``ready_timeout`` seconds at most) until
+    this socket answers the CRI ``Version`` RPC."""
+
+    name: str
+    image: str
+    definition: Path | None
+    values: tuple[tuple[str, str], ...]
+    after: tuple[str, ...]
+    index: int
+    ready_cri_socket: str | None = None
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+
+    @property
+    def values_dict(self) -> dict[str, str]:
+        """``values`` as a fresh dict."""
+        return dict(self.values)
+
+
+@dataclass(frozen=True)
+class NodeManifest:
+    """A validated node manifest. ``digest`` is ``sha256:`` of the file's bytes."""
+
+    path: Path
+    digest: str
+    registries: Registries
+    network: NetworkWait
+    containers: tuple[ContainerSpec, ...]
+
+    def container(self, name: str) -> ContainerSpec:
+        """The container called ``name``; KeyError when there is none."""
+        for c in self.containers:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> NodeManifest:
+    """Read, bound, parse and validate the manifest at ``path``.
+
+    Raises :class:`UsageError` (exit 2) when the file cannot be read, is larger than
+    :data:`MAX_BYTES`, is not UTF-8 YAML, expands to more than :data:`MAX_NODES` nodes, has a
+    recursive alias or a duplicate key, or does not match the schema; the message starts with the
+    file name and the path in the document. Reads only ``path`` (and checks that referenced
+    definition directories and credentials files exist); writes nothing.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(
+            f"{path}: cannot read the node manifest: {exc.strerror or exc}",
+            "pass the path of a readable YAML file",
+        ) from exc
+    if len(data) > MAX_BYTES:
+        raise UsageError(
+            f"{path}: the node manifest is larger than {MAX_BYTES} bytes", "is this the right file?"
+        )
+    try:
+        return parse(data, path.absolute())
+    except BootstrapError as err:
+        raise err.with_context(str(path)) from err
+
+
+def parse(data: bytes | str, path: str | Path = "<manifest>") -> NodeManifest:
+    """Parse and validate manifest text; ``path`` anchors relative paths (its directory) and is
+    recorded in the result. Raises :class:`UsageError` as :func:`load` does, without the file
+    name in the message."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_BYTES:
+        raise UsageError(f"the node manifest is larger than {MAX_BYTES} bytes", _HINT)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"not UTF-8 text (byte {exc.start})", _HINT) from exc
+    doc = _safe_load_bounded(text)
+    return _Validator(path.parent).manifest(doc, path, "sha256:" + hashlib.sha256(raw).hexdigest())
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader; construction is only run after :func:`_check_graph` bounded the node graph."""
+
+
+def _safe_load_bounded(text: str) -> Any:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_graph(node)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = exc.problem or exc.context or "invalid YAML"
+        raise UsageError(f"{where}invalid YAML: {what}", _HINT) from exc
+    except yaml.YAMLError as exc:
+        raise UsageError(f"invalid YAML: {exc}", _HINT) from exc
+    except RecursionError as exc:  # the composer and the bound check both recurse by depth
+        raise UsageError("the document is nested too deeply", _HINT) from exc
+    finally:
+        loader.dispose()
+
+
+def _check_graph(root: yaml.Node) -> None:
+    """Refuse alias bombs, recursive aliases and duplicate mapping keys, without expanding."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise UsageError(f"line {node.start_mark.line + 1}: recursive alias", _HINT)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                _bound(total, child)
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        raise UsageError(
+                            f"line {k.start_mark.line + 1}: duplicate key {k.value!r} "
+                            f"(first on line {seen[k.value]})",
+                            _HINT,
+                        )
+                    seen[k.value] = k.start_mark.line + 1
+                total += size(k) + size(v)
+                _bound(total, v)
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    _bound(size(root), root)
+
+
+def _bound(total: int, node: yaml.Node) -> None:
+    if total > MAX_NODES:
+        raise UsageError(
+            f"line {node.start_mark.line + 1}: the document expands to more than {MAX_NODES} "
+            "nodes (too many aliases?)",
+            _HINT,
+        )
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+class _Validator:
+    """Turns the parsed document into dataclasses; every error names its path."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def manifest(self, doc: Any, path: Path, digest: str) -> NodeManifest:
+        if doc is None:
+            raise UsageError("the node manifest is empty", "it needs at least 'containers:'")
+        top = self.mapping(doc, "", {"version", "registries", "network", "containers"})
+        if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
+            raise UsageError(f"version: unsupported {top['version']!r} (only 1 is known)", _HINT)
+        registries = self.registries(top.get("registries"), "registries")
+        network = self.network(top.get("network"), "network")
+        if "containers" not in top:
+            raise UsageError("containers: required", _HINT)
+        containers = self.containers(top["containers"], "containers")
+        return NodeManifest(path, digest, registries, network, containers)
+
+    # -- sections --
+
+    def registries(self, value: Any, at: str) -> Registries:
+        if value is None:
+            return Registries()
+        m = self.mapping(value, at, {"credentials", "insecure", "mirrors"})
+        credentials = None
+        if m.get("credentials") is not None:
+            credentials = self.path(m["credentials"], f"{at}.credentials")
+            if not credentials.is_file():
+                raise UsageError(f"{at}.credentials: {credentials}: no such file", _HINT)
+        insecure = tuple(
+            self.host(h, f"{at}.insecure[{i}]")
+            for i, h in enumerate(self.sequence(m.get("insecure", []), f"{at}.insecure"))
+        )
+        mirrors: list[Mirrors] = []
+        raw = self.mapping(m.get("mirrors", {}), f"{at}.mirrors", None)
+        for registry, hosts in raw.items():
+            where = f"{at}.mirrors.{registry}"
+            self.host(registry, f"{at}.mirrors")
+            items = self.sequence(hosts, where)
+            if not items:
+                raise UsageError(f"{where}: empty list of mirrors", _HINT)
+            mirrors.append(
+                Mirrors(
+                    registry,
+                    tuple(self.host(h, f"{where}[{i}]") for i, h in enumerate(items)),
+                )
+            )
+        return Registries(credentials, insecure, tuple(mirrors))
+
+    def network(self, value: Any, at: str) -> NetworkWait:
+        if value is None:
+            return NetworkWait()
+        m = self.mapping(value, at, {"timeout", "require_default_route", "resolve"})
+        timeout = m.get("timeout", DEFAULT_NETWORK_TIMEOUT)
+        if type(timeout) not in (int, float) or not 0 <= timeout <= 86400:
+            raise UsageError(f"{at}.timeout: expected seconds between 0 and 86400", _HINT)
+        require = m.get("require_default_route", True)
+        if type(require) is not bool:
+            raise UsageError(f"{at}.require_default_route: expected true or false", _HINT)
+        names = []
+        for i, name in enumerate(self.sequence(m.get("resolve", []), f"{at}.resolve")):
+            if not isinstance(name, str) or not HOST_RE.fullmatch(name) or ":" in name:
+                raise UsageError(f"{at}.resolve[{i}]: expected a host name, got {name!r}", _HINT)
+            names.append(name)
+        return NetworkWait(float(timeout), require, tuple(names))
+
+    def containers(self, value: Any, at: str) -> tuple[ContainerSpec, ...]:
+        items = self.sequence(value, at)
+        if not items:
+            raise UsageError(f"{at}: at least one container is required", _HINT)
+        keys = {"name", "image", "definition", "set", "after", "ready"}
+        first: dict[str, int] = {}
+        raw: list[tuple[dict[str, Any], str, str]] = []
+        for i, item in enumerate(items):
+            where = f"{at}[{i}]"
+            m = self.mapping(item, where, keys)
+            for required in ("name", "image"):
+                if m.get(required) is None:
+                    raise UsageError(f"{where}.{required}: required", _HINT)
+            name = m["name"]
+            if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+                raise UsageError(
+                    f"{where}.name: {name!r} is not a valid name",
+                    "use letters, digits, '-' and '_' (first a letter or digit), at most 64",
+                )
+            if name in first:
+                raise UsageError(
+                    f"{where}.name: duplicate {name!r} (also {at}[{first[name]}].name)", _HINT
+                )
+            first[name] = i
+            raw.append((m, where, name))
+        result = []
+        for i, (m, where, name) in enumerate(raw):
+            image = self.reference(m["image"], f"{where}.image")
+            definition = None
+            if m.get("definition") is not None:
+                definition = self.path(m["definition"], f"{where}.definition")
+                if not definition.is_dir():
+                    raise UsageError(
+                        f"{where}.definition: {definition}: no such directory",
+                        "a definition is a directory with manifest.json, config.json.template, "
+                        "service.template",
+                    )
+            values = self.values(m.get("set"), f"{where}.set")
+            after = []
+            for j, dep in enumerate(self.sequence(m.get("after", []), f"{where}.after")):
+                if not isinstance(dep, str) or dep not in first:
+                    raise UsageError(f"{where}.after[{j}]: unknown container {dep!r}", _HINT)
+                if dep == name:
+                    raise UsageError(f"{where}.after[{j}]: a container cannot follow itself", _HINT)
+                if dep not in after:
+                    after.append(dep)
+            socket, timeout = self.ready(m.get("ready"), f"{where}.ready")
+            result.append(
+                ContainerSpec(name, image, definition, values, tuple(after), i, socket, timeout)
+            )
+        return tuple(result)
+
+    def ready(self, value: Any, at: str) -> tuple[str | None, float]:
+        if value is None:
+            return None, DEFAULT_READY_TIMEOUT
+        m = self.mapping(value, at, {"cri_socket", "timeout"})
+        socket = m.get("cri_socket")
+        if not isinstance(socket, str) or not socket.startswith("/") or "\0" in socket:
+            raise UsageError(
+                f"{at}.cri_socket: expected an absolute path, got {socket!r}",
+                "e.g. /run/crio/crio.sock",
+            )
+        timeout = m.get("timeout", DEFAULT_READY_TIMEOUT)
+        if type(timeout) not in (int, float) or not 0 < timeout <= 86400:
+            raise UsageError(f"{at}.timeout: expected seconds between 1 and 86400", _HINT)
+        return socket, float(timeout)
+
+    # -- values --
+
+    def values(self, value: Any, at: str) -> tuple[tuple[str, str], ...]:
+        if value is None:
+            return ()
+        pairs = []
+        for key, v in self.mapping(value, at, None).items():
+            if not VAR_RE.fullmatch(key):
+                raise UsageError(
+                    f"{at}: {key!r} is not a variable name", "use [A-Za-z_][A-Za-z0-9_]*"
+                )
+            if isinstance(v, bool):
+                text = "true" if v else "false"
+            elif isinstance(v, int | float | str):
+                text = str(v)
+            else:
+                raise UsageError(
+                    f"{at}.{key}: expected a string or number, got {_kind(v)}",
+                    "quote the value",
+                )
+            if "\n" in text or "\0" in text:
+                raise UsageError(f"{at}.{key}: newlines and NUL are not allowed", _HINT)
+            pairs.append((key, text))
+        return tuple(pairs)
+
+    def reference(self, value: Any, at: str) -> str:
+        if not isinstance(value, str):
+            raise UsageError(f"{at}: expected an image reference, got {_kind(value)}", _HINT)
+        try:
+            return str(Reference.parse(value))
+        except UsageError as err:
+            raise err.with_context(at) from err
+
+    def host(self, value: Any, at: str) -> str:
+        if not isinstance(value, str) or not HOST_RE.fullmatch(value):
+            raise UsageError(f"{at}: expected a registry host[:port], got {value!r}", _HINT)
+        return value
+
+    def path(self, value: Any, at: str) -> Path:
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise UsageError(f"{at}: expected a path, got {value!r}", _HINT)
+        return Path(os.path.normpath((self.base / value).absolute()))
+
+    def mapping(self, value: Any, at: str, known: set[str] | None) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise UsageError(
+                f"{at or 'the document'}: expected a mapping, got {_kind(value)}", _HINT
+            )
+        for key in value:
+            if not isinstance(key, str):
+                raise UsageError(f"{_join(at, str(key))}: keys must be strings", _HINT)
+            if known is not None and key not in known:
+                raise UsageError(
+                    f"{_join(at, key)}: unknown key",
+                    f"known keys here: {', '.join(sorted(known))}",
+                )
+        return value
+
+    def sequence(self, value: Any, at: str) -> Sequence[Any]:
+        if not isinstance(value, list):
+            raise UsageError(f"{at}: expected a list, got {_kind(value)}", _HINT)
+        return value
+
+
+def _join(at: str, key: str) -> str:
+    return f"{at}.{key}" if at else key
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "nothing"
+    return names.get(type(value), type(value).__name__)
+
+
+def _toml_bool(value: bool) -> str:
+    return "true" if value else "false"

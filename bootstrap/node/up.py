@@ -1,0 +1,349 @@
+"""``bootstrap up MANIFEST``: provision a node at first boot from its node manifest.
+
+Steps, each logged as one plain line (journald keeps them; no progress bars off a TTY):
+
+1. read and validate the manifest and its plan (exit 2 on any error, nothing changed);
+2. if ``$STATE/.provisioned`` records this manifest's digest: nothing to do;
+3. wait for the network (:mod:`bootstrap.net.readiness`; exit 3 at the deadline);
+4. pull every image that is not stored yet, in parallel (exit 3/4; nothing installed yet);
+5. in plan order, install each container (an identical installation is left as it is), start
+   its unit unless it is already active, wait until it is active (``Type=notify``: ready), and
+   when the manifest says ``ready: {cri_socket: ...}``, until that socket answers CRI ``Version``
+   (exit 5);
+6. write ``$STATE/.provisioned`` (JSON; temp + fsync + rename).
+
+A run killed anywhere is finished by the next one: stored images are not fetched again,
+installed containers are kept (the deploy stage recovers an interrupted install under its lock)
+and started if they are not running; only the marker says "done". Concurrent runs serialize on
+``$STATE/locks/up.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bootstrap.errors import BootstrapError, UsageError
+from bootstrap.fsutil import write_atomic
+from bootstrap.locks import flocked
+from bootstrap.node.manifest import ContainerSpec, NodeManifest, Registries
+from bootstrap.node.manifest import load as load_manifest
+from bootstrap.node.plan import plan
+from bootstrap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MARKER = ".provisioned"
+PULL_WORKERS = 4
+LOCK_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class ContainerOutcome:
+    """What ``up`` did for one container: ``action`` is ``installed``, ``started`` (installed
+    before, was not running) or ``unchanged``."""
+
+    name: str
+    image: str
+    digest: str
+    action: str
+    active_state: str
+    cri_version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image": self.image,
+            "digest": self.digest,
+            "action": self.action,
+            "active_state": self.active_state,
+            "cri_version": self.cri_version,
+        }
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """The outcome of ``bootstrap up``. ``changed`` is False when the node was already
+    provisioned from this manifest, or when every step found its work done."""
+
+    manifest: str
+    digest: str
+    changed: bool
+    message: str
+    marker: str
+    order: tuple[str, ...] = ()
+    pulled: tuple[str, ...] = ()
+    containers: tuple[ContainerOutcome, ...] = ()
+    network: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "manifest": self.manifest,
+            "digest": self.digest,
+            "changed": self.changed,
+            "message": self.message,
+            "marker": self.marker,
+            "order": list(self.order),
+            "pulled": list(self.pulled),
+            "containers": [c.to_json() for c in self.containers],
+            "network": self.network,
+            "elapsed": round(self.elapsed, 3),
+        }
+
+    def to_text(self) -> str:
+        lines = [self.message]
+        for c in self.containers:
+            extra = f", CRI {c.cri_version}" if c.cri_version else ""
+            lines.append(f"  {c.name}: {c.action}, {c.active_state} ({c.image}{extra})")
+        return "\n".join(lines)
+
+
+def up(settings: Settings, manifest_path: str | Path) -> UpResult:
+    """Provision this node from the manifest at ``manifest_path`` (see the module doc).
+
+    Raises :class:`UsageError` (2) for a bad manifest or a node provisioned from another
+    manifest, :class:`~bootstrap.errors.RegistryError` (3) when the network is not ready or a
+    pull fails, :class:`~bootstrap.errors.IntegrityError` (4), :class:`SystemdError` (5) when a
+    unit does not become active or a CRI socket does not answer, :class:`BusyError` (6)."""
+    started = time.monotonic()
+    manifest = load_manifest(manifest_path)
+    order = plan(manifest).order
+    marker = settings.state / MARKER
+    log.info(
+        "up: %s (%s): %d containers, order %s",
+        manifest.path,
+        manifest.digest[:19],
+        len(order),
+        " -> ".join(c.name for c in order),
+    )
+    done = _already_done(marker, manifest)
+    if done is not None:
+        return done
+    with flocked(settings.state / "locks" / "up.lock", timeout=LOCK_TIMEOUT, what="bootstrap up"):
+        done = _already_done(marker, manifest)  # another run may have finished meanwhile
+        if done is not None:
+            return done
+        return _provision(settings, manifest, order, marker, started)
+
+
+def _already_done(marker: Path, manifest: NodeManifest) -> UpResult | None:
+    """The "nothing to do" result when ``marker`` records this manifest; None without a
+    marker; UsageError when it records another manifest."""
+    try:
+        doc = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{marker}: unreadable provisioning marker: {exc}",
+            f"remove {marker} to provision again",
+        ) from exc
+    recorded = doc.get("digest") if isinstance(doc, dict) else None
+    if recorded != manifest.digest:
+        raise UsageError(
+            f"this node was provisioned from another manifest ({doc.get('manifest')}, "
+            f"{str(recorded)[:19]}), not {manifest.path} ({manifest.digest[:19]})",
+            "change system containers with 'bootstrap update NAME'; to provision again, "
+            f"remove {marker}",
+        )
+    message = (
+        f"nothing to do: this node was provisioned from {manifest.path} "
+        f"({manifest.digest[:19]}) at {doc.get('time', '?')}"
+    )
+    log.info("up: %s", message)
+    return UpResult(
+        manifest=str(manifest.path),
+        digest=manifest.digest,
+        changed=False,
+        message=message,
+        marker=str(marker),
+        order=tuple(doc.get("order", ())),
+    )
+
+
+def _provision(
+    settings: Settings,
+    manifest: NodeManifest,
+    order: tuple[ContainerSpec, ...],
+    marker: Path,
+    started: float,
+) -> UpResult:
+    from bootstrap.net.readiness import wait_for_network
+
+    wait = manifest.network
+    log.info(
+        "up: waiting up to %gs for the network (default route %s%s)",
+        wait.timeout,
+        "required" if wait.require_default_route else "not required",
+        f", resolving {', '.join(wait.resolve)}" if wait.resolve else "",
+    )
+    net = wait_for_network(
+        wait.timeout, require_default_route=wait.require_default_route, resolve=wait.resolve
+    )
+    pulled = _pull_all(settings, manifest)
+    deployer = _deployer(settings)
+    outcomes = [_bring_up(deployer, spec) for spec in order]
+    changed = bool(pulled) or any(o.action != "unchanged" for o in outcomes)
+    elapsed = time.monotonic() - started
+    doc = {
+        "manifest": str(manifest.path),
+        "digest": manifest.digest,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "order": [c.name for c in order],
+        "containers": [o.to_json() for o in outcomes],
+    }
+    settings.state.mkdir(parents=True, exist_ok=True)
+    write_atomic(marker, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    message = (
+        f"provisioned from {manifest.path} in {elapsed:.1f}s: "
+        + ", ".join(f"{o.name} {o.action}" for o in outcomes)
+        if changed
+        else f"nothing to do: everything in {manifest.path} was already in place; marker written"
+    )
+    log.info("up: %s", message)
+    return UpResult(
+        manifest=str(manifest.path),
+        digest=manifest.digest,
+        changed=changed,
+        message=message,
+        marker=str(marker),
+        order=tuple(c.name for c in order),
+        pulled=tuple(pulled),
+        containers=tuple(outcomes),
+        network=net.to_json(),
+        elapsed=elapsed,
+    )
+
+
+# ---- pulls -------------------------------------------------------------------------------------
+
+
+def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
+    """Pull every image of the manifest that is not stored, in parallel; return the names
+    pulled. All pulls are waited for; the first failure (in manifest order) is raised."""
+    from bootstrap.image.store import Store
+
+    store = Store(settings.store)
+    store.init()
+    missing: list[str] = []
+    for c in manifest.containers:
+        if c.image in missing:
+            continue
+        try:
+            store.resolve(c.image)
+        except UsageError:
+            missing.append(c.image)
+    if not missing:
+        log.info("up: all %d images are stored already", len(manifest.containers))
+        return []
+    log.info("up: pulling %s", ", ".join(missing))
+    with _registry_env(settings, manifest.registries):
+        with ThreadPoolExecutor(max_workers=min(PULL_WORKERS, len(missing))) as pool:
+            futures = [pool.submit(_pull_one, store, name) for name in missing]
+        errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
+    return missing
+
+
+def _pull_one(store: Any, name: str) -> None:
+    from bootstrap.image.pull import pull_image
+    from bootstrap.image.reference import Reference
+    from bootstrap.image.registry import RegistryClient
+
+    started = time.monotonic()
+    with RegistryClient.from_environment() as client:
+        result = pull_image(store, Reference.parse(name), client=client)
+    log.info(
+        "up: pulled %s (%s): %d bytes in %.1fs",
+        name,
+        result.digest[:19],
+        result.downloaded,
+        time.monotonic() - started,
+    )
+
+
+@contextlib.contextmanager
+def _registry_env(settings: Settings, registries: Registries) -> Iterator[None]:
+    """Point the registry client at the manifest's registries while pulling: a registries.conf
+    rendered into ``$STATE/node/`` (``$REGISTRIES_CONFIG_PATH``; it replaces the system one)
+    and the credentials file (``$REGISTRY_AUTH_FILE``). The environment is restored after."""
+    env: dict[str, str] = {}
+    if registries.mirrors or registries.insecure:
+        conf = settings.state / "node" / "registries.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(conf, registries.to_registries_conf())
+        env["REGISTRIES_CONFIG_PATH"] = str(conf)
+    if registries.credentials is not None:
+        env["REGISTRY_AUTH_FILE"] = str(registries.credentials)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---- containers --------------------------------------------------------------------------------
+
+
+def _deployer(settings: Settings) -> Any:
+    """One deployer, with one systemd :class:`~bootstrap.systemd.manager.Manager`, for every
+    container: the D-Bus connection is shared process-wide and systemd accepts one
+    ``Subscribe()`` per connection, so a second Manager on it would fail to subscribe."""
+    from bootstrap.deploy.deploy import Deployer
+    from bootstrap.image.store import Store
+    from bootstrap.systemd.manager import Manager
+
+    return Deployer(settings.state, Store(settings.store), manager=Manager())
+
+
+def _bring_up(deployer: Any, spec: ContainerSpec) -> ContainerOutcome:
+    """Install ``spec`` (kept when identical), start it unless active, wait until ready."""
+    log.info("up: %s: installing %s", spec.name, spec.image)
+    try:
+        result = deployer.install(
+            spec.name,
+            spec.image,
+            set_values=spec.values_dict,
+            definition_dir=str(spec.definition) if spec.definition else None,
+            start=True,
+            unit_dir=None,
+        )
+    except BootstrapError as err:
+        raise err.with_context(f"containers[{spec.index}] ({spec.name})") from err
+    unit = f"{spec.name}.service"
+    manager = deployer.manager
+    action = "installed" if result.changed else "unchanged"
+    state = result.unit if result.unit is not None else manager.state(unit)
+    if state.active_state != "active":
+        log.info("up: %s: %s is %s; starting it", spec.name, unit, state.active_state)
+        state = manager.start(unit)
+        if action == "unchanged":
+            action = "started"
+    log.info("up: %s: %s is %s (%s)", spec.name, unit, state.active_state, action)
+    cri = None
+    if spec.ready_cri_socket:
+        from bootstrap.net.cri import wait_for_cri
+
+        log.info("up: %s: waiting for CRI Version on %s", spec.name, spec.ready_cri_socket)
+        answer = wait_for_cri(
+            spec.ready_cri_socket, timeout=spec.ready_timeout, what=f"{spec.name} ({unit})"
+        )
+        cri = str(answer)
+    digest = result.deployment.digest if result.deployment is not None else ""
+    return ContainerOutcome(spec.name, spec.image, digest, action, state.active_state, cri)

@@ -1,0 +1,251 @@
+"""Node manifest parsing/validation and the first-boot plan (pure; no I/O beyond tmp files)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bootstrap.errors import ExitCode, UsageError
+from bootstrap.node import manifest as nm
+from bootstrap.node.plan import plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+version: 1
+registries:
+  insecure: ["127.0.0.1:5000", "mirror.local:5000"]
+  mirrors:
+    docker.io: ["mirror.local:5000"]
+network:
+  timeout: 30
+  require_default_route: false
+  resolve: [localhost]
+containers:
+  - name: kubelet
+    image: 127.0.0.1:5000/kubelet:1
+    after: [ocid]
+    set: {CRI_SOCKET: /run/containerd/containerd.sock, VERBOSE: 2, DEBUG: true}
+  - name: ocid
+    image: busybox
+    ready: {cri_socket: /run/containerd/containerd.sock, timeout: 60}
+"""
+
+
+def _err(text: str, tmp_path: Path | None = None) -> str:
+    with pytest.raises(UsageError) as info:
+        nm.parse(text, (tmp_path or Path("/nonexistent")) / "node.yaml")
+    assert info.value.exit_code == ExitCode.USAGE
+    assert "\n" not in info.value.message
+    return info.value.message
+
+
+def test_good_manifest_parses_into_frozen_dataclasses() -> None:
+    m = nm.parse(GOOD, "/etc/bootstrap/node.yaml")
+    assert m.network == nm.NetworkWait(30.0, False, ("localhost",))
+    assert [c.name for c in m.containers] == ["kubelet", "ocid"]
+    kubelet = m.container("kubelet")
+    assert kubelet.image == "127.0.0.1:5000/kubelet:1"
+    assert kubelet.after == ("ocid",)
+    assert kubelet.values_dict == {
+        "CRI_SOCKET": "/run/containerd/containerd.sock",
+        "VERBOSE": "2",
+        "DEBUG": "true",
+    }
+    assert m.container("ocid").image == "docker.io/library/busybox:latest"
+    assert m.container("ocid").ready_cri_socket == "/run/containerd/containerd.sock"
+    assert m.container("ocid").ready_timeout == 60.0
+    assert kubelet.ready_cri_socket is None
+    assert m.digest.startswith("sha256:") and len(m.digest) == 71
+    with pytest.raises(AttributeError):
+        m.containers[0].name = "x"  # type: ignore[misc]
+    conf = tomllib.loads(m.registries.to_registries_conf())
+    assert conf["registry"][0] == {
+        "location": "docker.io",
+        "insecure": False,
+        "mirror": [{"location": "mirror.local:5000", "insecure": True}],
+    }
+    assert conf["registry"][1]["location"] == "127.0.0.1:5000"
+    assert conf["registry"][1]["insecure"] is True
+
+
+def test_defaults() -> None:
+    m = nm.parse("containers: [{name: a, image: busybox}]")
+    assert m.network == nm.NetworkWait()
+    assert m.registries.empty
+    assert m.containers[0].definition is None and m.containers[0].values == ()
+
+
+def test_relative_paths_are_resolved_against_the_manifest(tmp_path: Path) -> None:
+    (tmp_path / "defs" / "ocid").mkdir(parents=True)
+    (tmp_path / "auth.json").write_text("{}")
+    text = (
+        "registries: {credentials: auth.json}\n"
+        "containers: [{name: ocid, image: busybox, definition: defs/ocid}]\n"
+    )
+    m = nm.parse(text, tmp_path / "node.yaml")
+    assert m.containers[0].definition == tmp_path / "defs" / "ocid"
+    assert m.registries.credentials == tmp_path / "auth.json"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "the node manifest is empty"),
+        ("[1, 2]", "the document: expected a mapping, got a list"),
+        ("network: {}", "containers: required"),
+        ("containers: []", "containers: at least one container is required"),
+        ("containers: {a: 1}", "containers: expected a list, got a mapping"),
+        ("containers: [{name: a}]", "containers[0].image: required"),
+        (
+            "containers: [{name: a, image: busybox}, {name: b}]",
+            "containers[1].image: required",
+        ),
+        ("containers: [{image: busybox}]", "containers[0].name: required"),
+        ("containers: [{name: a, image: busybox, imgae: x}]", "containers[0].imgae: unknown key"),
+        ("contianers: []", "contianers: unknown key"),
+        ("containers: [{name: a.0, image: busybox}]", "containers[0].name: 'a.0' is not a valid"),
+        ("containers: [{name: -a, image: busybox}]", "containers[0].name: '-a' is not a valid"),
+        ("containers: [{name: 7, image: busybox}]", "containers[0].name: 7 is not a valid"),
+        (
+            "containers: [{name: a, image: busybox}, {name: a, image: busybox}]",
+            "containers[1].name: duplicate 'a' (also containers[0].name)",
+        ),
+        (
+            "containers: [{name: a, image: busybox, after: [x]}]",
+            "containers[0].after[0]: unknown container 'x'",
+        ),
+        (
+            "containers: [{name: a, image: busybox, after: [a]}]",
+            "containers[0].after[0]: a container cannot follow itself",
+        ),
+        ("containers: [{name: a, image: Busybox}]", "containers[0].image: invalid"),
+        ("containers: [{name: a, image: [x]}]", "containers[0].image: expected an image ref"),
+        (
+            "containers: [{name: a, image: busybox, set: {1x: y}}]",
+            "containers[0].set: '1x' is not a variable name",
+        ),
+        (
+            "containers: [{name: a, image: busybox, set: {X: [1]}}]",
+            "containers[0].set.X: expected a string or number, got a list",
+        ),
+        (
+            "containers: [{name: a, image: busybox, set: {X: null}}]",
+            "containers[0].set.X: expected a string or number, got nothing",
+        ),
+        (
+            "containers: [{name: a, image: busybox, definition: nowhere}]",
+            "containers[0].definition: /nonexistent/nowhere: no such directory",
+        ),
+        ("version: 2\ncontainers: []", "version: unsupported 2"),
+        (
+            "containers: [{name: a, image: busybox, ready: {cri_socket: x.sock}}]",
+            "containers[0].ready.cri_socket: expected an absolute path",
+        ),
+        (
+            "containers: [{name: a, image: busybox, ready: {cri_socket: /x, timeout: 0}}]",
+            "containers[0].ready.timeout: expected seconds",
+        ),
+        (
+            "containers: [{name: a, image: busybox, ready: {socket: /x}}]",
+            "containers[0].ready.socket: unknown key",
+        ),
+        ("network: {timeout: -1}\n", "network.timeout: expected seconds"),
+        ("network: {timeout: '30'}\n", "network.timeout: expected seconds"),
+        ("network: {require_default_route: 1}\n", "network.require_default_route: expected"),
+        ("network: {resolve: ['a b']}\n", "network.resolve[0]: expected a host name"),
+        ("network: {wait: 1}\n", "network.wait: unknown key"),
+        ("registries: {insecure: ['http://x']}\n", "registries.insecure[0]: expected a registry"),
+        ("registries: {mirrors: {docker.io: []}}\n", "registries.mirrors.docker.io: empty list"),
+        (
+            "registries: {mirrors: {docker.io: ['a/b']}}\n",
+            "registries.mirrors.docker.io[0]: expected a registry host",
+        ),
+        ("registries: {credentials: auth.json}\n", "registries.credentials: /nonexistent/auth"),
+        ("registries: {proxy: x}\n", "registries.proxy: unknown key"),
+        ("containers: [{name: a, image: busybox}\n", "line 2, column 1: invalid YAML"),
+        (
+            "containers: []\ncontainers: []\n",
+            "line 2: duplicate key 'containers' (first on line 1)",
+        ),
+        ("a: &x [*x]\n", "line 1: recursive alias"),
+        ("\xff", None),
+    ],
+)
+def test_errors_name_their_path(text: str, message: str | None) -> None:
+    if message is None:
+        with pytest.raises(UsageError, match="not UTF-8"):
+            nm.parse(text.encode("latin-1"))
+        return
+    assert message in _err(text)
+
+
+def test_alias_bomb_is_refused_without_expanding_it() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        prev = f"*a{i - 1}"
+        lines.append(f"a{i}: &a{i} [{', '.join([prev] * 10)}]")
+    lines.append("containers: [{name: a, image: busybox}]")
+    msg = _err("\n".join(lines))
+    assert f"expands to more than {nm.MAX_NODES} nodes" in msg
+
+
+def test_deep_nesting_is_refused() -> None:
+    assert "nested too deeply" in _err("a: " + "[" * 100_000 + "]" * 100_000)
+
+
+def test_small_aliases_are_fine() -> None:
+    text = (
+        "containers:\n"
+        "  - {name: a, image: busybox, set: &common {A: '1', B: '2'}}\n"
+        "  - {name: b, image: busybox, set: *common}\n"
+    )
+    m = nm.parse(text)
+    assert m.containers[1].values == (("A", "1"), ("B", "2"))
+
+
+def test_size_cap(tmp_path: Path) -> None:
+    big = tmp_path / "node.yaml"
+    big.write_bytes(b"# " + b"x" * nm.MAX_BYTES + b"\ncontainers: []\n")
+    with pytest.raises(UsageError, match="larger than"):
+        nm.load(big)
+
+
+def test_load_prefixes_the_file_name(tmp_path: Path) -> None:
+    f = tmp_path / "node.yaml"
+    f.write_text("containers: [{name: a}]\n")
+    with pytest.raises(UsageError) as info:
+        nm.load(f)
+    assert info.value.message == f"{f}: containers[0].image: required"
+    with pytest.raises(UsageError, match="cannot read"):
+        nm.load(tmp_path / "missing.yaml")
+
+
+def test_example_manifest_is_valid() -> None:
+    m = nm.load(REPO / "examples" / "node.yaml")
+    assert plan(m).names[0] == "ocid"
+
+
+# ---- plan --------------------------------------------------------------------------------------
+
+
+def _m(*entries: tuple[str, list[str]]) -> nm.NodeManifest:
+    items = ", ".join(f"{{name: {n}, image: busybox, after: [{', '.join(a)}]}}" for n, a in entries)
+    return nm.parse(f"containers: [{items}]")
+
+
+def test_plan_is_topological_and_stable() -> None:
+    assert plan(_m(("a", []), ("b", []), ("c", []))).names == ("a", "b", "c")
+    assert plan(_m(("kubelet", ["ocid"]), ("ocid", []))).names == ("ocid", "kubelet")
+    m = _m(("d", ["b", "c"]), ("c", ["a"]), ("b", []), ("a", []), ("e", []))
+    assert plan(m).names == ("b", "a", "c", "d", "e")
+
+
+def test_plan_names_the_cycle() -> None:
+    with pytest.raises(UsageError) as info:
+        plan(_m(("x", []), ("a", ["c"]), ("b", ["a"]), ("c", ["b"]), ("d", ["a"])))
+    assert info.value.message == "containers[1].after: cycle a -> c -> b -> a"
+    with pytest.raises(UsageError, match=r"cycle p -> q -> p"):
+        plan(_m(("p", ["q"]), ("q", ["p"])))
