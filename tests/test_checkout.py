@@ -1,0 +1,309 @@
+"""checkout: layer cache + composition, equal to umoci's rootfs; hardlinked or copied; atomic."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bootstrap.errors import IntegrityError, UsageError
+from bootstrap.image.model import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor
+from bootstrap.image.store import Store
+from bootstrap.image.unpack import checkout
+from bootstrap.locks import flocked
+from tests.harness.cli import bootstrap
+from tests.harness.image_fixtures import ImageBuilder
+from tests.harness.imagebuilder import File, ImageSpec, Layer
+from tests.harness.registry import Registry
+from tests.harness.treediff import assert_same_tree, snapshot
+from tests.harness.unpack_support import load_layout, rich_spec, umoci_rootfs
+
+ROOT = os.geteuid() == 0
+SKOPEO_COPY = ["skopeo", "copy", "--quiet", "--src-tls-verify=false"]
+NAME = "example.com/rich:1"
+
+
+@pytest.fixture
+def rich_store(image_builder: ImageBuilder, tmp_path: Path) -> tuple[Store, Path]:
+    """A store holding the rich image as NAME, and umoci's rootfs of the same image."""
+    layout, _ = image_builder(rich_spec())
+    gz_layout, _ = image_builder(rich_spec(zstd=False), layout=tmp_path / "gz")
+    reference = umoci_rootfs(gz_layout, "t", tmp_path / "bundle")
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "t", NAME)
+    return store, reference
+
+
+def _cache_inodes(store: Store) -> set[tuple[int, int]]:
+    out = set()
+    for dirpath, _dirs, files in os.walk(store.layers):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            out.add((st.st_dev, st.st_ino))
+    return out
+
+
+@pytest.mark.skipif(not ROOT, reason="owners and devices need root")
+def test_checkout_equals_umoci_hardlinked(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
+    store, reference = rich_store
+    image = store.image(NAME)
+    first = checkout(store, image, tmp_path / "one", devices=True)
+    assert (first.layers, first.extracted) == (4, 4)
+    assert_same_tree(reference, tmp_path / "one", mtimes=True)
+    snap = snapshot(tmp_path / "one")
+    assert snap["."].mode == 0o751 and (snap["xdir"].mode, snap["xdir"].uid) == (0o710, 5)
+    # second checkout: everything cached, built from hardlinks into the cache
+    second = checkout(store, image, tmp_path / "two", devices=True)
+    assert second.extracted == 0
+    assert_same_tree(reference, tmp_path / "two", mtimes=True)
+    busybox = os.lstat(tmp_path / "two/bin/busybox")
+    assert (busybox.st_dev, busybox.st_ino) in _cache_inodes(store)
+    assert os.lstat(tmp_path / "one/bin/busybox").st_ino == busybox.st_ino
+    assert second.to_json()["layers_cached"] == 4
+
+
+@pytest.mark.skipif(not ROOT, reason="owners and devices need root")
+def test_checkout_copy_is_independent(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
+    store, reference = rich_store
+    image = store.image(NAME)
+    checkout(store, image, tmp_path / "linked", devices=True)
+    result = checkout(store, image, tmp_path / "copy", copy=True, devices=True)
+    assert result.copy and result.extracted == 0
+    assert_same_tree(reference, tmp_path / "copy", mtimes=True)
+    cache = _cache_inodes(store)
+    for dirpath, _dirs, files in os.walk(tmp_path / "copy"):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            assert (st.st_dev, st.st_ino) not in cache, name
+    (tmp_path / "copy/etc/owned").write_bytes(b"changed")
+    assert (tmp_path / "linked/etc/owned").read_bytes() == b"owned2"
+
+
+def test_devices_not_created_unless_asked(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
+    store, _ = rich_store
+    checkout(store, store.image(NAME), tmp_path / "r")
+    assert not os.path.lexists(tmp_path / "r/dev/null2")
+    if ROOT:
+        checkout(store, store.image(NAME), tmp_path / "r2", devices=True)
+        assert os.path.lexists(tmp_path / "r2/dev/null2")
+
+
+def test_dest_must_not_exist(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
+    store, _ = rich_store
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        checkout(store, store.image(NAME), tmp_path / "exists")
+    with pytest.raises(UsageError, match="not a directory"):
+        checkout(store, store.image(NAME), tmp_path / "missing-parent" / "x")
+    assert os.listdir(tmp_path / "exists") == []
+
+
+def _store_plain(store: Store, name: str, layer: bytes, diff_id: str) -> None:
+    ldesc = store.put_blob(layer, OCI_LAYER)
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}
+    config["rootfs"]["diff_ids"] = [diff_id]  # type: ignore[index]
+    cdesc = store.put_blob(json.dumps(config).encode(), OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": cdesc.to_json(),
+        "layers": [ldesc.to_json()],
+    }
+    mdesc = store.put_blob(json.dumps(manifest).encode(), OCI_MANIFEST)
+    store.tag(name, Descriptor(OCI_MANIFEST, mdesc.digest, mdesc.size))
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_wrong_diff_id_caches_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.init()
+    wrong = "sha256:" + "1" * 64
+    _store_plain(store, "example.com/bad:1", _tar({"a": b"a"}), wrong)
+    with pytest.raises(IntegrityError, match="the image config says"):
+        checkout(store, store.image("example.com/bad:1"), tmp_path / "r")
+    assert not store.layer_cache_dir(wrong).exists()
+    assert [p for p in store.layer_cache_dir(wrong).parent.iterdir() if p.is_dir()] == []
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.tmp-*"))
+    ran = bootstrap("checkout", "example.com/bad:1", tmp_path / "r", store=tmp_path / "store")
+    assert ran.rc == 4 and "the image config says" in ran.stderr
+
+
+def _checkout_in_child(args: tuple[str, str, str]) -> int:
+    store_root, name, dest = args
+    store = Store(Path(store_root))
+    return checkout(store, store.image(name), Path(dest)).extracted
+
+
+def test_concurrent_checkouts_extract_once(image_builder: ImageBuilder, tmp_path: Path) -> None:
+    spec = ImageSpec(
+        layers=[Layer([File(f"l{i}/f{j}", os.urandom(2000)) for j in range(300)]) for i in range(3)]
+    )
+    layout, _ = image_builder(spec)
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "t", "example.com/c:1")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        counts = pool.map(
+            _checkout_in_child,
+            [(str(store.root), "example.com/c:1", str(tmp_path / f"r{i}")) for i in range(3)],
+        )
+    assert sum(counts) == 3
+    for i in range(3):
+        assert len(os.listdir(tmp_path / f"r{i}" / "l2")) == 300
+
+
+def test_gc_drops_unused_cached_layers(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.init()
+    layer = _tar({"a": b"a"})
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    _store_plain(store, "example.com/g:1", layer, diff_id)
+    checkout(store, store.image("example.com/g:1"), tmp_path / "r")
+    assert store.layer_cache_dir(diff_id).is_dir()
+    store.gc()
+    assert store.layer_cache_dir(diff_id).is_dir()  # still referenced
+    store.untag("example.com/g:1")
+    store.gc()
+    assert not store.layer_cache_dir(diff_id).exists()
+    assert (tmp_path / "r/a").read_bytes() == b"a"  # a checkout survives its cache
+
+
+@pytest.mark.slow
+def test_cli_checkout_json(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
+    store, _ = rich_store
+    ran = bootstrap("--json", "checkout", NAME, tmp_path / "r", store=store.root, check=True)
+    doc = ran.json()
+    assert doc["dest"] == str(tmp_path / "r") and doc["layers"] == 4 and not doc["copy"]
+    ran = bootstrap("checkout", "--copy", NAME, tmp_path / "c", store=store.root, check=True)
+    assert "copied" in ran.stdout
+    assert snapshot(tmp_path / "r") == snapshot(tmp_path / "c")
+    ran = bootstrap("checkout", NAME, tmp_path / "r", store=store.root)
+    assert ran.rc == 2 and "already exists" in ran.stderr
+    ran = bootstrap("checkout", "example.com/nope:1", tmp_path / "n", store=store.root)
+    assert ran.rc == 2 and not (tmp_path / "n").exists()
+
+
+DROP = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+_UNPRIVILEGED = """
+import sys
+from pathlib import Path
+from bootstrap.image.store import Store
+from bootstrap.image.unpack import checkout
+from bootstrap.locks import flocked
+from tests.harness.unpack_support import load_layout
+work = Path(sys.argv[1])
+store = Store(work / "store")
+store.init()
+load_layout(store, work / "oci", "t", "example.com/np:1")
+image = store.image("example.com/np:1")
+print(checkout(store, image, work / "r1").extracted, checkout(store, image, work / "r2").extracted)
+"""
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("setpriv"), reason="needs root to drop to nobody")
+def test_unprivileged_checkout(image_builder: ImageBuilder) -> None:
+    """As an ordinary user: no owners applied, read-only dirs and setuid bits do not get in
+    the way, the cache still serves the second checkout."""
+    work = Path(tempfile.mkdtemp(prefix="unpack-np-"))
+    try:
+        image_builder(rich_spec(), layout=work / "oci")
+        for dirpath, dirnames, filenames in os.walk(work):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                os.lchown(name, 65534, 65534)
+        proc = subprocess.run(
+            [*DROP, sys.executable, "-c", _UNPRIVILEGED, str(work)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["4", "0"]
+        snap = snapshot(work / "r2")
+        assert {n.uid for n in snap.values()} == {65534}
+        assert snap["usr/bin/suid"].mode == 0o6755 and snap["etc"].mode == 0o751
+        assert "dev/null2" not in snap
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_images_sharing_layers_share_the_cache(image_builder: ImageBuilder, tmp_path: Path) -> None:
+    base = Layer([File(f"base/f{i}", b"%d" % i) for i in range(50)])
+    layout, _ = image_builder(ImageSpec(layers=[base]), tag="a")
+    image_builder(ImageSpec(layers=[base, Layer([File("top", b"top")])]), tag="b")
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "a", "example.com/a:1")
+    load_layout(store, layout, "b", "example.com/b:1")
+    assert checkout(store, store.image("example.com/a:1"), tmp_path / "ra").extracted == 1
+    result = checkout(store, store.image("example.com/b:1"), tmp_path / "rb")
+    assert (result.layers, result.extracted) == (2, 1)
+    assert os.lstat(tmp_path / "ra/base/f7").st_ino == os.lstat(tmp_path / "rb/base/f7").st_ino
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ROOT, reason="owners and devices need root")
+def test_pull_checkout_equals_skopeo_umoci(
+    registry: Registry, image_builder: ImageBuilder, tmp_path: Path
+) -> None:
+    """The real pipeline: the rich image pushed to a docker-registry, then `bootstrap pull` +
+    `bootstrap checkout` against `skopeo copy` + `umoci unpack`."""
+    layout, _ = image_builder(rich_spec(zstd=False))
+    registry.push(layout, "t", "unpack/rich:1")
+    ref = f"{registry.host}/unpack/rich:1"
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n')
+    env = {"REGISTRIES_CONFIG_PATH": str(conf)}
+    store = tmp_path / "store"
+    bootstrap("pull", ref, store=store, env=env, check=True)
+    bootstrap("checkout", "--devices", ref, tmp_path / "ours", store=store, check=True)
+    copied = subprocess.run(
+        [*SKOPEO_COPY, f"docker://{ref}", f"oci:{tmp_path / 'ref'}:t"],
+        capture_output=True,
+        text=True,
+    )
+    assert copied.returncode == 0, copied.stderr
+    reference = umoci_rootfs(tmp_path / "ref", "t", tmp_path / "bundle")
+    assert_same_tree(reference, tmp_path / "ours", mtimes=True)
+
+
+def test_stale_temp_dirs_of_killed_checkouts_are_removed(tmp_path: Path) -> None:
+    """A checkout killed midway leaves DEST.tmp-X (+ its unlocked .lock); the next checkout of
+    DEST removes it. One whose lock is held (a checkout at work) is left alone."""
+    store = Store(tmp_path / "store")
+    store.init()
+    layer = _tar({"a": b"a"})
+    _store_plain(store, "example.com/s:1", layer, "sha256:" + hashlib.sha256(layer).hexdigest())
+    stale = tmp_path / "r.tmp-dead"
+    (stale / "usr").mkdir(parents=True)
+    (tmp_path / "r.tmp-dead.lock").touch()
+    busy = tmp_path / "r.tmp-busy"
+    busy.mkdir()
+    with flocked(tmp_path / "r.tmp-busy.lock"):
+        checkout(store, store.image("example.com/s:1"), tmp_path / "r")
+        assert busy.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("r")) == [
+        "r",
+        "r.tmp-busy",
+        "r.tmp-busy.lock",
+    ]

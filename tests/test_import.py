@@ -1,0 +1,297 @@
+"""bootstrap import: docker-archive, oci-archive and plain rootfs tars, each imported and checked
+out; hostile or inconsistent archives refused with exit 4 and nothing tagged."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from bootstrap.errors import IntegrityError, UsageError
+from bootstrap.image.archive import import_archive
+from bootstrap.image.store import Store
+from bootstrap.image.unpack import checkout
+from tests.harness.cli import bootstrap
+from tests.harness.image_fixtures import ImageBuilder
+from tests.harness.imagebuilder import (
+    File,
+    ImageSpec,
+    Layer,
+    build_image,
+    save_docker_archive,
+    save_oci_archive,
+)
+from tests.harness.treediff import assert_same_tree
+from tests.harness.unpack_support import rich_spec, umoci_rootfs
+
+ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "store")
+    s.init()
+    return s
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for ti, data in members:
+            if ti.isreg():
+                ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    return buf.getvalue()
+
+
+def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.mode = 0o644
+    return ti, data
+
+
+def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.linkname = target
+    return ti, b""
+
+
+LAYER = _tar([reg("hello", b"hello\n"), reg("etc/os-release", b"ID=test\n")])
+DIFF_ID = "sha256:" + hashlib.sha256(LAYER).hexdigest()
+
+
+def docker_archive(
+    path: Path,
+    *,
+    layer: bytes = LAYER,
+    diff_id: str = DIFF_ID,
+    manifest: object = None,
+    extra: list[tuple[tarfile.TarInfo, bytes]] | None = None,
+    manifest_member: tuple[tarfile.TarInfo, bytes] | None = None,
+) -> None:
+    """A hand-written `docker save` tarball with one image of one layer."""
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/hello"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    cfg_name = hashlib.sha256(config).hexdigest() + ".json"
+    if manifest is None:
+        manifest = [
+            {"Config": cfg_name, "RepoTags": ["example.com/hand:1"], "Layers": ["l1/layer.tar"]}
+        ]
+    members = [reg(cfg_name, config), reg("l1/layer.tar", layer), *(extra or [])]
+    members.append(manifest_member or reg("manifest.json", json.dumps(manifest).encode()))
+    path.write_bytes(_tar(members))
+
+
+# ---- the three kinds ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ROOT, reason="owners need root")
+def test_docker_archive_rich_equals_umoci(
+    store: Store, image_builder: ImageBuilder, tmp_path: Path
+) -> None:
+    spec = rich_spec(devices=False, zstd=False)
+    save_docker_archive(spec, tmp_path / "img.tar", "example.com/app:1")
+    result = import_archive(store, tmp_path / "img.tar", None)
+    assert result.kind == "docker-archive"
+    assert [i.name for i in result.images] == ["example.com/app:1"]
+    checkout(store, store.image("example.com/app:1"), tmp_path / "ours")
+    layout, _ = image_builder(spec)
+    reference = umoci_rootfs(layout, "t", tmp_path / "bundle")
+    assert_same_tree(reference, tmp_path / "ours", mtimes=True)
+
+
+def test_docker_archive_hand_written_and_normalized_name(store: Store, tmp_path: Path) -> None:
+    docker_archive(tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        config_name = next(n for n in tar.getnames() if n.endswith(".json") and "/" not in n)
+    manifest = [{"Config": config_name, "RepoTags": ["hand:2"], "Layers": ["l1/layer.tar"]}]
+    docker_archive(tmp_path / "b.tar", manifest=manifest)
+    result = import_archive(store, tmp_path / "b.tar", None)
+    assert [i.name for i in result.images] == ["docker.io/library/hand:2"]
+    image = store.image("docker.io/library/hand:2")
+    assert image.config.cmd == ("/hello",) and image.config.diff_ids == (DIFF_ID,)
+    checkout(store, image, tmp_path / "r")
+    assert (tmp_path / "r/hello").read_bytes() == b"hello\n"
+    # --name wins over RepoTags
+    result = import_archive(store, tmp_path / "b.tar", "other")
+    assert [i.name for i in result.images] == ["docker.io/library/other:latest"]
+
+
+def test_oci_archive(store: Store, image_builder: ImageBuilder, tmp_path: Path) -> None:
+    spec = ImageSpec(
+        layers=[Layer([File("a/b", b"b")]), Layer([File("c", b"c")], compression="zstd")],
+        cmd=("sh",),
+    )
+    layout, built = image_builder(spec)
+    save_oci_archive(layout, tmp_path / "img.oci.tar")
+    # the layout names only the tag "t": a name is needed
+    with pytest.raises(UsageError, match="names only the tag"):
+        import_archive(store, tmp_path / "img.oci.tar", None)
+    result = import_archive(store, tmp_path / "img.oci.tar", "example.com/oci:1")
+    assert result.kind == "oci-archive"
+    assert result.images[0].digest == built.manifest_digest  # blobs copied as they are
+    checkout(store, store.image("example.com/oci:1"), tmp_path / "r")
+    assert (tmp_path / "r/a/b").read_bytes() == b"b" and (tmp_path / "r/c").read_bytes() == b"c"
+
+
+def test_oci_archive_with_full_ref_name(store: Store, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    build_image(layout, "registry.example.com/team/app:2.0", ImageSpec([Layer([File("x")])]))
+    save_oci_archive(layout, tmp_path / "a.tar")
+    result = import_archive(store, tmp_path / "a.tar", None)
+    assert [i.name for i in result.images] == ["registry.example.com/team/app:2.0"]
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip", "zstd"])
+def test_plain_rootfs_tar(store: Store, tmp_path: Path, compress: str) -> None:
+    data = {
+        "none": LAYER,
+        "gzip": gzip.compress(LAYER, mtime=0),
+        "zstd": zstandard.ZstdCompressor().compress(LAYER),
+    }[compress]
+    (tmp_path / "rootfs.tar").write_bytes(data)
+    with pytest.raises(UsageError, match="--name"):
+        import_archive(store, tmp_path / "rootfs.tar", None)
+    first = import_archive(store, tmp_path / "rootfs.tar", "example.com/plain:1")
+    assert first.kind == "rootfs-tar"
+    again = import_archive(store, tmp_path / "rootfs.tar", "example.com/plain:1")
+    assert again.images == first.images  # deterministic: same tar, same image
+    image = store.image("example.com/plain:1")
+    assert image.config.diff_ids == (DIFF_ID,)
+    assert image.manifest.layers[0].media_type.endswith({"none": "tar"}.get(compress, compress))
+    checkout(store, image, tmp_path / "r")
+    assert (tmp_path / "r/etc/os-release").read_bytes() == b"ID=test\n"
+
+
+@pytest.mark.slow
+def test_cli_import_json(tmp_path: Path) -> None:
+    docker_archive(tmp_path / "a.tar")
+    ran = bootstrap("--json", "import", tmp_path / "a.tar", store=tmp_path / "s", check=True)
+    doc = ran.json()
+    assert doc["kind"] == "docker-archive"
+    assert doc["images"][0]["name"] == "example.com/hand:1"
+    ran = bootstrap("checkout", "example.com/hand:1", tmp_path / "r", store=tmp_path / "s")
+    assert ran.rc == 0, ran.stderr
+    (tmp_path / "plain.tar").write_bytes(LAYER)
+    ran = bootstrap("import", tmp_path / "plain.tar", store=tmp_path / "s")
+    assert ran.rc == 2 and "--name" in ran.stderr
+
+
+# ---- hostile and inconsistent archives ---------------------------------------------------------
+
+
+def _hostile_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def case(name: str, expect: str, **kw: object) -> None:
+        path = tmp_path / f"{name}.tar"
+        docker_archive(path, **kw)  # type: ignore[arg-type]
+        cases[name] = (path, expect)
+
+    case("member-dotdot", "../evil", extra=[reg("../evil", b"x")])
+    case("member-absolute", "/etc/evil", extra=[reg("/etc/evil", b"x")])
+    case(
+        "manifest-symlink",
+        "manifest.json",
+        manifest_member=link("manifest.json", "/etc/passwd"),
+    )
+    case(
+        "manifest-hardlink",
+        "manifest.json",
+        extra=[reg("real.json", b"[]")],
+        manifest_member=link("manifest.json", "real.json", tarfile.LNKTYPE),
+    )
+    case(
+        "layer-path-dotdot",
+        "../l1/layer.tar",
+        manifest=[{"Config": "x.json", "RepoTags": ["a/b:1"], "Layers": ["../l1/layer.tar"]}],
+    )
+    case("wrong-diff-id", "diff_id", diff_id="sha256:" + "2" * 64)
+    case(
+        "layer-modified",
+        "diff_id",
+        layer=_tar([reg("hello", b"HELLO\n"), reg("etc/os-release", b"ID=test\n")]),
+    )
+    case("unknown-member-type", "weird", extra=[(_typed("weird", b"Z"), b"")])
+    return cases
+
+
+def _typed(name: str, kind: bytes) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    return ti
+
+
+HOSTILE = [
+    "member-dotdot",
+    "member-absolute",
+    "manifest-symlink",
+    "manifest-hardlink",
+    "layer-path-dotdot",
+    "wrong-diff-id",
+    "layer-modified",
+    "unknown-member-type",
+]
+
+
+@pytest.mark.parametrize("which", HOSTILE)
+def test_hostile_archive_refused(store: Store, tmp_path: Path, which: str) -> None:
+    path, expect = _hostile_cases(tmp_path)[which]
+    if which == "layer-path-dotdot":  # its Config must exist for the Layers check to matter
+        docker_archive(path)
+        with tarfile.open(path) as tar:
+            cfg = next(n for n in tar.getnames() if n.endswith(".json") and n != "manifest.json")
+        docker_archive(
+            path, manifest=[{"Config": cfg, "RepoTags": ["a/b:1"], "Layers": ["../l1/layer.tar"]}]
+        )
+    with pytest.raises(IntegrityError) as info:
+        import_archive(store, path, None)
+    assert expect in info.value.message
+    assert store.images() == []
+
+
+@pytest.mark.slow
+def test_hostile_archive_cli_exit_4(tmp_path: Path) -> None:
+    path, _ = _hostile_cases(tmp_path)["manifest-symlink"]
+    ran = bootstrap("import", path, store=tmp_path / "s")
+    assert ran.rc == 4 and "manifest.json" in ran.stderr
+    ran = bootstrap("images", store=tmp_path / "s")
+    assert "example.com/hand" not in ran.stdout
+
+
+def test_multi_image_archive_with_name_is_usage_error(store: Store, tmp_path: Path) -> None:
+    docker_archive(tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        cfg = next(n for n in tar.getnames() if n.endswith(".json") and n != "manifest.json")
+    entry = {"Config": cfg, "RepoTags": ["x/y:1"], "Layers": ["l1/layer.tar"]}
+    docker_archive(tmp_path / "b.tar", manifest=[entry, {**entry, "RepoTags": ["x/y:2"]}])
+    with pytest.raises(UsageError, match="holds 2 images"):
+        import_archive(store, tmp_path / "b.tar", "z:1")
+    result = import_archive(store, tmp_path / "b.tar", None)
+    assert sorted(i.name for i in result.images) == ["docker.io/x/y:1", "docker.io/x/y:2"]
+
+
+def test_missing_file_is_usage_error(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such file"):
+        import_archive(store, tmp_path / "nope.tar", "a:1")
+
+
+def test_hostile_plain_tar_refused(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "evil.tar").write_bytes(_tar([reg("ok", b"ok"), reg("../../etc/evil", b"x")]))
+    with pytest.raises(IntegrityError, match=r"\.\./\.\./etc/evil"):
+        import_archive(store, tmp_path / "evil.tar", "example.com/evil:1")
+    assert store.images() == []
