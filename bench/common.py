@@ -2,9 +2,12 @@
 image builder and cached under ``REPO/.cache/bench``), a local plain registry, scratch dirs on
 tmpfs, and timing of child processes side by side with their peak RSS.
 
-Peak RSS is measured per child with ``os.wait4`` (``ru_maxrss`` of exactly that process), so
-concurrent work on the machine does not leak into it. All timings are warm-cache (the page cache
-cannot be dropped here) and the machine is shared: compare medians of alternating runs.
+Peak RSS is that of the measured command alone, taken by GNU time (``/usr/bin/time -f %M``):
+``wait4``'s ``ru_maxrss`` of a child forked from this Python process starts at the parent's RSS
+(Linux keeps the high-water mark across exec), so it could never show a command smaller than the
+benchmark itself. Without GNU time the ``wait4`` figure is used, an upper bound.
+All timings are warm-cache (the page cache cannot be dropped here) and the machine is shared:
+compare medians of alternating runs.
 """
 
 from __future__ import annotations
@@ -111,8 +114,23 @@ class Run:
     stderr: str
 
 
+GNU_TIME = Path("/usr/bin/time")  # Debian package "time"
+
+
 def timed(argv: Sequence[str | Path], env: Mapping[str, str] | None = None) -> Run:
-    """Run ``argv`` to completion; return its wall time and its own peak RSS (``wait4``)."""
+    """Run ``argv`` to completion; return its wall time and its own peak RSS (see the module
+    docstring: GNU time when present, else ``wait4``, an upper bound)."""
+    if GNU_TIME.exists():
+        run = _wait(["/usr/bin/time", "-f", "maxrss_kb=%M", *argv], env)
+        lines = run.stderr.rstrip().splitlines()
+        if lines and lines[-1].startswith("maxrss_kb="):
+            rss = int(lines[-1].split("=", 1)[1]) * 1024
+            return Run(run.seconds, rss, run.returncode, "\n".join(lines[:-1]))
+        return run
+    return _wait(argv, env)
+
+
+def _wait(argv: Sequence[str | Path], env: Mapping[str, str] | None) -> Run:
     full_env = dict(os.environ)
     full_env.update(env or {})
     with tempfile.TemporaryFile() as err:

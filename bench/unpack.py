@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     BENCH_TAG,
     BOOTSTRAP,
-    Run,
     bench_image,
     check,
     human,
@@ -45,23 +44,6 @@ from bench.common import (
 )
 
 RSS_TARGET = 100 * 1000 * 1000
-GNU_TIME = Path("/usr/bin/time")  # Debian package "time"
-
-
-def measured(argv: list[str | Path], env: dict[str, str] | None = None) -> Run:
-    """:func:`bench.common.timed`, with the child's own peak RSS taken from GNU time.
-
-    ``wait4``'s ``ru_maxrss`` of a child forked from this (big) Python process starts at the
-    parent's RSS (the high-water mark survives exec), so it cannot show a child smaller than the
-    benchmark itself; GNU time forks from a small process and reports the real figure."""
-    if not GNU_TIME.exists():
-        return timed(argv, env)
-    run = timed([GNU_TIME, "-f", "maxrss_kb=%M", *argv], env)
-    lines = run.stderr.rstrip().splitlines()
-    if lines and lines[-1].startswith("maxrss_kb="):
-        rss = int(lines[-1].split("=", 1)[1]) * 1024
-        return Run(run.seconds, rss, run.returncode, "\n".join(lines[:-1]))
-    return run
 
 
 def layer_blobs(layout: Path, tag: str) -> list[Path]:
@@ -95,15 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         def ours(record: bool) -> None:
             with scratch("bench-ours-") as d:
                 store = d / "store"
-                pull = check(
-                    measured([BOOTSTRAP, "-q", "--store", store, "pull", ref], env), "pull"
-                )
+                pull = check(timed([BOOTSTRAP, "-q", "--store", store, "pull", ref], env), "pull")
                 co = check(
-                    measured([BOOTSTRAP, "-q", "--store", store, "checkout", ref, d / "r1"], env),
+                    timed([BOOTSTRAP, "-q", "--store", store, "checkout", ref, d / "r1"], env),
                     "checkout",
                 )
                 warm = check(
-                    measured([BOOTSTRAP, "-q", "--store", store, "checkout", ref, d / "r2"], env),
+                    timed([BOOTSTRAP, "-q", "--store", store, "checkout", ref, d / "r2"], env),
                     "warm checkout",
                 )
             if record:
@@ -114,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         def reference(record: bool) -> None:
             with scratch("bench-ref-") as d:
                 sk = check(
-                    measured(
+                    timed(
                         [
                             "skopeo",
                             "copy",
@@ -127,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     "skopeo copy",
                 )
                 um = check(
-                    measured(["umoci", "unpack", "--image", f"{d}/oci:t", d / "bundle"]),
+                    timed(["umoci", "unpack", "--image", f"{d}/oci:t", d / "bundle"]),
                     "umoci unpack",
                 )
             if record:
