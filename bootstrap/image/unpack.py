@@ -1451,12 +1451,12 @@ def _ensure_all(
 def checkout_command(
     settings: Settings, ref: str, dest: str, *, copy: bool, devices: bool
 ) -> CheckoutResult:
-    """CLI entry: ``bootstrap checkout REF DEST [--copy] [--devices]``."""
-    from bootstrap.image.reference import Reference
+    """CLI entry: ``bootstrap checkout REF DEST [--copy] [--devices]``. ``ref`` is looked up
+    as ``pull`` of the same text stored it (registries.conf aliases and search registries)."""
+    from bootstrap.image.api import stored_name
     from bootstrap.image.store import Store
 
-    name = str(Reference.parse(ref))
     store = Store(settings.store)
     store.init()
-    image = store.image(name)
+    image = store.image(stored_name(store, ref))
     return checkout(store, image, Path(dest), copy=copy, devices=devices)
