@@ -15,7 +15,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from bootstrap import __version__
 from bootstrap.errors import BootstrapError, ExitCode, UsageError
@@ -38,7 +38,7 @@ Handler = Callable[[Settings, argparse.Namespace], Result]
 class _Parser(argparse.ArgumentParser):
     """argparse that exits with the usage code and a one-line message plus hint."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
 
 
@@ -97,6 +97,62 @@ def _checkout(s: Settings, a: argparse.Namespace) -> Result:
     return unpack.checkout_command(s, a.ref, a.dest, copy=a.copy, devices=a.devices)
 
 
+def _install(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.install(
+        s,
+        a.name,
+        a.ref,
+        values=a.set,
+        definition=a.definition,
+        start=not a.no_start,
+        unit_dir=a.unit_dir,
+    )
+
+
+def _update(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.update(s, a.name, a.ref, values=a.set, definition=a.definition, pull=not a.no_pull)
+
+
+def _rollback(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.rollback(s, a.name)
+
+
+def _uninstall(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.uninstall(s, a.name)
+
+
+def _list(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.list_containers(s)
+
+
+def _status(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.status(s, a.name)
+
+
+def _up(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.node import up
+
+    return up.up(s, a.manifest)
+
+
+def _demo(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.demo import demo
+
+    return demo.demo(s, down=a.down)
+
+
 COMMANDS: dict[str, Handler] = {
     "pull": _pull,
     "import": _import,
@@ -105,6 +161,14 @@ COMMANDS: dict[str, Handler] = {
     "gc": _gc,
     "fsck": _fsck,
     "checkout": _checkout,
+    "install": _install,
+    "update": _update,
+    "rollback": _rollback,
+    "uninstall": _uninstall,
+    "list": _list,
+    "status": _status,
+    "up": _up,
+    "demo": _demo,
 }
 
 
@@ -154,6 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--copy", action="store_true", help="independent writable copy (no shared inodes)"
     )
     c.add_argument("--devices", action="store_true", help="create device nodes (root only)")
+
+    c = sub.add_parser("install", help="install an image as a system container (runc + systemd)")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("ref", metavar="REF")
+    c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
+    c.add_argument("--definition", metavar="DIR", help="definition directory (default: image's)")
+    c.add_argument("--no-start", action="store_true", help="enable the unit but do not start it")
+    c.add_argument(
+        "--unit-dir", metavar="DIR", help="where to write NAME.service (/etc/systemd/system)"
+    )
+    c = sub.add_parser("update", help="update a system container; rolls back if it fails")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("ref", metavar="REF", nargs="?", help="new image (default: the current one)")
+    c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
+    c.add_argument("--definition", metavar="DIR", help="a new definition directory")
+    c.add_argument("--no-pull", action="store_true", help="use the stored image, do not pull")
+    c = sub.add_parser("rollback", help="switch a system container to its previous deployment")
+    c.add_argument("name", metavar="NAME")
+    c = sub.add_parser("uninstall", help="stop and remove a system container")
+    c.add_argument("name", metavar="NAME")
+    sub.add_parser("list", help="list system containers")
+    c = sub.add_parser("status", help="show a system container's deployments and state")
+    c.add_argument("name", metavar="NAME")
+    c = sub.add_parser("up", help="first-boot provisioning from a node manifest (YAML)")
+    c.add_argument("manifest", metavar="MANIFEST")
+    c = sub.add_parser("demo", help="bring up a throwaway systemd node here and provision it")
+    c.add_argument("--down", action="store_true", help="power the demo node off and remove it")
     return p
 
 
@@ -173,7 +264,14 @@ def _report_error(err: BootstrapError, as_json: bool) -> None:
     if err.hint:
         print(f"bootstrap: hint: {err.hint}", file=sys.stderr)
     if as_json:
-        doc = {"error": err.message, "hint": err.hint, "exit_code": int(err.exit_code)}
+        doc: dict[str, Any] = {
+            "error": err.message,
+            "hint": err.hint,
+            "exit_code": int(err.exit_code),
+        }
+        result = getattr(err, "result", None)  # an error may carry a report (fsck's findings)
+        if result is not None and hasattr(result, "to_json"):
+            doc["result"] = result.to_json()
         print(json.dumps(doc))
 
 

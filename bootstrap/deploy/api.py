@@ -1,0 +1,88 @@
+"""The deploy stage's CLI-facing API: install, update, rollback, uninstall, list, status.
+
+Each function takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments and
+returns a result with ``to_json()`` and ``to_text()``. Errors carry their exit code: 2 bad
+input (name, reference, definition, ``--set``), 3 registry, 5 systemd or runc (a unit that does
+not start; the message holds its last journal lines), 6 another operation holds the container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult, ListResult
+from bootstrap.settings import Settings
+
+
+@contextmanager
+def _deployer(settings: Settings) -> Iterator[Deployer]:
+    from bootstrap.image.store import Store
+    from bootstrap.progress import make_progress
+
+    with make_progress(settings) as progress:
+        yield Deployer(settings.state, Store(settings.store), progress=progress)
+
+
+def install(
+    settings: Settings,
+    name: str,
+    ref: str,
+    *,
+    values: Mapping[str, str] | None = None,
+    definition: str | None = None,
+    start: bool = True,
+    unit_dir: str | None = None,
+) -> DeployResult:
+    """``bootstrap install NAME REF [--set K=V]... [--definition DIR] [--no-start]
+    [--unit-dir DIR]``: pull REF if not stored, deploy it as NAME.0, write, enable and start
+    NAME.service. The same inputs again change nothing."""
+    with _deployer(settings) as d:
+        return d.install(
+            name,
+            ref,
+            set_values=dict(values or {}),
+            definition_dir=definition,
+            start=start,
+            unit_dir=unit_dir,
+        )
+
+
+def update(
+    settings: Settings,
+    name: str,
+    ref: str | None = None,
+    *,
+    values: Mapping[str, str] | None = None,
+    definition: str | None = None,
+    pull: bool = True,
+) -> DeployResult:
+    """``bootstrap update NAME [REF] [--set K=V]... [--definition DIR] [--no-pull]``."""
+    with _deployer(settings) as d:
+        return d.update(
+            name, ref, set_values=dict(values or {}), definition_dir=definition, pull=pull
+        )
+
+
+def rollback(settings: Settings, name: str) -> DeployResult:
+    """``bootstrap rollback NAME``: make the other deployment active."""
+    with _deployer(settings) as d:
+        return d.rollback(name)
+
+
+def uninstall(settings: Settings, name: str) -> DeployResult:
+    """``bootstrap uninstall NAME``: stop, disable, remove unit, tmpfiles and deployments."""
+    with _deployer(settings) as d:
+        return d.uninstall(name)
+
+
+def list_containers(settings: Settings) -> ListResult:
+    """``bootstrap list``: every installed system container and its unit state."""
+    with _deployer(settings) as d:
+        return d.list()
+
+
+def status(settings: Settings, name: str) -> ContainerStatus:
+    """``bootstrap status NAME``: deployments, unit state, runc state."""
+    with _deployer(settings) as d:
+        return d.status(name)

@@ -1,0 +1,288 @@
+"""System-container definitions: loading them and substituting their variables.
+
+A definition is a directory (``--definition DIR``, an image's ``/exports``) holding:
+
+- ``manifest.json`` — ``{"defaultValues": {"VAR": "value", ...}}`` plus optional keys
+  ``"readiness": "notify"|"none"`` (the default unit uses ``Type=notify``) and
+  ``"stopTimeout": N`` (seconds between TERM and KILL when stopping; default 5);
+- ``config.json.template`` — an OCI runtime config (or a part of one) merged over the config
+  generated from the image (see :mod:`bootstrap.runtime.config`);
+- ``service.template`` — the systemd unit;
+- ``tmpfiles.template`` — tmpfiles.d lines for host paths the container needs.
+
+Every file is optional; a missing one falls back to the built-in behaviour (no defaults, the
+generated config, the generated unit, no tmpfiles). The built-in definition is an empty one.
+
+Substitution follows :class:`string.Template`: ``$VAR`` and ``${VAR}``, ``$$`` for a literal
+``$``. A placeholder naming no known variable, or a ``$`` followed by anything else, is a
+:class:`UsageError` naming the file and line — never an empty string. Values are escaped for the
+file they land in: JSON string escapes in ``config.json.template``; in the unit and tmpfiles
+files they may hold no control characters (so no newline can start a new directive), may not end
+in a backslash (a line continuation), and ``%`` is doubled (systemd specifiers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bootstrap.errors import UsageError
+
+MANIFEST = "manifest.json"
+CONFIG_TEMPLATE = "config.json.template"
+SERVICE_TEMPLATE = "service.template"
+TMPFILES_TEMPLATE = "tmpfiles.template"
+FILES = (MANIFEST, CONFIG_TEMPLATE, SERVICE_TEMPLATE, TMPFILES_TEMPLATE)
+
+#: Largest definition file accepted (they are small text files; an image could ship anything).
+MAX_FILE_SIZE = 1 << 20
+
+VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+READINESS = ("none", "notify")
+DEFAULT_STOP_TIMEOUT = 5
+
+
+@dataclass(frozen=True)
+class TemplateFile:
+    """One template: ``where`` names it in errors (a path, or ``image:/exports/...``)."""
+
+    where: str
+    text: str
+
+    def placeholders(self) -> list[tuple[str, int]]:
+        """Every placeholder as (variable name, line number), in order of appearance.
+
+        Raises :class:`UsageError` naming the file and line for a ``$`` that starts no valid
+        placeholder (``$$`` is a literal ``$``)."""
+        found: list[tuple[str, int]] = []
+        for m in string.Template.pattern.finditer(self.text):
+            line = self.text.count("\n", 0, m.start()) + 1
+            if m.group("invalid") is not None:
+                raise UsageError(
+                    f"{self.where}:{line}: '$' starts no variable",
+                    "write $VAR or ${VAR}; a literal dollar sign is $$",
+                )
+            name = m.group("named") or m.group("braced")
+            if name is not None:
+                found.append((name, line))
+        return found
+
+    def render(self, values: Mapping[str, str], escape: Callable[[str, str, int], str]) -> str:
+        """Substitute ``values`` into the text; ``escape(value, variable, line)`` prepares each
+        value for this file's syntax (and raises for a value it cannot hold).
+
+        Raises :class:`UsageError` naming the file and line of the first unknown variable."""
+        for name, line in self.placeholders():
+            if name not in values:
+                raise UsageError(
+                    f"{self.where}:{line}: unknown variable ${name}",
+                    "give it a default in manifest.json defaultValues or pass --set "
+                    f"{name}=VALUE (a literal dollar sign is $$)",
+                )
+
+        def _sub(m: re.Match[str]) -> str:
+            if m.group("escaped") is not None:
+                return "$"
+            name = m.group("named") or m.group("braced")
+            line = self.text.count("\n", 0, m.start()) + 1
+            return escape(values[name], name, line)
+
+        return string.Template.pattern.sub(_sub, self.text)
+
+
+@dataclass(frozen=True)
+class Definition:
+    """A loaded definition. ``source`` is ``"builtin"``, ``"directory"`` or ``"image"``;
+    ``origin`` the directory (or ``/exports``) it came from; the templates are None when absent.
+    ``digest`` identifies the content (to tell whether a re-install changes anything)."""
+
+    source: str
+    origin: str
+    default_values: Mapping[str, str] = field(default_factory=dict)
+    readiness: str = "none"
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    config_template: TemplateFile | None = None
+    service_template: TemplateFile | None = None
+    tmpfiles_template: TemplateFile | None = None
+    files: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the definition's files (names and contents)."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(name.encode() + b"\0" + self.files[name].encode() + b"\0")
+        return "sha256:" + h.hexdigest()
+
+    def variables(self) -> set[str]:
+        """Every variable any template of the definition refers to."""
+        names: set[str] = set()
+        for t in (self.config_template, self.service_template, self.tmpfiles_template):
+            if t is not None:
+                names.update(n for n, _ in t.placeholders())
+        return names
+
+
+def builtin() -> Definition:
+    """The built-in default: run the image's Entrypoint/Cmd with the generated config and unit."""
+    return Definition(source="builtin", origin="builtin")
+
+
+def load(
+    directory: str | Path, *, source: str = "directory", where: str | None = None
+) -> Definition:
+    """Load the definition in ``directory``.
+
+    ``where`` is how file names are shown in errors (default: the directory path). Raises
+    :class:`UsageError` (exit 2) for a missing directory, a file that is not a regular file or is
+    too large or not UTF-8, bad JSON (naming file, line and column), a manifest of the wrong
+    shape, and a template with a malformed ``$`` (naming file and line)."""
+    path = Path(directory)
+    shown = where if where is not None else str(path)
+    if not path.is_dir():
+        raise UsageError(
+            f"definition {shown}: not a directory",
+            "--definition takes a directory with manifest.json, config.json.template, "
+            "service.template and/or tmpfiles.template",
+        )
+    files: dict[str, str] = {}
+    for name in FILES:
+        text = _read_text(path / name, f"{shown}/{name}")
+        if text is not None:
+            files[name] = text
+    if not files:
+        raise UsageError(
+            f"definition {shown}: none of {', '.join(FILES)} found",
+            "a definition needs at least one of these files",
+        )
+    return from_files(files, source=source, origin=shown)
+
+
+def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definition:
+    """Build a definition from file contents keyed by file name (see :func:`load`)."""
+    defaults: dict[str, str] = {}
+    readiness = "none"
+    stop_timeout = DEFAULT_STOP_TIMEOUT
+    if MANIFEST in files:
+        where = f"{origin}/{MANIFEST}"
+        doc = parse_json(files[MANIFEST], where)
+        defaults, readiness, stop_timeout = _parse_manifest(doc, where)
+
+    def _template(name: str) -> TemplateFile | None:
+        if name not in files:
+            return None
+        t = TemplateFile(f"{origin}/{name}", files[name])
+        t.placeholders()  # malformed '$' is reported at load time
+        return t
+
+    return Definition(
+        source=source,
+        origin=origin,
+        default_values=defaults,
+        readiness=readiness,
+        stop_timeout=stop_timeout,
+        config_template=_template(CONFIG_TEMPLATE),
+        service_template=_template(SERVICE_TEMPLATE),
+        tmpfiles_template=_template(TMPFILES_TEMPLATE),
+        files=dict(files),
+    )
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads`` with errors as :class:`UsageError` naming ``where``, line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{where}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}",
+            "fix the JSON syntax (a value from --set lands inside a JSON string)",
+        ) from exc
+
+
+def _parse_manifest(doc: Any, where: str) -> tuple[dict[str, str], str, int]:
+    if not isinstance(doc, dict):
+        raise UsageError(f"{where}: must be a JSON object", 'e.g. {"defaultValues": {}}')
+    raw = doc.get("defaultValues", {})
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: defaultValues must be an object", 'e.g. {"PORT": "8080"}')
+    defaults: dict[str, str] = {}
+    for key, value in raw.items():
+        check_variable_name(key, f"{where}: defaultValues")
+        if isinstance(value, bool):
+            defaults[key] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
+            defaults[key] = str(value)
+        else:
+            raise UsageError(
+                f"{where}: defaultValues.{key} must be a string, number or boolean",
+                "template variables are text",
+            )
+    readiness = doc.get("readiness", "none")
+    if readiness not in READINESS:
+        raise UsageError(
+            f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}",
+            '"notify": the container tells systemd it is ready (sd_notify READY=1)',
+        )
+    stop_timeout = doc.get("stopTimeout", DEFAULT_STOP_TIMEOUT)
+    if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
+        raise UsageError(f"{where}: stopTimeout must be a positive integer", "seconds, e.g. 10")
+    return defaults, readiness, stop_timeout
+
+
+def check_variable_name(name: str, where: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` is a valid template variable name."""
+    if not VAR_NAME.match(name):
+        raise UsageError(
+            f"{where}: {name!r} is not a valid variable name",
+            "names are letters, digits and '_', not starting with a digit",
+        )
+
+
+def _read_text(path: Path, where: str) -> str | None:
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() or not path.is_file():
+        raise UsageError(f"{where}: not a regular file", "definition files must be plain files")
+    if path.stat().st_size > MAX_FILE_SIZE:
+        raise UsageError(f"{where}: larger than {MAX_FILE_SIZE} bytes", "is this the right file?")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{where}: not UTF-8 text", "definition files are text") from exc
+
+
+# ---- escaping per target file ------------------------------------------------------------------
+
+
+def escape_json(value: str, name: str, line: int) -> str:
+    """A value for a JSON template: escaped as the inside of a JSON string."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
+def unit_escaper(where: str, raw: frozenset[str] = frozenset()) -> Callable[[str, str, int], str]:
+    """An escaper for a systemd unit or tmpfiles file named ``where`` in errors: rejects control
+    characters and a trailing backslash, doubles ``%``. Variables named in ``raw`` already hold
+    unit syntax (e.g. ``EXEC_START``, quoted by bootstrap): they are checked, not escaped."""
+
+    def _escape(value: str, name: str, line: int) -> str:
+        if _CONTROL.search(value):
+            raise UsageError(
+                f"{where}:{line}: value of ${name} contains a control character or newline",
+                "values substituted into unit files must be one line of printable text",
+            )
+        if value.endswith("\\"):
+            raise UsageError(
+                f"{where}:{line}: value of ${name} ends with a backslash",
+                "a trailing backslash would continue the unit line",
+            )
+        return value if name in raw else value.replace("%", "%%")
+
+    return _escape

@@ -1,0 +1,968 @@
+"""System-container deployments: the one place that composes a checkout, a runtime config and a
+systemd unit, and the NAME.0/NAME.1 swap.
+
+Layout under ``$STATE/containers``::
+
+    NAME -> NAME.0        the active deployment (a symlink, flipped atomically)
+    NAME.0/ NAME.1/       deployments: rootfs/, config.json, info.json, NAME.service,
+                          tmpfiles.conf (when the definition has one), definition/ (a copy of a
+                          --definition directory)
+    NAME.new/             a deployment being staged or proven by an update (transient)
+
+The unit runs ``runc run --bundle $STATE/containers/NAME NAME``: the bundle is the symlink, so a
+unit is the same whichever slot is active. Per-container operations hold an flock on
+``$STATE/locks/containers/NAME.lock`` (a second one waits up to ``$BOOTSTRAP_LOCK_TIMEOUT``
+seconds, default 60, then exits 6).
+
+Everything that can be checked before touching disk is (definition files, variables, values,
+the runtime config); a failure later removes what was staged, so a failed command leaves the
+deployments, the unit and the tmpfiles file as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bootstrap.deploy import definition as defn
+from bootstrap.deploy.definition import Definition, TemplateFile
+from bootstrap.errors import BootstrapError, SystemdError, UsageError
+from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
+from bootstrap.image.model import Image
+from bootstrap.locks import flocked
+from bootstrap.process import run
+from bootstrap.runtime import config as rtconfig
+from bootstrap.runtime import runc
+from bootstrap.settings import DEFAULT_UNIT_DIR
+from bootstrap.systemd import units
+from bootstrap.systemd.manager import Manager, UnitState
+
+log = logging.getLogger(__name__)
+
+INFO = "info.json"
+CONFIG = "config.json"
+TMPFILES = "tmpfiles.conf"
+DEFINITION_COPY = "definition"
+#: Marker in a staged deployment while an update proves it: the name of the slot that was live
+#: before (so an interrupted update can go back to it). Removed once the update is final.
+PREVIOUS = ".previous"
+DEFAULT_TMPFILES_DIR = Path("/etc/tmpfiles.d")
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+#: Built-in variables that hold unit syntax already (quoted by bootstrap).
+EXEC_VARIABLES = frozenset({"EXEC_START", "EXEC_STOP", "EXEC_START_PRE", "EXEC_STOP_POST"})
+#: Built-ins that ``--set`` may not override: they tie the unit to this deployment.
+FORCED_VARIABLES = frozenset({"NAME", "DESTDIR"})
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another operation on the same container (``$BOOTSTRAP_LOCK_TIMEOUT``)."""
+    raw = os.environ.get("BOOTSTRAP_LOCK_TIMEOUT", "")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_LOCK_TIMEOUT
+    except ValueError:
+        return DEFAULT_LOCK_TIMEOUT
+
+
+def tmpfiles_dir() -> Path:
+    """Where tmpfiles.d files go (``$BOOTSTRAP_TMPFILES_DIR``, default /etc/tmpfiles.d)."""
+    return Path(os.environ.get("BOOTSTRAP_TMPFILES_DIR") or DEFAULT_TMPFILES_DIR)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- paths -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where container ``name``'s pieces live under ``state``."""
+
+    state: Path
+    name: str
+
+    @property
+    def root(self) -> Path:
+        return self.state / "containers"
+
+    @property
+    def link(self) -> Path:
+        return self.root / self.name
+
+    def slot(self, index: int) -> Path:
+        return self.root / f"{self.name}.{index}"
+
+    @property
+    def staged(self) -> Path:
+        return self.root / f"{self.name}.new"
+
+    @property
+    def trash(self) -> Path:
+        return self.root / f"{self.name}.old"
+
+    @property
+    def lock(self) -> Path:
+        return self.state / "locks" / "containers" / f"{self.name}.lock"
+
+    @property
+    def unit(self) -> str:
+        return f"{self.name}.service"
+
+    def active(self) -> Path | None:
+        """The slot the symlink points at, or None when not installed."""
+        if not self.link.is_symlink():
+            return None
+        target = self.root / os.readlink(self.link)
+        return target if target.is_dir() else None
+
+    def other(self, active: Path) -> Path:
+        """The slot that is not ``active`` (it may not exist)."""
+        return self.slot(1) if active.name.endswith(".0") else self.slot(0)
+
+
+# ---- deployment records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One deployment as its info.json describes it."""
+
+    name: str
+    path: Path
+    image: str
+    digest: str
+    image_id: str
+    values: Mapping[str, str]
+    set_values: Mapping[str, str]
+    definition_source: str
+    definition_origin: str
+    definition_digest: str
+    installed: str
+    unit_dir: str
+
+    @classmethod
+    def load(cls, path: Path) -> Deployment:
+        """Read ``path/info.json``; a missing or damaged one is a :class:`BootstrapError`."""
+        info = path / INFO
+        try:
+            doc = json.loads(info.read_text(encoding="utf-8"))
+            d = doc["definition"]
+            return cls(
+                name=str(doc["name"]),
+                path=path,
+                image=str(doc["image"]),
+                digest=str(doc["digest"]),
+                image_id=str(doc["image_id"]),
+                values={str(k): str(v) for k, v in doc["values"].items()},
+                set_values={str(k): str(v) for k, v in doc["set"].items()},
+                definition_source=str(d["source"]),
+                definition_origin=str(d["origin"]),
+                definition_digest=str(d["digest"]),
+                installed=str(doc["installed"]),
+                unit_dir=str(doc["unit_dir"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BootstrapError(
+                f"deployment {path}: cannot read {INFO}: {exc}",
+                "the deployment is damaged; uninstall and install the container again",
+            ) from exc
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "slot": self.path.name,
+            "image": self.image,
+            "digest": self.digest,
+            "image_id": self.image_id,
+            "values": dict(self.values),
+            "set": dict(self.set_values),
+            "definition": {
+                "source": self.definition_source,
+                "origin": self.definition_origin,
+                "digest": self.definition_digest,
+            },
+            "installed": self.installed,
+            "unit_dir": self.unit_dir,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a deployment computed before touching disk."""
+
+    name: str
+    image: Image
+    definition: Definition
+    values: Mapping[str, str]
+    set_values: Mapping[str, str]
+    service: str
+    tmpfiles: str | None
+    config: rtconfig.PreparedConfig
+    unit_dir: Path
+
+    def info(self, installed: str) -> dict[str, Any]:
+        """The deployment's info.json document."""
+        return {
+            "name": self.name,
+            "image": self.image.name,
+            "digest": self.image.manifest.digest,
+            "image_id": self.image.config.digest,
+            "values": dict(self.values),
+            "set": dict(self.set_values),
+            "definition": {
+                "source": self.definition.source,
+                "origin": self.definition.origin,
+                "digest": self.definition.digest,
+            },
+            "installed": installed,
+            "unit_dir": str(self.unit_dir),
+        }
+
+
+def plan(
+    paths: Paths,
+    image: Image,
+    definition: Definition,
+    set_values: Mapping[str, str],
+    unit_dir: Path,
+    *,
+    uuid_value: str | None = None,
+) -> Plan:
+    """Resolve variables and render every file of the deployment (nothing is written).
+
+    Raises :class:`UsageError` (exit 2) for bad ``--set`` names or values, unknown variables
+    (naming file and line), bad JSON in the rendered config template, a config without a
+    command."""
+    for key in set_values:
+        defn.check_variable_name(key, "--set")
+        if key in FORCED_VARIABLES:
+            raise UsageError(
+                f"--set {key}: ${key} is set by bootstrap and cannot be overridden",
+                "choose another variable name",
+            )
+    runtime = runc.runtime_path()
+    name = paths.name
+    bundle = str(paths.link)
+    stop_timeout = definition.stop_timeout
+    builtins = {
+        "NAME": name,
+        "DESTDIR": bundle,
+        "IMAGE_NAME": image.name,
+        "IMAGE_ID": image.config.digest,
+        "RUN_DIRECTORY": "/run",
+        "STATE_DIRECTORY": "/var/lib",
+        "CONF_DIRECTORY": "/etc",
+        "HOST_UID": str(os.getuid()),
+        "HOST_GID": str(os.getgid()),
+        "RUNTIME": runtime,
+        "EXEC_START_PRE": units.exec_command([runtime, "delete", "--force", name], prefix="-"),
+        "EXEC_START": units.exec_command([runtime, "run", "--bundle", bundle, name]),
+        "EXEC_STOP": units.exec_command(units.stop_script(runtime, name, stop_timeout)),
+        "EXEC_STOP_POST": units.exec_command([runtime, "delete", "--force", name], prefix="-"),
+        "PIDFILE": f"/run/container-{name}.pid",
+        "UUID": uuid_value or str(uuid.uuid4()),
+        "TIMEOUT_STOP_SEC": str(stop_timeout + 30),
+    }
+    values = {**definition.default_values, **builtins, **set_values}
+
+    template_doc: dict[str, Any] | None = None
+    where_cfg = "config.json.template"
+    if definition.config_template is not None:
+        where_cfg = definition.config_template.where
+        text = definition.config_template.render(values, defn.escape_json)
+        doc = defn.parse_json(text, where_cfg)
+        if not isinstance(doc, dict):
+            raise UsageError(f"{where_cfg}: must be a JSON object", "an OCI runtime config")
+        template_doc = doc
+    prepared = rtconfig.prepare(image.config, hostname=name, template=template_doc, where=where_cfg)
+
+    service_t = definition.service_template or TemplateFile(
+        "builtin:service.template",
+        units.default_service_template(
+            host_network=prepared.host_network, notify=definition.readiness == "notify"
+        ),
+    )
+    raw = frozenset(EXEC_VARIABLES - set(set_values))
+    service = service_t.render(values, defn.unit_escaper(service_t.where, raw))
+    tmpfiles: str | None = None
+    if definition.tmpfiles_template is not None:
+        t = definition.tmpfiles_template
+        tmpfiles = t.render(values, defn.unit_escaper(t.where))
+    used = definition.variables() | {n for n, _ in service_t.placeholders()}
+    unused = sorted(set(set_values) - used)
+    if unused:
+        log.warning("--set %s: not used by the definition", ", ".join(unused))
+    return Plan(
+        name=name,
+        image=image,
+        definition=definition,
+        values=values,
+        set_values=dict(set_values),
+        service=service,
+        tmpfiles=tmpfiles,
+        config=prepared,
+        unit_dir=unit_dir,
+    )
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What install/update/rollback/uninstall did."""
+
+    action: str
+    name: str
+    changed: bool
+    message: str
+    deployment: Deployment | None = None
+    unit: UnitState | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "name": self.name,
+            "changed": self.changed,
+            "message": self.message,
+            "deployment": self.deployment.to_json() if self.deployment else None,
+            "unit": self.unit.to_json() if self.unit else None,
+        }
+
+    def to_text(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """A container: its active deployment, the rollback target, the unit and runc's view."""
+
+    name: str
+    active: Deployment | None
+    previous: Deployment | None
+    unit: UnitState | None
+    runc: runc.ContainerState | None
+    problems: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "active": self.active.to_json() if self.active else None,
+            "previous": self.previous.to_json() if self.previous else None,
+            "unit": self.unit.to_json() if self.unit else None,
+            "runc": self.runc.to_json() if self.runc else None,
+            "problems": list(self.problems),
+        }
+
+    def to_text(self) -> str:
+        lines = [f"{self.name}:"]
+        if self.active:
+            lines.append(f"  image:    {self.active.image}")
+            lines.append(f"  digest:   {self.active.digest}")
+            lines.append(f"  slot:     {self.active.path}")
+            lines.append(f"  installed {self.active.installed}")
+        if self.previous:
+            lines.append(f"  rollback: {self.previous.image} ({self.previous.digest[:19]})")
+        if self.unit:
+            u = self.unit
+            lines.append(
+                f"  unit:     {u.name} {u.active_state} ({u.sub_state}), main pid {u.main_pid}"
+            )
+        if self.runc:
+            lines.append(f"  runc:     {self.runc.status}, pid {self.runc.pid}")
+        lines += [f"  problem:  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ListResult:
+    containers: tuple[ContainerStatus, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": c.name,
+                "image": c.active.image if c.active else None,
+                "digest": c.active.digest if c.active else None,
+                "slot": c.active.path.name if c.active else None,
+                "active_state": c.unit.active_state if c.unit else None,
+                "sub_state": c.unit.sub_state if c.unit else None,
+                "rollback": c.previous.image if c.previous else None,
+            }
+            for c in self.containers
+        ]
+
+    def to_text(self) -> str:
+        if not self.containers:
+            return "no system containers installed"
+        rows = [("NAME", "STATE", "SLOT", "IMAGE")]
+        for c in self.containers:
+            rows.append(
+                (
+                    c.name,
+                    c.unit.active_state if c.unit else "?",
+                    c.active.path.name if c.active else "-",
+                    c.active.image if c.active else "-",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(
+            "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
+        )
+
+
+# ---- the deployer ------------------------------------------------------------------------------
+
+
+class Deployer:
+    """Operations on system containers below ``state``, pulling from / checking out of
+    ``store``. ``manager`` is created on first use (the bus is only needed to act on units)."""
+
+    def __init__(
+        self,
+        state: Path,
+        store: Any,
+        *,
+        manager: Manager | None = None,
+        progress: Any = None,
+    ) -> None:
+        self.state = Path(state)
+        self.store = store
+        self._manager = manager
+        self.progress = progress
+
+    @property
+    def manager(self) -> Manager:
+        if self._manager is None:
+            self._manager = Manager()
+        return self._manager
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, paths: Paths) -> Iterator[None]:
+        with flocked(paths.lock, timeout=lock_timeout(), what=f"system container {paths.name}"):
+            self._recover(paths)
+            yield
+
+    def _recover(self, paths: Paths) -> None:
+        """Repair what an update killed midway left (see :data:`PREVIOUS`): a symlink on an
+        unproven staged deployment goes back to the slot recorded in it; a symlink dangling
+        because the proven staged deployment was already renamed into its slot follows it;
+        stale staged/trash directories and markers are removed."""
+        if paths.link.is_symlink():
+            target = os.readlink(paths.link)
+            slots = [p for p in (paths.slot(0), paths.slot(1)) if (p / INFO).exists()]
+            back: Path | None = None
+            if target == paths.staged.name and paths.staged.is_dir():
+                recorded = _read_marker(paths.staged)
+                back = paths.root / recorded if recorded else None
+                if back is None or not (back / INFO).exists():
+                    back = _newest(slots)
+            elif not paths.link.exists():
+                marked = [p for p in slots if (p / PREVIOUS).exists()]
+                back = marked[0] if marked else _newest(slots)
+            if back is not None:
+                log.warning("%s: an update was interrupted; making %s live", paths.name, back)
+                _flip(paths, back)
+                self._install_unit(paths, back, Path(Deployment.load(back).unit_dir))
+                self.manager.reload()
+        for slot in (paths.slot(0), paths.slot(1)):
+            (slot / PREVIOUS).unlink(missing_ok=True)
+        for stale in (paths.staged, paths.trash):
+            if os.path.lexists(stale) and paths.active() != stale:
+                log.info("removing stale %s", stale)
+                remove_tree(stale)
+
+    def image(self, reference: str, *, pull: str = "missing") -> Image:
+        """The stored image for ``reference``; ``pull`` is ``"missing"`` (pull only when not
+        stored), ``"always"`` or ``"never"``."""
+        from bootstrap.image.pull import pull_image
+        from bootstrap.image.reference import Reference
+
+        ref = Reference.parse(reference)
+        name = str(ref)
+        self.store.init()
+        stored = True
+        try:
+            self.store.resolve(name)
+        except UsageError:
+            stored = False
+        if pull == "always" or (pull == "missing" and not stored):
+            log.info("pulling %s", name)
+            kwargs: dict[str, Any] = {}
+            if self.progress is not None:
+                kwargs["progress"] = self.progress
+            return pull_image(self.store, ref, **kwargs).image
+        image: Image = self.store.image(name)
+        return image
+
+    def _checkout(self, image: Image, dest: Path, copy: bool) -> None:
+        from bootstrap.image.unpack import checkout
+
+        checkout(self.store, image, dest, copy=copy)
+
+    def _stage(
+        self,
+        paths: Paths,
+        image: Image,
+        definition: Definition | None,
+        set_values: Mapping[str, str],
+        unit_dir: Path,
+        uuid_value: str | None,
+    ) -> Plan:
+        """Build a complete deployment in ``paths.staged``; ``definition`` None means: the
+        image's /exports if it has one, else the built-in. Removes the staged dir on failure."""
+        early = None
+        if definition is not None:
+            early = plan(paths, image, definition, set_values, unit_dir, uuid_value=uuid_value)
+        staged = paths.staged
+        remove_tree(staged)
+        staged.mkdir(parents=True)
+        try:
+            copy = early is not None and not early.config.readonly
+            self._checkout(image, staged / "rootfs", copy)
+            the_plan = early
+            if the_plan is None:
+                exports = staged / "rootfs" / "exports"
+                found = None
+                if (
+                    exports.is_dir()
+                    and not exports.is_symlink()
+                    and any(os.path.lexists(exports / f) for f in defn.FILES)
+                ):
+                    found = defn.load(exports, source="image", where=f"{image.name}:/exports")
+                the_plan = plan(
+                    paths,
+                    image,
+                    found or defn.builtin(),
+                    set_values,
+                    unit_dir,
+                    uuid_value=uuid_value,
+                )
+                if not the_plan.config.readonly:  # written through: needs its own inodes
+                    remove_tree(staged / "rootfs")
+                    self._checkout(image, staged / "rootfs", True)
+            doc = rtconfig.finalize(the_plan.config, staged / "rootfs")
+            write_atomic(staged / CONFIG, rtconfig.dumps(doc))
+            write_atomic(staged / paths.unit, the_plan.service)
+            if the_plan.tmpfiles is not None:
+                write_atomic(staged / TMPFILES, the_plan.tmpfiles)
+            if the_plan.definition.source == "directory":
+                (staged / DEFINITION_COPY).mkdir()
+                for fname, text in the_plan.definition.files.items():
+                    write_atomic(staged / DEFINITION_COPY / fname, text)
+            info = the_plan.info(_now())
+            write_atomic(staged / INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+            fsync_dir(staged)
+            return the_plan
+        except BaseException:
+            remove_tree(staged)
+            raise
+
+    def _install_unit(self, paths: Paths, slot: Path, unit_dir: Path) -> None:
+        """Make ``slot``'s unit and tmpfiles the live ones (files only; no reload)."""
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(slot / paths.unit, unit_dir / f".{paths.unit}.tmp")
+        os.replace(unit_dir / f".{paths.unit}.tmp", unit_dir / paths.unit)
+        fsync_dir(unit_dir)
+        live_tmpfiles = tmpfiles_dir() / f"bootstrap-{paths.name}.conf"
+        if (slot / TMPFILES).exists():
+            live_tmpfiles.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(live_tmpfiles, (slot / TMPFILES).read_bytes())
+            run(
+                ["systemd-tmpfiles", "--create", live_tmpfiles],
+                error=SystemdError,
+                hint=f"check {live_tmpfiles}",
+                timeout=60,
+            )
+        elif live_tmpfiles.exists():
+            live_tmpfiles.unlink()
+
+    def _unit_arg(self, paths: Paths, unit_dir: Path) -> str:
+        """How to name the unit file to EnableUnitFiles: by name in the default directory, by
+        path elsewhere (systemd then links it)."""
+        if unit_dir == DEFAULT_UNIT_DIR:
+            return paths.unit
+        return str(unit_dir / paths.unit)
+
+    # -- install -------------------------------------------------------------------------------
+
+    def install(
+        self,
+        name: str,
+        reference: str,
+        *,
+        set_values: Mapping[str, str],
+        definition_dir: str | None,
+        start: bool,
+        unit_dir: str | None,
+    ) -> DeployResult:
+        """Install container ``name`` from image ``reference`` (pulled when not stored).
+
+        Re-running with the same inputs changes nothing. Raises :class:`UsageError` when the
+        name is taken by another installation or a unit file bootstrap did not write,
+        :class:`SystemdError` when the unit does not start (the installation is undone)."""
+        paths = Paths(self.state, units.check_name(name))
+        udir = Path(unit_dir).absolute() if unit_dir else DEFAULT_UNIT_DIR
+        definition = defn.load(definition_dir) if definition_dir else None
+        image = self.image(reference)
+        if definition is not None:  # fail on bad input before taking the lock or writing
+            plan(paths, image, definition, set_values, udir)
+        self.manager.state(paths.unit)  # systemd must be reachable before anything is written
+        with self.locked(paths):
+            active = paths.active()
+            if active is not None:
+                current = Deployment.load(active)
+                same = (
+                    current.digest == image.manifest.digest
+                    and dict(current.set_values) == dict(set_values)
+                    and Path(current.unit_dir) == udir
+                    and (
+                        definition.digest == current.definition_digest
+                        if definition is not None
+                        else current.definition_source in ("image", "builtin")
+                    )
+                )
+                if same:
+                    return DeployResult(
+                        "install",
+                        name,
+                        False,
+                        f"{name} is already installed from {image.name} with these inputs; "
+                        "nothing changed",
+                        current,
+                    )
+                raise UsageError(
+                    f"{name} is already installed (from {current.image})",
+                    f"use 'bootstrap update {name} {reference}' or uninstall it first",
+                )
+            if (udir / paths.unit).exists():
+                raise UsageError(
+                    f"{udir / paths.unit} exists and was not written by bootstrap",
+                    "choose another container name, or remove that unit file",
+                )
+            self._stage(paths, image, definition, set_values, udir, None)
+            slot = paths.slot(0)
+            for leftover in (paths.slot(0), paths.slot(1)):
+                remove_tree(leftover)
+            os.rename(paths.staged, slot)
+            _flip(paths, slot)
+            try:
+                self._install_unit(paths, slot, udir)
+                self.manager.reload()
+                self.manager.enable([self._unit_arg(paths, udir)])
+                unit = self.manager.start(paths.unit) if start else self.manager.state(paths.unit)
+            except BaseException as exc:
+                try:
+                    self._remove_everything(paths, udir)
+                except BootstrapError as again:
+                    log.error("undoing the install of %s: %s", name, again.message)
+                if isinstance(exc, BootstrapError):
+                    raise exc.with_context(f"install {name} (nothing installed)") from exc
+                raise
+            deployment = Deployment.load(slot)
+            how = "started" if start else "not started (--no-start)"
+            return DeployResult(
+                "install",
+                name,
+                True,
+                f"{name}: installed {image.name} ({image.manifest.digest[:19]}) in {slot}; "
+                f"{paths.unit} enabled and {how}",
+                deployment,
+                unit,
+            )
+
+    # -- update --------------------------------------------------------------------------------
+
+    def update(
+        self,
+        name: str,
+        reference: str | None,
+        *,
+        set_values: Mapping[str, str],
+        definition_dir: str | None,
+        pull: bool,
+    ) -> DeployResult:
+        """Update ``name`` to ``reference`` (default: the image it runs, pulled again).
+
+        The new deployment is staged beside the two slots, made live, restarted (when the unit
+        was running) and must stay active; only then does it replace the older slot. On failure
+        the staged one is removed, the current one restored and restarted, and
+        :class:`SystemdError` (exit 5) says it rolled back."""
+        paths = Paths(self.state, units.check_name(name))
+        new_definition = defn.load(definition_dir) if definition_dir else None
+        with self.locked(paths):
+            active = _require_active(paths)
+            current = Deployment.load(active)
+            udir = Path(current.unit_dir)
+            self.manager.state(paths.unit)  # systemd must be reachable before anything changes
+            ref = reference or current.image
+            image = self.image(ref, pull="always" if pull else "missing")
+            values = {**current.set_values, **set_values}
+            definition = new_definition
+            if definition is None and current.definition_source == "directory":
+                definition = defn.load(active / DEFINITION_COPY, where=current.definition_origin)
+            # otherwise (image or built-in): decided after checkout, the new image may ship
+            # /exports
+            same = (
+                image.manifest.digest == current.digest
+                and values == dict(current.set_values)
+                and (definition is None or definition.digest == current.definition_digest)
+            )
+            if same:
+                return DeployResult(
+                    "update",
+                    name,
+                    False,
+                    f"{name} already runs {image.name} ({image.manifest.digest[:19]}) with "
+                    "these values; nothing changed",
+                    current,
+                )
+            if definition is not None:
+                plan(paths, image, definition, values, udir)
+            uuid_value = current.values.get("UUID")
+            self._stage(paths, image, definition, values, udir, uuid_value)
+            was_running = self.manager.state(paths.unit).running
+            write_atomic(paths.staged / PREVIOUS, active.name)
+            _flip(paths, paths.staged)
+            try:
+                self._install_unit(paths, paths.staged, udir)
+                self.manager.reload()
+                self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
+                unit = self.manager.restart(paths.unit) if was_running else None
+            except BaseException as exc:
+                err = exc if isinstance(exc, BootstrapError) else BootstrapError(str(exc))
+                self._restore(paths, active, udir, was_running, err)
+                remove_tree(paths.staged)
+                if not isinstance(exc, BootstrapError):
+                    raise
+                raise SystemdError(
+                    f"update of {name} to {image.name} failed, rolled back to {current.image} "
+                    f"({active.name}): {err.message}",
+                    err.hint or f"journalctl -u {paths.unit}",
+                ) from err
+            older = paths.other(active)
+            if os.path.lexists(older):
+                os.rename(older, paths.trash)
+            os.rename(paths.staged, older)
+            _flip(paths, older)
+            (older / PREVIOUS).unlink()
+            remove_tree(paths.trash)
+            deployment = Deployment.load(older)
+            how = "restarted and active" if was_running else "not running, not started"
+            return DeployResult(
+                "update",
+                name,
+                True,
+                f"{name}: updated to {image.name} ({image.manifest.digest[:19]}) in "
+                f"{older.name}, {how}; rollback target: {current.image} in {active.name}",
+                deployment,
+                unit,
+            )
+
+    def _restore(
+        self, paths: Paths, slot: Path, udir: Path, was_running: bool, cause: BootstrapError
+    ) -> None:
+        """Make ``slot`` live again after a failed switch; restart it when it was running."""
+        _flip(paths, slot)
+        try:
+            self._install_unit(paths, slot, udir)
+            self.manager.reload()
+            self.manager.reset_failed(paths.unit)
+            if was_running:
+                self.manager.restart(paths.unit)
+            else:
+                self.manager.stop(paths.unit)
+        except BootstrapError as again:
+            raise SystemdError(
+                f"{paths.name}: {cause.message}; restoring {slot.name} failed too: {again.message}",
+                f"journalctl -u {paths.unit}",
+            ) from again
+
+    # -- rollback ------------------------------------------------------------------------------
+
+    def rollback(self, name: str) -> DeployResult:
+        """Make the other deployment active (restarting the unit when it runs).
+
+        Raises :class:`UsageError` when there is none, :class:`SystemdError` when it does not
+        start (the current one is then restored)."""
+        paths = Paths(self.state, units.check_name(name))
+        with self.locked(paths):
+            active = _require_active(paths)
+            current = Deployment.load(active)
+            target = paths.other(active)
+            if not (target / INFO).exists():
+                raise UsageError(
+                    f"{name} has no previous deployment to roll back to",
+                    "rollback needs an earlier install or update",
+                )
+            previous = Deployment.load(target)
+            udir = Path(current.unit_dir)
+            self.manager.state(paths.unit)  # systemd must be reachable before anything changes
+            was_running = self.manager.state(paths.unit).running
+            _flip(paths, target)
+            try:
+                self._install_unit(paths, target, udir)
+                self.manager.reload()
+                self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
+                unit = self.manager.restart(paths.unit) if was_running else None
+            except BootstrapError as err:
+                self._restore(paths, active, udir, was_running, err)
+                raise SystemdError(
+                    f"rollback of {name} to {previous.image} ({target.name}) failed; it stays "
+                    f"on {current.image} ({active.name}): {err.message}",
+                    err.hint,
+                ) from err
+            return DeployResult(
+                "rollback",
+                name,
+                True,
+                f"{name}: rolled back to {previous.image} ({previous.digest[:19]}) in "
+                f"{target.name}; {current.image} in {active.name} is now the rollback target",
+                previous,
+                unit,
+            )
+
+    # -- uninstall -----------------------------------------------------------------------------
+
+    def uninstall(self, name: str) -> DeployResult:
+        """Stop and disable the unit, remove it, its tmpfiles file, the runc state and every
+        deployment of ``name``. Images stay in the store. :class:`UsageError` if not installed."""
+        paths = Paths(self.state, units.check_name(name))
+        with self.locked(paths):
+            active = paths.active()
+            slots = [p for p in (paths.slot(0), paths.slot(1)) if os.path.lexists(p)]
+            if active is None and not slots and not paths.link.is_symlink():
+                raise UsageError(f"{name} is not installed", "see 'bootstrap list'")
+            self.manager.state(paths.unit)  # systemd must be reachable before anything changes
+            udir = DEFAULT_UNIT_DIR
+            for candidate in [active, *slots]:
+                if candidate is not None and (candidate / INFO).exists():
+                    udir = Path(Deployment.load(candidate).unit_dir)
+                    break
+            self._remove_everything(paths, udir)
+            return DeployResult(
+                "uninstall",
+                name,
+                True,
+                f"{name}: stopped, disabled and removed (images stay in the store until gc)",
+            )
+
+    def _remove_everything(self, paths: Paths, udir: Path) -> None:
+        unit_file = udir / paths.unit
+        if unit_file.exists() or self.manager.state(paths.unit).load_state != "not-found":
+            self.manager.stop(paths.unit)
+            with contextlib.suppress(SystemdError):  # not enabled: nothing to disable
+                self.manager.disable([paths.unit])
+        unit_file.unlink(missing_ok=True)
+        self.manager.reload()
+        self.manager.reset_failed(paths.unit)
+        live_tmpfiles = tmpfiles_dir() / f"bootstrap-{paths.name}.conf"
+        if live_tmpfiles.exists():
+            run(["systemd-tmpfiles", "--remove", live_tmpfiles], check=False, timeout=60)
+            live_tmpfiles.unlink()
+        runc.delete(paths.name)
+        paths.link.unlink(missing_ok=True)
+        for p in (paths.slot(0), paths.slot(1), paths.staged, paths.trash):
+            remove_tree(p)
+        if paths.root.exists():
+            fsync_dir(paths.root)
+
+    # -- list / status -------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        root = self.state / "containers"
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_symlink() and "." not in p.name)
+
+    def status(self, name: str, *, manager: Manager | None = None) -> ContainerStatus:
+        """The container's deployments, unit state and runc state (problems listed, not
+        raised). :class:`UsageError` when not installed."""
+        paths = Paths(self.state, units.check_name(name))
+        active = paths.active()
+        if active is None:
+            raise UsageError(f"{name} is not installed", "see 'bootstrap list'")
+        problems: list[str] = []
+        current = Deployment.load(active)
+        previous = None
+        other = paths.other(active)
+        if (other / INFO).exists():
+            try:
+                previous = Deployment.load(other)
+            except BootstrapError as err:
+                problems.append(err.message)
+        unit = None
+        try:
+            unit = (manager or self.manager).state(paths.unit)
+        except SystemdError as err:
+            problems.append(err.message)
+        state = None
+        try:
+            state = runc.state(name)
+        except BootstrapError as err:
+            problems.append(err.message)
+        return ContainerStatus(name, current, previous, unit, state, tuple(problems))
+
+    def list(self) -> ListResult:
+        """Every installed container with its unit state (None when systemd is unreachable)."""
+        manager: Manager | None = None
+        with contextlib.suppress(SystemdError):
+            manager = self._manager or Manager()
+        out = []
+        for name in self.names():
+            try:
+                if manager is None:
+                    paths = Paths(self.state, name)
+                    active = paths.active()
+                    dep = Deployment.load(active) if active else None
+                    out.append(
+                        ContainerStatus(name, dep, None, None, None, ("systemd unreachable",))
+                    )
+                else:
+                    out.append(self.status(name, manager=manager))
+            except BootstrapError as err:
+                out.append(ContainerStatus(name, None, None, None, None, (err.message,)))
+        return ListResult(tuple(out))
+
+
+def _require_active(paths: Paths) -> Path:
+    active = paths.active()
+    if active is None:
+        raise UsageError(f"{paths.name} is not installed", f"bootstrap install {paths.name} REF")
+    return active
+
+
+def _newest(slots: list[Path]) -> Path | None:
+    return max(slots, key=lambda p: Deployment.load(p).installed) if slots else None
+
+
+def _read_marker(staged: Path) -> str | None:
+    try:
+        name = (staged / PREVIOUS).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return name if name and "/" not in name else None
+
+
+def _flip(paths: Paths, target: Path) -> None:
+    """Point ``paths.link`` at ``target`` atomically (new symlink + rename over the old)."""
+    tmp = paths.root / f".{paths.name}.link.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, paths.link)
+    fsync_dir(paths.root)

@@ -1,0 +1,119 @@
+"""Definitions: loading, variable substitution (string.Template semantics), escaping, errors
+naming file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bootstrap.deploy import definition as defn
+from bootstrap.errors import UsageError
+
+
+def write_def(root: Path, **files: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    names = {
+        "manifest": "manifest.json",
+        "config": "config.json.template",
+        "service": "service.template",
+        "tmpfiles": "tmpfiles.template",
+    }
+    for key, text in files.items():
+        (root / names[key]).write_text(text)
+    return root
+
+
+def test_load_full_definition(tmp_path: Path) -> None:
+    d = defn.load(
+        write_def(
+            tmp_path / "def",
+            manifest=json.dumps(
+                {"defaultValues": {"PORT": 8080, "DEBUG": False}, "readiness": "notify"}
+            ),
+            config='{"process": {"args": ["/bin/daemon", "--port=$PORT"]}}',
+            service="[Service]\nExecStart=$EXEC_START\n",
+            tmpfiles="d /var/lib/$NAME 0755 root root -\n",
+        )
+    )
+    assert d.source == "directory"
+    assert d.default_values == {"PORT": "8080", "DEBUG": "false"}
+    assert d.readiness == "notify"
+    assert d.variables() == {"PORT", "EXEC_START", "NAME"}
+    assert d.digest.startswith("sha256:")
+
+
+def test_substitution_braced_escaped_and_json_escaping() -> None:
+    t = defn.TemplateFile("x/config.json.template", '{"a": "${A}x $B $$C"}')
+    out = t.render({"A": 'q"uote', "B": "back\\slash\nnl"}, defn.escape_json)
+    assert json.loads(out) == {"a": 'q"uotex back\\slash\nnl $C'}
+
+
+def test_unknown_variable_names_file_and_line() -> None:
+    t = defn.TemplateFile("def/service.template", "[Service]\n\nExecStart=$EXEC_START $NOPE\n")
+    with pytest.raises(UsageError, match=r"def/service.template:3: unknown variable \$NOPE"):
+        t.render({"EXEC_START": "/bin/true"}, defn.unit_escaper("u"))
+
+
+def test_malformed_dollar_names_file_and_line(tmp_path: Path) -> None:
+    write_def(tmp_path / "d", service="[Unit]\nDescription=costs $5\n")
+    with pytest.raises(UsageError, match=r"service.template:2: '\$' starts no variable"):
+        defn.load(tmp_path / "d")
+
+
+def test_bad_json_names_file_line_and_column(tmp_path: Path) -> None:
+    write_def(tmp_path / "d", manifest='{\n  "defaultValues": {\n    "A": 1,\n  }\n}\n')
+    with pytest.raises(UsageError, match=r"manifest.json:4:3: invalid JSON"):
+        defn.load(tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ("[]", "must be a JSON object"),
+        ('{"defaultValues": []}', "defaultValues must be an object"),
+        ('{"defaultValues": {"1X": "a"}}', "not a valid variable name"),
+        ('{"defaultValues": {"X": {"y": 1}}}', "must be a string, number or boolean"),
+        ('{"readiness": "socket"}', "readiness must be one of"),
+        ('{"stopTimeout": 0}', "stopTimeout must be a positive integer"),
+    ],
+)
+def test_manifest_shape_errors(tmp_path: Path, manifest: str, message: str) -> None:
+    write_def(tmp_path / "d", manifest=manifest)
+    with pytest.raises(UsageError, match=message):
+        defn.load(tmp_path / "d")
+
+
+def test_missing_or_empty_definition_dir(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a directory"):
+        defn.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="none of"):
+        defn.load(tmp_path / "empty")
+
+
+def test_symlinked_definition_file_refused(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "service.template").symlink_to("/etc/passwd")
+    with pytest.raises(UsageError, match="not a regular file"):
+        defn.load(d)
+
+
+@pytest.mark.parametrize(
+    "value", ["a\nExecStartPre=/bin/evil", "x\rY", "tab\there", "nul\x00", "ends\\"]
+)
+def test_unit_values_cannot_inject(value: str) -> None:
+    t = defn.TemplateFile("def/service.template", "[Unit]\nDescription=$DESC\n")
+    with pytest.raises(UsageError, match=r"def/service.template:2: value of \$DESC"):
+        t.render({"DESC": value}, defn.unit_escaper(t.where))
+
+
+def test_unit_values_double_percent_but_raw_exec_variables_are_kept() -> None:
+    t = defn.TemplateFile("s", "Description=$D\nExecStart=$EXEC_START\n")
+    out = t.render(
+        {"D": "100% sure", "EXEC_START": "/bin/echo %%"},
+        defn.unit_escaper("s", frozenset({"EXEC_START"})),
+    )
+    assert out == "Description=100%% sure\nExecStart=/bin/echo %%\n"

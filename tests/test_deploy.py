@@ -1,0 +1,582 @@
+"""System containers end to end: ``bootstrap install/update/rollback/uninstall/list/status``.
+
+The lifecycle tests run ``bootstrap`` inside a real systemd node (one node for the module),
+talking to the node's own bus and pulling from the registry fixture on the host's loopback.
+Input errors (bad definitions, --set values) and the per-container lock are checked on the host
+with a private store/state/unit dir: they must fail before systemd is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bootstrap.locks import flocked
+from tests.harness.cli import bootstrap
+from tests.harness.imagebuilder import File, Layer, busybox_spec
+from tests.harness.node import Node
+from tests.harness.registry import Registry
+from tests.harness.registry_fixtures import _ensure_running
+
+pytestmark = pytest.mark.slow
+
+STATE = "/var/lib/bootstrap"
+CONTAINERS = f"{STATE}/containers"
+REGISTRIES_CONF = "/etc/bootstrap-test/registries.conf"
+
+
+def registries_env(node: Node, reg: Registry) -> dict[str, str]:
+    node.write_file(REGISTRIES_CONF, f'[[registry]]\nlocation = "{reg.host}"\ninsecure = true\n')
+    return {"REGISTRIES_CONFIG_PATH": REGISTRIES_CONF, "BOOTSTRAP_SETTLE_SECONDS": "2"}
+
+
+@pytest.fixture(scope="module")
+def images(_registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Images pushed to the registry: app:1 and app:2 (busybox ``sleep``, a pid 1 that ignores
+    SIGTERM), bad:1 (exits at once with status 1), exports:1 (ships a definition in /exports)."""
+    from tests.harness.imagebuilder import build_image
+
+    reg = _ensure_running(_registry_plain)
+    layout = tmp_path_factory.mktemp("deploy-images") / "oci"
+    specs = {
+        "app:1": busybox_spec(cmd=("sleep", "3600")),
+        "app:2": busybox_spec(cmd=("sleep", "3601")),
+        "bad:1": busybox_spec(cmd=("false",)),
+        "exports:1": busybox_spec(
+            cmd=("sleep", "3602"),
+            extra=[
+                Layer(
+                    [
+                        File(
+                            "exports/manifest.json",
+                            b'{"defaultValues": {"WHO": "exports"}}',
+                        ),
+                        File(
+                            "exports/config.json.template",
+                            b'{"process": {"env": ["WHO=$WHO"]}}',
+                        ),
+                    ]
+                )
+            ],
+        ),
+    }
+    refs = {}
+    for name, spec in specs.items():
+        tag = name.replace(":", "-")
+        build_image(layout, tag, spec)
+        reg.push(layout, tag, f"deploy/{name}")
+        refs[name] = f"{reg.host}/deploy/{name}"
+    return refs
+
+
+def runc_list(node: Node) -> dict[str, dict[str, object]]:
+    out = node.run("runc", "list", "--format", "json").stdout.strip()
+    return {c["id"]: c for c in json.loads(out or "null") or []}
+
+
+def running_pid(node: Node, name: str, other_than: object = None, timeout: float = 10) -> object:
+    """The pid of runc container ``name`` once it runs (and is not ``other_than``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = runc_list(node).get(name)
+        if c and c["status"] == "running" and c["pid"] != other_than:
+            return c["pid"]
+        assert time.monotonic() < deadline, f"container {name} not running: {c}"
+        time.sleep(0.1)
+
+
+def active(node: Node, unit: str) -> str:
+    return node.systemctl("is-active", unit).stdout.strip()
+
+
+def verify_unit(node: Node, path: str) -> None:
+    out = node.run("systemd-analyze", "verify", path, check=False)
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.strip() and "cgroup-rw" not in line  # the harness's own unit, not ours
+    ]
+    assert out.returncode == 0 and not problems, f"systemd-analyze verify {path}: {problems}"
+
+
+def wait_for_text(node: Node, path: str, text: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = node.path(path)
+        if p.exists() and p.read_text() == text:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def link_target(node: Node, name: str) -> str:
+    return os.readlink(node.path(f"{CONTAINERS}/{name}"))
+
+
+def digest_of(node: Node, slot: str) -> str:
+    info = json.loads(node.path(f"{CONTAINERS}/{slot}/info.json").read_text())
+    return str(info["digest"])
+
+
+@pytest.mark.node
+def test_lifecycle_install_update_failed_update_rollback_uninstall(
+    shared_node: Node, images: dict[str, str], registry: Registry
+) -> None:
+    node = shared_node
+    env = registries_env(node, registry)
+    unit = "c1.service"
+
+    # install: unit active, runc runs it, the unit verifies clean
+    ran = node.bootstrap("--json", "install", "c1", images["app:1"], env=env)
+    assert ran.rc == 0, ran.stderr
+    doc = ran.json()
+    assert doc["changed"] is True and doc["unit"]["active_state"] == "active"
+    assert active(node, unit) == "active"
+    running_pid(node, "c1")
+    assert link_target(node, "c1") == "c1.0"
+    verify_unit(node, f"/etc/systemd/system/{unit}")
+    assert node.systemctl("is-enabled", unit).stdout.strip() == "enabled"
+    config = json.loads(node.path(f"{CONTAINERS}/c1.0/config.json").read_text())
+    assert config["root"]["readonly"] is True and config["process"]["args"] == ["sleep", "3600"]
+    first = digest_of(node, "c1.0")
+
+    # the same install again changes nothing
+    ran = node.bootstrap("--json", "install", "c1", images["app:1"], env=env)
+    assert ran.rc == 0, ran.stderr
+    assert ran.json()["changed"] is False and "nothing changed" in ran.json()["message"]
+
+    # systemctl restart works (new container process)
+    pid = runc_list(node)["c1"]["pid"]
+    assert node.systemctl("restart", unit).returncode == 0
+    assert active(node, unit) == "active"
+    running_pid(node, "c1", other_than=pid)
+
+    # update to app:2: the new deployment takes the free slot
+    ran = node.bootstrap("--json", "update", "c1", images["app:2"], env=env)
+    assert ran.rc == 0, ran.stderr
+    assert link_target(node, "c1") == "c1.1"
+    second = digest_of(node, "c1.1")
+    assert second != first
+    assert active(node, unit) == "active"
+    verify_unit(node, f"/etc/systemd/system/{unit}")
+
+    # update to an image whose process exits at once: rolled back, both slots as they were
+    ran = node.bootstrap("update", "c1", images["bad:1"], env=env)
+    assert ran.rc == 5, ran.stderr
+    assert "rolled back" in ran.stderr
+    assert "last journal lines" in ran.stderr
+    assert link_target(node, "c1") == "c1.1"
+    assert digest_of(node, "c1.1") == second and digest_of(node, "c1.0") == first
+    assert not node.path(f"{CONTAINERS}/c1.new").exists()
+    assert active(node, unit) == "active"
+    running_pid(node, "c1")
+    assert "3601" in node.run("cat", f"/proc/{running_pid(node, 'c1')}/cmdline").stdout
+
+    # rollback reaches the deployment before the failed update's predecessor
+    ran = node.bootstrap("--json", "rollback", "c1", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert link_target(node, "c1") == "c1.0"
+    assert ran.json()["deployment"]["digest"] == first
+    assert active(node, unit) == "active"
+    assert "3600" in node.run("cat", f"/proc/{running_pid(node, 'c1')}/cmdline").stdout
+
+    # status and list
+    ran = node.bootstrap("--json", "status", "c1", env=env)
+    assert ran.rc == 0, ran.stderr
+    st = ran.json()
+    assert st["active"]["digest"] == first and st["previous"]["digest"] == second
+    assert st["unit"]["active_state"] == "active" and st["runc"]["status"] == "running"
+    ran = node.bootstrap("--json", "list", env=env)
+    listed = {c["name"]: c for c in ran.json()}
+    assert listed["c1"]["active_state"] == "active" and listed["c1"]["slot"] == "c1.0"
+    assert node.bootstrap("status", "c1", env=env).stdout.startswith("c1:")
+
+    # a pid 1 that ignores SIGTERM (busybox sleep) stops in seconds, cleanly
+    started = time.monotonic()
+    assert node.systemctl("stop", unit).returncode == 0
+    took = time.monotonic() - started
+    print(f"stop of a SIGTERM-ignoring pid 1 took {took:.2f}s")
+    assert took < 12, f"stop took {took:.1f}s"
+    assert active(node, unit) == "inactive"
+    assert "c1" not in runc_list(node)
+    assert node.systemctl("start", unit).returncode == 0
+
+    # killed midway through an update (symlink left on a staged copy): the next operation on
+    # the name repairs it first
+    node.run("cp", "-a", f"{CONTAINERS}/c1.0", f"{CONTAINERS}/c1.new")
+    node.write_file(f"{CONTAINERS}/c1.new/.previous", "c1.0")
+    node.run("ln", "-sfn", "c1.new", f"{CONTAINERS}/c1")
+    ran = node.bootstrap("update", "c1", "--no-pull", env=env)
+    assert ran.rc == 0 and "nothing changed" in ran.stdout, ran.stderr
+    assert link_target(node, "c1") == "c1.0"
+    assert not node.path(f"{CONTAINERS}/c1.new").exists()
+    # ... killed after the proven deployment was renamed into its slot (symlink dangling)
+    node.write_file(f"{CONTAINERS}/c1.1/.previous", "c1.0")
+    node.run("ln", "-sfn", "c1.new", f"{CONTAINERS}/c1")
+    ran = node.bootstrap("update", "c1", "--no-pull", env=env)
+    assert ran.rc == 0 and "nothing changed" in ran.stdout, ran.stderr
+    assert link_target(node, "c1") == "c1.1"
+    assert not node.path(f"{CONTAINERS}/c1.1/.previous").exists()
+
+    # uninstall: no unit, no deployment, no runc state
+    ran = node.bootstrap("uninstall", "c1", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert not node.path(f"/etc/systemd/system/{unit}").exists()
+    assert not [p for p in node.path(CONTAINERS).iterdir() if p.name.startswith("c1")]
+    assert "c1" not in runc_list(node)
+    assert node.systemctl("is-enabled", unit).stdout.strip() in ("", "not-found")
+    assert active(node, unit) in ("inactive", "unknown")
+    assert node.bootstrap("uninstall", "c1", env=env).rc == 2
+
+    # an install whose unit does not stay up is undone: exit 5, nothing left behind
+    ran = node.bootstrap("install", "c1bad", images["bad:1"], env=env)
+    assert ran.rc == 5, ran.stderr
+    assert "nothing installed" in ran.stderr and "last journal lines" in ran.stderr
+    assert not node.path("/etc/systemd/system/c1bad.service").exists()
+    assert not [p for p in node.path(CONTAINERS).iterdir() if p.name.startswith("c1bad")]
+    assert "c1bad" not in runc_list(node)
+
+
+@pytest.mark.node
+def test_definition_templates_tmpfiles_and_exports(
+    shared_node: Node, images: dict[str, str], registry: Registry, tmp_path: Path
+) -> None:
+    node = shared_node
+    env = registries_env(node, registry)
+    d = "/etc/bootstrap-test/def-c2"
+    node.write_file(f"{d}/manifest.json", json.dumps({"defaultValues": {"GREETING": "hi"}}))
+    node.write_file(
+        f"{d}/config.json.template",
+        json.dumps(
+            {
+                "process": {
+                    # $$ is a literal $: the shell reads GREETING from the environment
+                    "args": ["/bin/sh", "-c", 'echo "$$GREETING" > /out/g; exec sleep 3600'],
+                    "env": ["GREETING=$GREETING"],
+                },
+                "mounts": [
+                    {
+                        "destination": "/out",
+                        "type": "bind",
+                        "source": "$RUN_DIRECTORY/$NAME-out",
+                        "options": ["rbind", "rw"],
+                    }
+                ],
+            }
+        ),
+    )
+    node.write_file(f"{d}/tmpfiles.template", "d $RUN_DIRECTORY/$NAME-out 0755 root root -\n")
+    ran = node.bootstrap(
+        "install", "c2", images["app:1"], "--definition", d, "--set", 'GREETING=a "b" 100%',
+        env=env,
+    )  # fmt: skip
+    assert ran.rc == 0, ran.stderr
+    assert active(node, "c2.service") == "active"
+    deadline = time.monotonic() + 10
+    while not node.path("/run/c2-out/g").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node.path("/run/c2-out/g").read_text() == 'a "b" 100%\n'
+
+    # update with new values only (same image, the copied definition): re-rendered and restarted
+    ran = node.bootstrap("update", "c2", "--set", "GREETING=bye", "--no-pull", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert link_target(node, "c2") == "c2.1"
+    assert wait_for_text(node, "/run/c2-out/g", "bye\n")
+    assert node.bootstrap("rollback", "c2", env=env).rc == 0
+    assert wait_for_text(node, "/run/c2-out/g", 'a "b" 100%\n')
+    ran = node.bootstrap("update", "c2", "--no-pull", env=env)  # nothing new
+    assert ran.rc == 0 and "nothing changed" in ran.stdout, ran.stderr
+    assert node.path("/etc/tmpfiles.d/bootstrap-c2.conf").exists()
+    verify_unit(node, "/etc/systemd/system/c2.service")
+
+    # an image that ships /exports: its definition is used
+    ran = node.bootstrap("install", "c3", images["exports:1"], "--no-start", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert active(node, "c3.service") == "inactive"
+    assert node.systemctl("is-enabled", "c3.service").stdout.strip() == "enabled"
+    config = json.loads(node.path(f"{CONTAINERS}/c3/config.json").read_text())
+    assert "WHO=exports" in config["process"]["env"]
+    info = json.loads(node.path(f"{CONTAINERS}/c3/info.json").read_text())
+    assert info["definition"]["source"] == "image"
+    ran = node.bootstrap("update", "c3", "--no-pull", "--set", "WHO=set", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert "not started" in ran.stdout and active(node, "c3.service") == "inactive"
+    config = json.loads(node.path(f"{CONTAINERS}/c3/config.json").read_text())
+    assert "WHO=set" in config["process"]["env"] and link_target(node, "c3") == "c3.1"
+
+    for name in ("c2", "c3"):
+        assert node.bootstrap("uninstall", name, env=env).rc == 0
+    assert not node.path("/etc/tmpfiles.d/bootstrap-c2.conf").exists()
+    assert not node.path("/etc/systemd/system/c2.service").exists()
+
+
+NOTIFY_PY = (
+    "import os, socket, time\n"
+    "time.sleep(1.5)\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+    "s.connect(os.environ['NOTIFY_SOCKET'])\n"
+    "s.send(b'READY=1')\n"
+    "time.sleep(3600)\n"
+)
+
+
+@pytest.mark.node
+def test_notify_readiness(shared_node: Node, images: dict[str, str], registry: Registry) -> None:
+    """readiness "notify": Type=notify, runc relays the container's READY=1; the start job ends
+    only then. The container runs the node's python (its /usr bound read-only)."""
+    node = shared_node
+    env = registries_env(node, registry)
+    d = "/etc/bootstrap-test/def-c4"
+    node.write_file(f"{d}/manifest.json", json.dumps({"readiness": "notify"}))
+    ro = ["rbind", "ro"]
+    node.write_file(
+        f"{d}/config.json.template",
+        json.dumps(
+            {
+                "process": {"args": ["/usr/bin/python3", "-c", NOTIFY_PY]},
+                "mounts": [
+                    {"destination": p, "type": "bind", "source": p, "options": ro}
+                    for p in ("/usr", "/lib", "/lib64")
+                ],
+            }
+        ),
+    )
+    started = time.monotonic()
+    udir = "/etc/bootstrap-test/units"
+    ran = node.bootstrap(
+        "--json", "install", "c4", images["app:1"], "--definition", d, "--unit-dir", udir,
+        env=env,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert ran.rc == 0, ran.stderr
+    assert took > 1.5
+    assert ran.json()["unit"]["active_state"] == "active"
+    show = node.systemctl("show", "-p", "Type", "-p", "MainPID", "c4.service").stdout
+    assert "Type=notify" in show
+    verify_unit(node, f"{udir}/c4.service")
+    assert node.systemctl("is-enabled", "c4.service").stdout.strip() in ("enabled", "linked")
+    assert node.bootstrap("uninstall", "c4", env=env).rc == 0
+    assert not node.path(f"{udir}/c4.service").exists()
+    assert not os.path.lexists(node.path("/etc/systemd/system/c4.service"))
+    assert node.systemctl("is-enabled", "c4.service").stdout.strip() in ("", "not-found")
+
+
+@pytest.mark.node
+def test_unit_exec_quoting_round_trips(shared_node: Node) -> None:
+    """systemd reads a command line quoted by units.exec_command back into the same argv."""
+    from bootstrap.systemd import units
+
+    node = shared_node
+    argv = ["/bin/echo", "a b", "100%", "$HOME", 'q"uote', "back\\slash", "it's", ";"]
+    node.write_file(
+        "/etc/systemd/system/quoting.service",
+        f"[Service]\nType=oneshot\nExecStart={units.exec_command(argv)}\n",
+    )
+    verify_unit(node, "/etc/systemd/system/quoting.service")
+    node.systemctl("daemon-reload")
+    assert node.systemctl("start", "quoting.service").returncode == 0
+    out = node.run("journalctl", "-u", "quoting.service", "-o", "cat", "--no-pager").stdout
+    assert " ".join(argv[1:]) in out
+    node.path("/etc/systemd/system/quoting.service").unlink()
+    node.systemctl("daemon-reload")
+
+
+# ---- on the host: bad input changes nothing; the per-container lock ----------------------------
+
+
+@pytest.fixture
+def host_env(
+    registry: Registry, images: dict[str, str], tmp_path: Path
+) -> Iterator[dict[str, object]]:
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n')
+    store, state, units_dir = tmp_path / "store", tmp_path / "state", tmp_path / "units"
+    units_dir.mkdir()
+    env = {"REGISTRIES_CONFIG_PATH": str(conf), "BOOTSTRAP_LOCK_TIMEOUT": "1"}
+    ran = bootstrap("pull", images["app:1"], store=store, env=env)
+    assert ran.rc == 0, ran.stderr
+    yield {"store": store, "state": state, "units": units_dir, "env": env}
+
+
+def snapshot(*roots: Path) -> list[str]:
+    out = []
+    for root in roots:
+        if root.exists():
+            out += sorted(str(p) for p in root.rglob("*"))
+    return out
+
+
+BAD_DEFINITIONS = {
+    "bad-json": ({"config.json.template": '{"process": {"args": ["/x",]}}'}, r":1:\d+: invalid"),
+    "bad-manifest": ({"manifest.json": '{"defaultValues": }'}, r"manifest.json:1:\d+: invalid"),
+    "unknown-var": (
+        {"service.template": "[Unit]\nDescription=x\n[Service]\nExecStart=$EXEC_START $NOPE\n"},
+        r"service.template:4: unknown variable \$NOPE",
+    ),
+    "bad-dollar": ({"tmpfiles.template": "d /run/$ 0755\n"}, r"tmpfiles.template:1: '\$'"),
+    "json-injection": (
+        {"config.json.template": '{"hostname": $NAME}'},
+        r"config.json.template:1:\d+: invalid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DEFINITIONS))
+def test_bad_definition_exit_2_nothing_changed(
+    host_env: dict[str, object], images: dict[str, str], tmp_path: Path, case: str
+) -> None:
+    files, pattern = BAD_DEFINITIONS[case]
+    d = tmp_path / "def"
+    d.mkdir()
+    for name, text in files.items():
+        (d / name).write_text(text)
+    state, units_dir = Path(str(host_env["state"])), Path(str(host_env["units"]))
+    before = snapshot(state / "containers", units_dir)
+    ran = bootstrap(
+        "install", "c9", images["app:1"], "--definition", d, "--unit-dir", units_dir,
+        store=Path(str(host_env["store"])), state=state, env=host_env["env"],  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert ran.rc == 2, ran.stderr
+    assert re.search(pattern, ran.stderr), ran.stderr
+    assert snapshot(state / "containers", units_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("DESC=a\nExecStartPre=/bin/evil", "control character or newline"),
+        ("NAME=other", "cannot be overridden"),
+        ("1BAD=x", "not a valid variable name"),
+        ("noequals", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_set_values_exit_2_nothing_changed(
+    host_env: dict[str, object], images: dict[str, str], tmp_path: Path, setting: str, message: str
+) -> None:
+    d = tmp_path / "def"
+    d.mkdir()
+    (d / "service.template").write_text(
+        "[Unit]\nDescription=$DESC\n[Service]\nExecStart=$EXEC_START\n"
+    )
+    (d / "manifest.json").write_text('{"defaultValues": {"DESC": "ok"}}')
+    state, units_dir = Path(str(host_env["state"])), Path(str(host_env["units"]))
+    ran = bootstrap(
+        "install", "c9", images["app:1"], "--definition", d, "--unit-dir", units_dir,
+        "--set", setting,
+        store=Path(str(host_env["store"])), state=state, env=host_env["env"],  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert ran.rc == 2, ran.stderr
+    assert message in ran.stderr
+    assert snapshot(state / "containers", units_dir) == []
+
+
+def test_second_operation_on_same_name_is_busy(host_env: dict[str, object]) -> None:
+    state = Path(str(host_env["state"]))
+    with flocked(state / "locks" / "containers" / "c8.lock"):
+        started = time.monotonic()
+        ran = bootstrap("uninstall", "c8", state=state, env=host_env["env"])  # type: ignore[arg-type]
+        assert ran.rc == 6, ran.stderr
+        assert "c8 is locked by another process" in ran.stderr
+        assert 0.9 < time.monotonic() - started < 30
+    assert bootstrap("uninstall", "c8", state=state, env=host_env["env"]).rc == 2  # type: ignore[arg-type]
+
+
+def test_not_installed_and_bad_names(host_env: dict[str, object]) -> None:
+    state = Path(str(host_env["state"]))
+    env = host_env["env"]
+    for argv in (
+        ["rollback", "nope"],
+        ["status", "nope"],
+        ["update", "nope"],
+        ["uninstall", "x.y"],
+    ):
+        ran = bootstrap(*argv, state=state, env=env)  # type: ignore[arg-type]
+        assert ran.rc == 2, (argv, ran.stderr)
+    ran = bootstrap("--json", "list", state=state, env=env)  # type: ignore[arg-type]
+    assert ran.rc == 0 and ran.json() == []
+
+
+@pytest.mark.node
+def test_manager_over_dbus_from_host(shared_node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manager on the node's bus from the host ($BOOTSTRAP_DBUS_ADDRESS): enable, start with
+    JobRemoved, state, a failing start as SystemdError, stop, disable."""
+    from bootstrap.errors import SystemdError
+    from bootstrap.systemd.manager import Manager
+
+    node = shared_node
+    monkeypatch.setenv("BOOTSTRAP_DBUS_ADDRESS", node.bus_address)
+    node.write_file(
+        "/etc/systemd/system/mgr-ok.service",
+        "[Service]\nExecStart=/bin/sleep 300\n[Install]\nWantedBy=multi-user.target\n",
+    )
+    node.write_file("/etc/systemd/system/mgr-bad.service", "[Service]\nExecStart=/bin/false\n")
+    m = Manager()
+    assert m.address == node.bus_address
+    m.reload()
+    m.enable(["mgr-ok.service"])
+    st = m.start("mgr-ok.service", settle=0.5)
+    assert st.active_state == "active" and st.main_pid > 0
+    assert m.state("mgr-ok.service").unit_file_state == "enabled"
+    with pytest.raises(SystemdError, match=r"mgr-bad.service: .*(failed|inactive)"):
+        m.start("mgr-bad.service", settle=1.0)
+    m.stop("mgr-ok.service")
+    assert m.state("mgr-ok.service").active_state == "inactive"
+    m.disable(["mgr-ok.service"])
+    assert m.state("mgr-ok.service").unit_file_state == "disabled"
+    assert m.state("no-such.service").load_state == "not-found"
+    m.stop("no-such.service")  # a unit systemd does not know is already stopped
+    # inside the node, on the shared system bus connection: a second Manager subscribes again
+    out = node.python(
+        "from bootstrap.systemd.manager import Manager\n"
+        "a, b = Manager(), Manager()\n"
+        "a.stop('mgr-ok.service'); b.stop('mgr-ok.service')\n"
+        "print(b.state('mgr-ok.service').active_state)\n"
+    )
+    assert out.strip() == "inactive"
+    for unit in ("mgr-ok.service", "mgr-bad.service"):
+        node.path(f"/etc/systemd/system/{unit}").unlink()
+    m.reset_failed("mgr-bad.service")
+    m.reload()
+
+
+def test_systemd_unreachable_exit_5_nothing_changed(
+    host_env: dict[str, object], images: dict[str, str], tmp_path: Path
+) -> None:
+    state, units_dir = Path(str(host_env["state"])), Path(str(host_env["units"]))
+    env = {**host_env["env"], "BOOTSTRAP_DBUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}  # type: ignore[dict-item]
+    ran = bootstrap(
+        "install", "c9", images["app:1"], "--unit-dir", units_dir,
+        store=Path(str(host_env["store"])), state=state, env=env,
+    )  # fmt: skip
+    assert ran.rc == 5, ran.stderr
+    assert "cannot reach systemd over D-Bus" in ran.stderr
+    assert snapshot(state / "containers", units_dir) == []
+
+
+@pytest.mark.node
+def test_concurrent_installs_of_one_name_serialize(
+    shared_node: Node, images: dict[str, str], registry: Registry
+) -> None:
+    """Two installs of the same container at once: the second waits for the first's lock,
+    then finds it installed with the same inputs and changes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node = shared_node
+    env = registries_env(node, registry)
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(
+            pool.map(
+                lambda _: node.bootstrap("--json", "install", "c5", images["app:2"], env=env),
+                range(2),
+            )
+        )
+    assert all(r.rc == 0 for r in runs), [r.stderr for r in runs]
+    assert sorted(r.json()["changed"] for r in runs) == [False, True]
+    assert active(node, "c5.service") == "active"
+    assert node.bootstrap("uninstall", "c5", env=env).rc == 0
