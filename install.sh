@@ -26,10 +26,11 @@ trap 'fail "step failed at line $LINENO: $BASH_COMMAND"' ERR
 # Run-time: runc and dbus for system containers; python3-venv; gcc + headers + gi/cairo
 # development files to build PyGObject (pydbus imports gi).
 runtime_pkgs=(ca-certificates runc dbus iproute2 python3 python3-venv python3-dev gcc
-  pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar)
+  pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar
+  # `bootstrap demo`: a systemd machine (debootstrap, systemd-nspawn, zstd cache) and its images
+  debootstrap systemd-container zstd busybox-static)
 # Tests: a real registry, reference tools to compare with, a systemd node, an offline CRI daemon.
-dev_pkgs=(skopeo umoci docker-registry busybox-static debootstrap systemd-container jq openssl
-  apache2-utils containerd tini zstd sudo time)
+dev_pkgs=(skopeo umoci docker-registry jq openssl apache2-utils containerd tini sudo time)
 
 pkgs=("${runtime_pkgs[@]}")
 [ "$dev" -eq 1 ] && pkgs+=("${dev_pkgs[@]}")

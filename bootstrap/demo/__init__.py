@@ -1,0 +1,1 @@
+"""``bootstrap demo``: a throwaway systemd machine on this host, provisioned from examples/."""

@@ -1,0 +1,539 @@
+"""``bootstrap demo`` / ``bootstrap demo --down``: the main job on an embedded default.
+
+``demo`` brings up a throwaway systemd machine on this host (:mod:`bootstrap.demo.machine`),
+builds the demo's images offline (:mod:`bootstrap.demo.images`), imports them into the machine's
+own store with ``bootstrap import`` and provisions the machine the way a real node is
+provisioned at first boot, running this installation's ``bootstrap`` inside it:
+
+- with the node manifest ``examples/node.yaml`` (``bootstrap up``): the CRI daemon ``ocid``
+  (Debian's containerd) and the kubelet stand-in, as runc system containers under the machine's
+  systemd; when the CRI images cannot be built here, it falls back to
+- one busybox "hello" system container (``bootstrap install``).
+
+It then shows ``bootstrap list`` and ``bootstrap status NAME`` from inside and leaves the
+machine running, recorded in ``$STATE/demo/node.json`` (written atomically), with the commands to
+look around. ``demo`` again while the machine is up says so and shows the status (a machine
+whose provisioning failed is provisioned again: ``up`` resumes). ``demo --down`` powers the
+machine off and removes its processes, cgroups, rootfs and record; the caches stay
+(``$STATE/demo/cache`` for the machine rootfs, ``$STATE/demo/images`` for the images).
+
+Both hold ``$STATE/demo/demo.lock``; a second command while one runs fails at once with exit 6.
+Progress goes to stderr as log lines, one per step.
+
+Requirements (each missing one is a one-line error with a hint): root; systemd-nspawn, nsenter,
+debootstrap, tar, zstd; bootstrap installed editable (``pip install -e``) from its source
+checkout in a venv made from ``/usr/bin/python3`` (the machine runs that venv, bound read-only at
+the same path, with the machine's Debian Python 3.11); Debian's package mirror for the first
+run (debootstrap, ``apt-get download``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bootstrap
+from bootstrap.demo import images
+from bootstrap.demo.machine import Machine, MachineError, random_name, rootfs_tarball
+from bootstrap.errors import BootstrapError, UsageError
+from bootstrap.fsutil import write_atomic
+from bootstrap.locks import flocked
+from bootstrap.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "bsdemo"
+EXEC_CGROUP = "demo"
+RUNTIME_DIR = Path("/dev/shm")
+"""Where the machine's rootfs lives: tmpfs boots in a fraction of a second, disk in seconds."""
+RUNTIME_MIN_FREE = 2 << 30
+"""Free bytes :data:`RUNTIME_DIR` needs (the machine takes ~430 MB with the CRI images)."""
+TOOLS = {
+    "systemd-nspawn": "systemd-container",
+    "nsenter": "util-linux",
+    "debootstrap": "debootstrap",
+    "tar": "tar",
+    "zstd": "zstd",
+    "setsid": "util-linux",
+}
+STANDIN_SRC = Path(__file__).resolve().parent / "kubelet_standin"
+"""The kubelet stand-in's program (main.py + CRI stubs): package data, copied into its image."""
+KUBELET_REPORT = "/var/lib/kubelet/standin-status.json"
+"""Where the kubelet stand-in writes what the CRI daemon answered (see its main.py)."""
+KUBELET_REPORT_TIMEOUT = 30.0
+HELLO_NAME = "hello"
+HELLO_REF = "localhost/bootstrap-demo/hello:1"
+PROVISION_TIMEOUT = 1200.0
+STEPS = 6
+
+
+@dataclass(frozen=True)
+class Install:
+    """Where this bootstrap runs from: its source checkout and its venv."""
+
+    repo: Path
+    venv: Path
+
+    @property
+    def bootstrap(self) -> Path:
+        return self.venv / "bin" / "bootstrap"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the demo provisions: images to import (reference, host archive), the containers
+    that result, and the ``bootstrap`` arguments that provision them inside the machine."""
+
+    kind: str
+    images: tuple[tuple[str, Path], ...]
+    containers: tuple[str, ...]
+    provision: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What ``bootstrap demo`` did. ``action``: ``up`` (booted and provisioned now),
+    ``already-up`` (found running), ``down`` (torn down), ``not-running`` (nothing to tear
+    down). ``listing``/``status`` hold the inner ``bootstrap list``/``status NAME`` output
+    (``text`` and ``json``)."""
+
+    action: str
+    message: str
+    node: dict[str, Any] | None = None
+    workload: str = ""
+    containers: tuple[str, ...] = ()
+    listing: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    look_around: tuple[str, ...] = ()
+    kubelet: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "message": self.message,
+            "node": self.node,
+            "workload": self.workload,
+            "containers": list(self.containers),
+            "list": self.listing.get("json"),
+            "status": {name: s.get("json") for name, s in self.status.items()},
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            "look_around": list(self.look_around),
+            "kubelet": self.kubelet,
+        }
+
+    def to_text(self) -> str:
+        lines = [self.message]
+        if self.listing:
+            lines += ["", "$ bootstrap list", self.listing.get("text", "").rstrip()]
+        for name, s in self.status.items():
+            lines += ["", f"$ bootstrap status {name}", s.get("text", "").rstrip()]
+        if self.kubelet:
+            k = self.kubelet
+            lines += [
+                "",
+                f"The kubelet stand-in talks CRI to {k.get('runtime_name')} "
+                f"{k.get('runtime_version')} ({k.get('runtime_api_version')}) at "
+                f"{k.get('endpoint')}: conditions {k.get('conditions')}, "
+                f"pod sandbox {str(k.get('sandbox'))[:12]} run and removed",
+            ]
+        if self.look_around:
+            lines += ["", "Look around:", *(f"  {x}" for x in self.look_around)]
+        return "\n".join(lines)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+
+def demo(settings: Settings, *, down: bool = False) -> DemoResult:
+    """``bootstrap demo`` (``down`` false) or ``bootstrap demo --down`` (see the module doc).
+
+    Raises :class:`~bootstrap.errors.BusyError` (6) while another demo command runs,
+    :class:`UsageError` (2) when this installation cannot run the demo (not root, not an editable
+    install, a tool missing), :class:`MachineError` (5) when the machine cannot be built, booted,
+    provisioned or stopped, and the inner command's error otherwise."""
+    base = settings.state / "demo"
+    with flocked(base / "demo.lock", timeout=0, what=f"the demo in {base}"):
+        if down:
+            return _down(base)
+        return _up(settings, base)
+
+
+def _step(n: int, text: str) -> None:
+    log.info("demo: [%d/%d] %s", n, STEPS, text)
+
+
+# ---- down --------------------------------------------------------------------------------------
+
+
+def _load_record(base: Path) -> dict[str, Any] | None:
+    path = base / "node.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{path}: unreadable demo record: {exc}",
+            f"tear the machine down by hand, then remove {path}",
+        ) from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("machine"), dict):
+        raise UsageError(f"{path}: not a demo record", f"remove {path}")
+    return doc
+
+
+def _down(base: Path) -> DemoResult:
+    _require_root()
+    started = time.monotonic()
+    doc = _load_record(base)
+    if doc is None:
+        return DemoResult("not-running", f"no demo machine is recorded in {base}; nothing to do")
+    machine = Machine.from_record(doc["machine"])
+    log.info("demo: powering off %s (pid %d)", machine.name, machine.pid)
+    was_running = machine.running
+    machine.destroy()
+    (base / "node.json").unlink(missing_ok=True)
+    elapsed = time.monotonic() - started
+    caches = [p for p in (base / "cache", base / "images") if p.exists()]
+    note = f"; caches kept: {', '.join(map(str, caches))}" if caches else ""
+    how = "powered off and removed" if was_running else "was not running; its leftovers removed"
+    return DemoResult(
+        "down",
+        f"demo machine {machine.name} {how} in {elapsed:.1f}s{note}",
+        node={"name": machine.name, "rootfs": str(machine.rootfs)},
+        timings={"down": elapsed},
+    )
+
+
+# ---- up ----------------------------------------------------------------------------------------
+
+
+def _up(settings: Settings, base: Path) -> DemoResult:
+    _require_root()
+    inst = install_location()
+    _require_tools()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    doc = _load_record(base)
+    machine: Machine | None = None
+    if doc is not None:
+        found = Machine.from_record(doc["machine"])
+        if found.running and doc.get("provisioned"):
+            log.info("demo: %s is already up (pid %d)", found.name, found.pid)
+            workload = Workload(str(doc.get("workload", "")), (), tuple(doc["containers"]), ())
+            return _report(found, inst, workload, "already-up", timings, started)
+        if found.running:
+            log.info("demo: %s is up but was not provisioned completely; resuming", found.name)
+            machine = found
+        else:
+            log.info("demo: %s is recorded but not running; removing its leftovers", found.name)
+            found.destroy()
+            (base / "node.json").unlink(missing_ok=True)
+
+    t = time.monotonic()
+    _step(1, f"machine rootfs: Debian bookworm + systemd, cached in {base / 'cache'}")
+    tarball = rootfs_tarball(base / "cache", work_dir=base / "cache")
+    timings["rootfs"] = time.monotonic() - t
+
+    t = time.monotonic()
+    _step(2, f"images, built offline, cached in {base / 'images'}")
+    workload = _workload(inst, base / "images")
+    for ref, path in workload.images:
+        log.info("demo:   %s <- %s (%.1f MB)", ref, path.name, path.stat().st_size / 1e6)
+    timings["images"] = time.monotonic() - t
+
+    if machine is None:
+        t = time.monotonic()
+        binds = _binds(inst, base / "images")
+        machine = Machine.create(
+            random_name(NAME_PREFIX),
+            runtime_dir=_runtime_dir(base),
+            ro_binds=binds,
+            exec_cgroup=EXEC_CGROUP,
+        )
+        _save(base, machine, workload, provisioned=False)
+        _step(3, f"booting machine {machine.name} with systemd-nspawn in {machine.workdir}")
+        try:
+            machine.extract(tarball)
+            machine.boot()
+        except BaseException:
+            log.info("demo: boot failed; removing %s", machine.name)
+            try:
+                machine.destroy()
+            finally:
+                (base / "node.json").unlink(missing_ok=True)
+            raise
+        _save(base, machine, workload, provisioned=False)
+        timings["boot"] = time.monotonic() - t
+        log.info("demo:   systemd is up (pid %d) in %.1fs", machine.pid, timings["boot"])
+
+    try:
+        t = time.monotonic()
+        _step(4, f"importing {len(workload.images)} image(s) into the machine's store")
+        for ref, path in workload.images:
+            _inner(machine, inst, ["import", str(path), "--name", ref], timeout=600)
+        timings["import"] = time.monotonic() - t
+
+        t = time.monotonic()
+        _step(5, f"provisioning inside the machine: bootstrap {shlex.join(workload.provision)}")
+        out = _inner(machine, inst, list(workload.provision), timeout=PROVISION_TIMEOUT)
+        inner_output = out.stderr + out.stdout
+        for line in inner_output.decode(errors="replace").splitlines():
+            log.info("demo:   %s", line)
+        timings["provision"] = time.monotonic() - t
+    except BootstrapError as err:
+        details = getattr(err, "details", "")
+        raise MachineError(
+            f"demo machine {machine.name}: {err.message}",
+            f"{err.hint}; the machine stays up to look around: 'bootstrap demo' resumes, "
+            "'bootstrap demo --down' removes it",
+            details=details,
+        ) from err
+    _save(base, machine, workload, provisioned=True)
+    return _report(machine, inst, workload, "up", timings, started)
+
+
+def _runtime_dir(base: Path) -> Path:
+    """:data:`RUNTIME_DIR` when it has room for the machine (:data:`RUNTIME_MIN_FREE`), else
+    ``$STATE/demo/run`` on disk (slower to boot)."""
+    try:
+        if shutil.disk_usage(RUNTIME_DIR).free >= RUNTIME_MIN_FREE:
+            return RUNTIME_DIR
+    except OSError:
+        pass
+    log.info("demo: %s is missing or small; the machine goes to %s", RUNTIME_DIR, base / "run")
+    return base / "run"
+
+
+def _save(base: Path, machine: Machine, workload: Workload, *, provisioned: bool) -> None:
+    doc = {
+        "machine": machine.record(),
+        "workload": workload.kind,
+        "containers": list(workload.containers),
+        "provisioned": provisioned,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    base.mkdir(parents=True, exist_ok=True)
+    write_atomic(base / "node.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _report(
+    machine: Machine,
+    inst: Install,
+    workload: Workload,
+    action: str,
+    timings: dict[str, float],
+    started: float,
+) -> DemoResult:
+    _step(6, "bootstrap list / status inside the machine")
+    kubelet = _kubelet_report(machine) if "kubelet" in workload.containers else None
+    listing = _show(machine, inst, ["list"])
+    status = {name: _show(machine, inst, ["status", name]) for name in workload.containers}
+    timings["total"] = time.monotonic() - started
+    enter = shlex.join(machine.enter_argv())
+    inner = shlex.join([*machine.enter_argv()[:-1], str(inst.bootstrap), "list"])
+    look = (
+        f"a shell inside:        {enter}",
+        f"bootstrap inside:      {inner}",
+        "inside, try:           systemctl status "
+        + " ".join(f"{c}.service" for c in workload.containers)
+        + "; journalctl -u "
+        + (workload.containers[0] if workload.containers else "dbus")
+        + "; runc list",
+        f"its systemd over D-Bus: busctl --address={machine.bus_address} "
+        "tree org.freedesktop.systemd1",
+        f"its files:             /proc/{machine.pid}/root (rootfs {machine.rootfs})",
+        "tear it down:          bootstrap demo --down",
+    )
+    if action == "up":
+        message = (
+            f"demo machine {machine.name} is up (systemd pid {machine.pid}), provisioned "
+            f"({workload.kind}) in {timings['total']:.1f}s"
+        )
+    else:
+        message = (
+            f"demo machine {machine.name} is already up (systemd pid {machine.pid}); "
+            "nothing changed"
+        )
+    return DemoResult(
+        action,
+        message,
+        node={
+            "name": machine.name,
+            "pid": machine.pid,
+            "nspawn_pid": machine.nspawn_pid,
+            "rootfs": str(machine.rootfs),
+            "bus_address": machine.bus_address,
+            "enter": machine.enter_argv(),
+        },
+        workload=workload.kind,
+        containers=workload.containers,
+        listing=listing,
+        status=status,
+        timings=timings,
+        look_around=look,
+        kubelet=kubelet,
+    )
+
+
+# ---- inside the machine ------------------------------------------------------------------------
+
+
+def _inner(
+    machine: Machine, inst: Install, args: Sequence[str], *, timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """Run this installation's ``bootstrap ARGS`` inside the machine; check its exit code."""
+    return machine.run([str(inst.bootstrap), *args], timeout=timeout)
+
+
+def _show(machine: Machine, inst: Install, args: Sequence[str]) -> dict[str, Any]:
+    text = _inner(machine, inst, args, timeout=120).stdout.decode(errors="replace")
+    raw = _inner(machine, inst, ["--json", *args], timeout=120).stdout
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    return {"text": text, "json": doc}
+
+
+def _kubelet_report(machine: Machine, timeout: float = KUBELET_REPORT_TIMEOUT) -> Any:
+    """What the kubelet stand-in last wrote to its status file inside the machine (its CRI
+    ``Version``/``Status`` answers), waiting up to ``timeout`` seconds for it; None without."""
+    path = Path(f"/proc/{machine.pid}/root") / KUBELET_REPORT.lstrip("/")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                log.info(
+                    "demo: no kubelet stand-in report in %s after %gs", KUBELET_REPORT, timeout
+                )
+                return None
+        time.sleep(0.2)
+
+
+def _binds(inst: Install, images_dir: Path) -> list[tuple[str, str]]:
+    """Read-only binds at the same paths: the checkout, the venv when outside it, the images."""
+    paths = [inst.repo]
+    if not inst.venv.is_relative_to(inst.repo):
+        paths.append(inst.venv)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    paths.append(images_dir)
+    return [(str(p), str(p)) for p in paths]
+
+
+# ---- the workload ------------------------------------------------------------------------------
+
+
+def _workload(inst: Install, cache: Path) -> Workload:
+    """The node manifest's containers when their images can be built here, else busybox."""
+    node_manifest = _node_manifest_workload(inst, cache)
+    if node_manifest is not None:
+        return node_manifest
+    return Workload(
+        "busybox system container",
+        ((HELLO_REF, images.busybox_image(cache, HELLO_REF)),),
+        (HELLO_NAME,),
+        ("install", HELLO_NAME, HELLO_REF),
+    )
+
+
+def _node_manifest_workload(inst: Install, cache: Path) -> Workload | None:
+    """examples/node.yaml's containers, provisioned with ``bootstrap up``, with images built
+    here; None (after saying why) when they cannot be built or this install has no ``up``."""
+    manifest = inst.repo / "examples" / "node.yaml"
+    standin_src = STANDIN_SRC
+    try:
+        from bootstrap.node.manifest import load
+
+        spec = load(manifest)
+        built = images.node_manifest_images(cache, standin_src)
+        missing = [c.name for c in spec.containers if c.name not in built]
+        if missing:
+            raise images.ImageBuildError(
+                f"no offline image for {', '.join(missing)}", "use the node manifest's names"
+            )
+    except (ImportError, BootstrapError) as exc:
+        log.warning(
+            "demo: cannot provision %s here (%s); using a busybox system container", manifest, exc
+        )
+        return None
+    return Workload(
+        f"node manifest {manifest.relative_to(inst.repo)}",
+        tuple((c.image, built[c.name]) for c in spec.containers),
+        tuple(c.name for c in spec.containers),
+        ("up", str(manifest)),
+    )
+
+
+# ---- requirements ------------------------------------------------------------------------------
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise UsageError(
+            "bootstrap demo boots a systemd machine with systemd-nspawn and needs root",
+            "run it as root (sudo bootstrap demo)",
+        )
+
+
+def _require_tools() -> None:
+    for tool, package in TOOLS.items():
+        if shutil.which(tool) is None:
+            raise UsageError(
+                f"bootstrap demo needs {tool}, which is not installed",
+                f"apt-get install {package}",
+            )
+
+
+def install_location() -> Install:
+    """This installation's source checkout and venv. Raises :class:`UsageError` unless bootstrap
+    runs from a venv made from ``/usr/bin/python3`` with the package installed editable from a
+    checkout that holds ``examples/`` (the machine runs that venv at the same path)."""
+    hint = (
+        "run the demo from a source checkout: /usr/bin/python3 -m venv .venv && "
+        ".venv/bin/pip install -e . && .venv/bin/bootstrap demo"
+    )
+    package = Path(bootstrap.__file__).resolve().parent
+    repo = package.parent
+    venv = Path(sys.prefix).resolve()
+    if not (repo / "pyproject.toml").is_file() or not (repo / "examples").is_dir():
+        raise UsageError(
+            f"bootstrap demo needs bootstrap installed editable from its source checkout; "
+            f"this one runs from {package}",
+            hint,
+        )
+    if sys.prefix == sys.base_prefix or not (venv / "bin" / "bootstrap").exists():
+        raise UsageError(
+            f"bootstrap demo needs bootstrap installed in a venv; this one runs from {sys.prefix}",
+            hint,
+        )
+    home = ""
+    cfg = venv / "pyvenv.cfg"
+    if cfg.is_file():
+        for line in cfg.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home":
+                home = value.strip()
+    if home not in ("/usr/bin", "/bin"):
+        raise UsageError(
+            f"the venv {venv} was made from {home or 'an unknown Python'}, which the demo "
+            "machine (Debian bookworm, /usr/bin/python3) cannot run",
+            hint,
+        )
+    return Install(repo, venv)
+
+
+__all__ = ["DemoResult", "MachineError", "demo", "install_location"]
