@@ -38,16 +38,23 @@ class _TimeoutSession(requests.Session):
         super().__init__()
         self._default_timeout = timeout
 
+    @property
+    def default_timeout(self) -> tuple[float, float]:
+        """The (connect, read) timeout applied to requests that do not pass ``timeout``."""
+        return self._default_timeout
+
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self._default_timeout)
         return super().request(method, url, *args, **kwargs)
 
 
-def make_retry(retries: int = 4, backoff: float = 0.5) -> Retry:
-    """The retry policy: connect errors and 429/5xx only, GET/HEAD only, Retry-After honoured."""
+def make_retry(retries: int = 4, backoff: float = 0.5, connect_retries: int | None = None) -> Retry:
+    """The retry policy: connect errors and 429/5xx only, GET/HEAD only, Retry-After honoured.
+    ``connect_retries`` (default: ``retries``) bounds the retries of connection errors."""
+    connect = retries if connect_retries is None else connect_retries
     return _CappedRetry(
-        total=retries,
-        connect=retries,
+        total=max(retries, connect),
+        connect=connect,
         read=0,
         redirect=10,
         status=retries,
@@ -68,15 +75,18 @@ def new_session(
     retries: int = 4,
     backoff: float = 0.5,
     pool_size: int = 8,
+    connect_retries: int | None = None,
 ) -> requests.Session:
     """Return a ``requests.Session`` with default timeouts, the retry policy and a User-Agent.
 
     Proxies come from the environment (``HTTPS_PROXY``, ``NO_PROXY``...) as requests reads them.
     TLS verification settings (CA bundle, client certs) are per request, set by the caller.
+    ``connect_retries`` (default: ``retries``) bounds the retries of connection errors alone,
+    e.g. 0 for a client that would rather try another server at once.
     """
     session = _TimeoutSession((connect_timeout, read_timeout))
     adapter = HTTPAdapter(
-        max_retries=make_retry(retries, backoff),
+        max_retries=make_retry(retries, backoff, connect_retries),
         pool_connections=pool_size,
         pool_maxsize=pool_size,
     )

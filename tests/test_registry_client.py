@@ -19,6 +19,7 @@ from bootstrap.image.auth import Credentials, load_credentials
 from bootstrap.image.manifest import parse_config, parse_manifest, select_platform
 from bootstrap.image.model import (
     MAX_CONFIG_BYTES,
+    OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
@@ -31,7 +32,7 @@ from bootstrap.image.registries import RegistriesConf, tls_files
 from bootstrap.image.registry import FetchedManifest, NotFoundError, RegistryClient
 from tests.harness.image_fixtures import ImageBuilder
 from tests.harness.imagebuilder import BuiltImage, busybox_spec
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, free_port
 
 F64 = "sha256:" + "f" * 64
 
@@ -985,3 +986,218 @@ def test_client_certificate_from_certs_d(tmp_path: Path) -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# =============================================================================================
+# dead mirrors: a connect error on a mirror moves on at once; only the last endpoint retries
+
+
+def _tiny_image(reg: Registry, repo: str) -> tuple[str, Descriptor]:
+    """Push a manifest with a config and no layers as ``repo:v1``; return its manifest digest
+    and the config descriptor."""
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}})
+    data = cfg.encode()
+    config = Descriptor(OCI_CONFIG, reg.upload_blob(repo, data), len(data))
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": config.media_type, "digest": config.digest, "size": len(data)},
+            "layers": [],
+        }
+    ).encode()
+    reg.put_manifest(repo, "v1", body, OCI_MANIFEST)
+    return "sha256:" + hashlib.sha256(body).hexdigest(), config
+
+
+def _dead() -> str:
+    """host:port of a loopback port nobody listens on (connections are refused)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def _mirror_conf(upstream: str, *mirrors: str, secure: tuple[str, ...] = ()) -> RegistriesConf:
+    """``upstream`` with ``mirrors`` in order; all insecure (plain http) except ``secure``."""
+    text = f'[[registry]]\nlocation = "{upstream}"\ninsecure = true\n'
+    for m in mirrors:
+        text += (
+            f'[[registry.mirror]]\nlocation = "{m}"\ninsecure = {str(m not in secure).lower()}\n'
+        )
+    conf = RegistriesConf.parse(text, "mirrors.conf")
+    return RegistriesConf(conf.registries, certs_dirs=())
+
+
+def _moving_on(caplog: pytest.LogCaptureFixture, host: str) -> list[str]:
+    """The INFO lines saying that mirror ``host`` failed."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bootstrap.image.registry"
+        and r.levelname == "INFO"
+        and r.getMessage().startswith(f"mirror {host} failed")
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("insecure", [True, False], ids=["insecure", "secure"])
+def test_refused_mirror_moves_on_at_once(
+    registry: Registry, insecure: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The production policy (default sessions): a mirror refusing connections costs no
+    retries, not even over the insecure https->http fallback; the next mirror serves."""
+    repo = f"deadmirror/{'insecure' if insecure else 'secure'}"
+    digest, config = _tiny_image(registry, repo)
+    dead, upstream = _dead(), _dead()
+    # the live registry is the second mirror; the registry itself is down too
+    conf = _mirror_conf(upstream, dead, registry.host, secure=() if insecure else (dead,))
+    ref = Reference.parse(f"{upstream}/{repo}:v1")
+    caplog.set_level("INFO", logger="bootstrap.image.registry")
+    t0 = time.monotonic()
+    with RegistryClient(conf, None) as client:
+        fetched = client.get_manifest(ref)
+        first = time.monotonic() - t0
+        assert fetched.endpoint == registry.host
+        assert fetched.digest == digest
+        # a blob without a hint starts at the dead mirror again: skipped at once
+        data = client.get_blob_bytes(ref, config, MAX_CONFIG_BYTES)
+        assert hashlib.sha256(data).hexdigest() == config.digest.split(":", 1)[1]
+        assert client.get_manifest(ref).endpoint == registry.host
+    elapsed = time.monotonic() - t0
+    print(f"dead {'insecure' if insecure else 'secure'} mirror: first manifest {first:.2f}s")
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    logged = _moving_on(caplog, dead)
+    assert len(logged) == 1, logged  # once per endpoint, however often it is skipped
+    assert "Connection refused" in logged[0] and registry.host in logged[0]
+    assert "http://" not in logged[0]  # same port: the http fallback was not tried
+
+
+@pytest.mark.slow
+def test_dead_mirrors_fall_back_to_the_registry(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mirror refusing connections and one whose name does not resolve (insecure without a
+    port: both https and http are tried, without retries), then the registry serves."""
+    digest, _ = _tiny_image(registry, "deadmirror/both")
+    dead1, dead2 = _dead(), "mirror.invalid"
+    conf = _mirror_conf(registry.host, dead1, dead2)
+    caplog.set_level("INFO", logger="bootstrap.image.registry")
+    t0 = time.monotonic()
+    with RegistryClient(conf, None) as client:
+        fetched = client.get_manifest(Reference.parse(f"{registry.host}/deadmirror/both:v1"))
+    elapsed = time.monotonic() - t0
+    assert fetched.endpoint == registry.host and fetched.digest == digest
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    assert len(_moving_on(caplog, dead1)) == 1
+    [unresolved] = _moving_on(caplog, dead2)
+    assert "http://mirror.invalid/v2/" in unresolved  # the http probe's reason
+
+
+def test_everything_down_names_every_endpoint() -> None:
+    """Mirrors fail fast; the registry itself (last) gets the session's full retry policy;
+    the error names each endpoint with its reason, on one line."""
+    upstream, dead1, dead2 = _dead(), _dead(), _dead()
+    conf = _mirror_conf(upstream, dead1, dead2)
+    # 2 retries with backoff 1.0: urllib3 sleeps 0 s then 2 s, only for the last endpoint
+    session = new_session(retries=2, backoff=1.0)
+    t0 = time.monotonic()
+    with RegistryClient(conf, None, session) as client, pytest.raises(RegistryError) as info:
+        client.get_manifest(Reference.parse(f"{upstream}/all/down:v1"))
+    elapsed = time.monotonic() - t0
+    session.close()
+    err = info.value
+    assert err.exit_code == ExitCode.REGISTRY
+    assert "\n" not in err.message and err.hint
+    for role, host in (("mirror", dead1), ("mirror", dead2), ("registry", upstream)):
+        assert (
+            f"{role} {host}: cannot reach https://{host}/v2/: [Errno 111] Connection refused"
+            in (err.message)
+        ), err.message
+    assert err.message.count("Connection refused") == 3
+    # the registry's retries took their 2 s; the mirrors' would each have added 2 s more
+    assert 1.9 <= elapsed < 3.9, f"took {elapsed:.1f}s"
+
+
+@pytest.mark.slow
+def test_failing_mirror_is_retried_then_left(registry: Registry) -> None:
+    """A mirror answering 503 is up: its answers are retried per the policy, then the next
+    endpoint serves."""
+    from tests.harness.faultproxy import MANIFEST_PATH, FaultProxy
+
+    digest, _ = _tiny_image(registry, "failmirror/img")
+    with FaultProxy.for_registry(registry) as proxy:
+        proxy.add("status", MANIFEST_PATH, times=-1, status=503)
+        conf = _mirror_conf(registry.host, proxy.host)
+        with RegistryClient(conf, None, new_session(retries=2, backoff=0.05)) as client:
+            fetched = client.get_manifest(Reference.parse(f"{registry.host}/failmirror/img:v1"))
+        assert fetched.endpoint == registry.host and fetched.digest == digest
+        assert proxy.count(MANIFEST_PATH) == 3  # the first answer and 2 retries
+
+
+@pytest.mark.slow
+def test_insecure_mirror_on_default_ports(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An insecure mirror without a port: https (443) is refused, so the http probe (80) is
+    made at once, without the https retries first."""
+    import errno
+    import random
+
+    from tests.harness.faultproxy import FaultProxy
+
+    digest, _ = _tiny_image(registry, "portless/img")
+    proxy: FaultProxy | None = None
+    for _ in range(5):  # a loopback address of our own, port 80 (we run as root)
+        address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+        candidate = FaultProxy(registry.host, address=address, port=80)
+        try:
+            proxy = candidate.start()
+            break
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                pytest.skip("cannot bind port 80")
+    assert proxy is not None, "no free loopback address for port 80"
+    try:
+        assert proxy.host == address
+        conf = _mirror_conf(registry.host, proxy.host)
+        t0 = time.monotonic()
+        with RegistryClient(conf, None) as client:  # the production policy
+            fetched = client.get_manifest(Reference.parse(f"{registry.host}/portless/img:v1"))
+        elapsed = time.monotonic() - t0
+        assert fetched.endpoint == proxy.host and fetched.digest == digest
+        assert elapsed < 2, f"took {elapsed:.1f}s"
+        assert proxy.count(r"^/v2/$") == 1
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.slow
+def test_mirror_connect_timeout_moves_on(registry: Registry) -> None:
+    """A mirror whose accept queue is full (SYNs dropped: connect timeout) costs one connect
+    timeout, not the session's retries and backoff."""
+    import socket
+
+    digest, _ = _tiny_image(registry, "blackhole/img")
+    listener = socket.socket()
+    clients: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        for _ in range(4):  # fill the accept queue; nobody accepts
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", listener.getsockname()[1]))
+            clients.append(c)
+        time.sleep(0.1)
+        conf = _mirror_conf(registry.host, host)
+        session = new_session(connect_timeout=0.5, retries=2, backoff=1.0)
+        t0 = time.monotonic()
+        with RegistryClient(conf, None, session) as client:
+            fetched = client.get_manifest(Reference.parse(f"{registry.host}/blackhole/img:v1"))
+        elapsed = time.monotonic() - t0
+        session.close()
+        assert fetched.endpoint == registry.host and fetched.digest == digest
+        assert elapsed < 1.5, f"took {elapsed:.1f}s"  # retried, it would take 3.5 s
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()

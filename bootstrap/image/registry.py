@@ -12,6 +12,16 @@ host's ``certs.d`` CA files; client certificates come from ``certs.d`` too. Inse
 (``registries.conf``) skip verification and fall back to plain http, as containers/image does.
 Redirects (blob storage) are followed; requests drops ``Authorization`` on a cross-host redirect.
 
+Endpoints (mirrors, then the registry itself) are tried in order. A mirror that is not the last
+endpoint fails fast: a connect error (refused, unreachable, DNS failure, connect timeout) is not
+retried, the next endpoint is tried at once, and the mirror is skipped for
+:data:`DOWN_SECONDS` by this client; 429/5xx from it are retried by the session's policy, then
+the next endpoint is tried. The last endpoint, and the registry itself, get the full policy.
+The https→http fallback of an insecure endpoint does not repeat a connect failure: with an
+explicit port (the same for both schemes) an unreachable https port is not tried again as http;
+with the default ports the https probe fails fast and only the http one gets the policy. Each
+endpoint's failure is logged once at INFO.
+
 Errors: network and registry failures raise :class:`RegistryError` (exit 3), content that is not
 what it claims :class:`IntegrityError` (exit 4), bad configuration :class:`UsageError` (exit 2).
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,13 +42,15 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import certifi
 import requests
 import urllib3
+from urllib3.util.retry import Retry
 
 from bootstrap.errors import BootstrapError, IntegrityError, RegistryError, UsageError
-from bootstrap.http import new_session
+from bootstrap.http import CONNECT_TIMEOUT, READ_TIMEOUT, new_session
 from bootstrap.image import registries
 from bootstrap.image.auth import (
     AuthEntry,
@@ -71,6 +84,9 @@ BLOB_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 MAX_TOKEN_BYTES = 1024 * 1024
 MAX_ERROR_BODY = 64 * 1024
+DOWN_SECONDS = 60.0  # a mirror that refused a connection is skipped this long (not if last)
+
+log = logging.getLogger(__name__)
 
 _NET_ERRORS: tuple[type[Exception], ...] = (
     requests.RequestException,
@@ -87,6 +103,11 @@ class NotFoundError(RegistryError):
 
 class TransientError(RegistryError):
     """A failure worth retrying or trying elsewhere: connection refused/reset, timeout, 5xx."""
+
+
+class UnreachableError(TransientError):
+    """No connection could be made: refused, unreachable, DNS failure, connect timeout (also
+    to the proxy). Other endpoints are tried at once; see the module docstring."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +129,58 @@ class _HostState:
     pinged: bool = False
     scheme: str = "https"
     challenges: tuple[Challenge, ...] = ()
+    down: tuple[str, str] | None = None  # (message, hint) of the last connect failure
+    down_until: float = 0.0  # time.monotonic() until which fail-fast uses skip this host
 
 
 def _digest_of(data: bytes, algorithm: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _is_connect_error(exc: requests.RequestException) -> bool:
+    """True if no connection was made (refused, unreachable, DNS, connect timeout, proxy down);
+    False for failures after connecting (reset, read timeout, TLS)."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
+        return True
+    if not isinstance(exc, requests.ConnectionError) or isinstance(
+        exc, requests.exceptions.SSLError
+    ):
+        return False
+    inner: object = exc.args[0] if exc.args else None
+    if isinstance(inner, urllib3.exceptions.MaxRetryError):
+        inner = inner.reason
+    if isinstance(inner, urllib3.exceptions.ProxyError):
+        inner = inner.original_error
+    # NewConnectionError (refused, unreachable) and NameResolutionError subclass it
+    return isinstance(inner, urllib3.exceptions.ConnectTimeoutError)
+
+
+def _explicit_port(api_host: str) -> bool:
+    try:
+        return urlsplit(f"//{api_host}").port is not None
+    except ValueError:
+        return False
+
+
+def _fail_fast_like(session: requests.Session) -> requests.Session:
+    """A session from :func:`new_session` with the 429/5xx retries, backoff and timeouts of
+    ``session`` (when it came from :func:`new_session`), but no retries of connect errors."""
+    retry = getattr(session.get_adapter("https://"), "max_retries", None)
+    retries, backoff = 4, 0.5
+    if isinstance(retry, Retry):
+        count = retry.status if retry.status is not None else retry.total
+        retries = count if isinstance(count, int) else retries
+        backoff = retry.backoff_factor
+    connect_timeout, read_timeout = getattr(
+        session, "default_timeout", (CONNECT_TIMEOUT, READ_TIMEOUT)
+    )
+    return new_session(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries=retries,
+        backoff=backoff,
+        connect_retries=0,
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -170,14 +239,24 @@ class RegistryClient:
         credentials: Credentials | None = None,
         session: requests.Session | None = None,
         *,
+        mirror_session: requests.Session | None = None,
         blob_attempts: int = BLOB_ATTEMPTS,
         blob_backoff: float = BLOB_BACKOFF,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
+        """``session`` serves the last endpoint and the registry itself (full retry policy;
+        default :func:`new_session`); ``mirror_session`` the mirrors before it (must not retry
+        connect errors; default: like ``session`` but with ``connect_retries=0``). Sessions
+        passed in are not closed by :meth:`close`."""
         self.conf = conf if conf is not None else RegistriesConf()
         self.credentials = credentials if credentials is not None else Credentials.empty()
         self._session = session if session is not None else new_session()
         self._own_session = session is None
+        self._fast = (
+            mirror_session if mirror_session is not None else _fail_fast_like(self._session)
+        )
+        self._own_fast = mirror_session is None
+        self._logged: set[str] = set()
         self._blob_attempts = max(1, blob_attempts)
         self._blob_backoff = blob_backoff
         self._chunk_size = chunk_size
@@ -204,6 +283,8 @@ class RegistryClient:
         """Close the session (if this client made it) and remove temporary CA bundles."""
         if self._own_session:
             self._session.close()
+        if self._own_fast:
+            self._fast.close()
         with self._lock:
             if self._finalizer is not None:
                 self._finalizer()  # removes the CA bundle directory (once)
@@ -256,9 +337,14 @@ class RegistryClient:
 
     # --- low-level HTTP --------------------------------------------------------------------
 
-    def _send(self, ep: Endpoint, method: str, url: str, **kw: Any) -> requests.Response:
+    def _send(
+        self, ep: Endpoint, method: str, url: str, *, fast: bool = False, **kw: Any
+    ) -> requests.Response:
+        """One request with the full policy, or with the fail-fast session if ``fast``.
+        Raises :class:`UnreachableError` if no connection could be made."""
+        session = self._fast if fast else self._session
         try:
-            return self._session.request(method, url, **kw)
+            return session.request(method, url, **kw)
         except requests.exceptions.SSLError as exc:
             dirs = registries.certs_dirs() if self.conf.certs_dirs is None else self.conf.certs_dirs
             first = str(dirs[0]) if dirs else "/etc/containers/certs.d"
@@ -275,7 +361,8 @@ class RegistryClient:
                 "or mark the registry insecure in registries.conf",
             ) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransientError(
+            cls = UnreachableError if _is_connect_error(exc) else TransientError
+            raise cls(
                 f"{ep.host}: cannot reach {url.split('?')[0]}: {_reason(exc)}",
                 "check the address, the network and proxy settings (HTTPS_PROXY, NO_PROXY)",
             ) from exc
@@ -285,27 +372,60 @@ class RegistryClient:
                 "check the registry address and the network",
             ) from exc
 
-    def _host(self, ep: Endpoint) -> _HostState:
+    def _host(self, ep: Endpoint, fast: bool = False) -> _HostState:
+        """The pinged state of ``ep``'s host. With ``fast``, a host that failed to connect
+        less than :data:`DOWN_SECONDS` ago raises :class:`UnreachableError` at once."""
         key = (ep.api_host, ep.insecure, ep.tls)
         with self._lock:
             state = self._hosts.get(key)
             if state is None:
                 state = self._hosts[key] = _HostState()
         with state.lock:
+            self._check_down(state, fast)
             if not state.pinged:
-                self._ping(ep, state)
+                try:
+                    self._ping(ep, state, fast)
+                except UnreachableError as exc:
+                    self._mark_down(state, exc)
+                    raise
+                state.down = None
         return state
 
-    def _ping(self, ep: Endpoint, state: _HostState) -> None:
+    @staticmethod
+    def _check_down(state: _HostState, fast: bool) -> None:
+        if fast and state.down is not None and time.monotonic() < state.down_until:
+            message, hint = state.down
+            raise UnreachableError(f"{message} (skipped: failed moments ago)", hint)
+
+    @staticmethod
+    def _mark_down(state: _HostState, exc: UnreachableError) -> None:
+        state.down = (exc.message, exc.hint)
+        state.down_until = time.monotonic() + DOWN_SECONDS
+
+    def _ping(self, ep: Endpoint, state: _HostState, fast: bool = False) -> None:
+        """Learn ``ep``'s scheme and auth challenges from ``GET /v2/``.
+
+        An insecure endpoint tries https, then http. With an explicit port (the same for both)
+        http is not tried after a connect failure: a refused port refuses both. With the
+        default ports (443, 80) the https probe fails fast and the http one gets the policy."""
         schemes = ("https", "http") if ep.insecure else ("https",)
+        same_port = _explicit_port(ep.api_host)
         if ep.insecure:
             # configured insecure on purpose: no warning per request
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         error: BootstrapError | None = None
         for scheme in schemes:
             url = f"{scheme}://{ep.api_host}/v2/"
+            probe_fast = fast or (scheme == "https" and ep.insecure and not same_port)
             try:
-                resp = self._send(ep, "GET", url, **self._tls_kwargs(ep, scheme))
+                resp = self._send(ep, "GET", url, fast=probe_fast, **self._tls_kwargs(ep, scheme))
+            except UnreachableError as exc:
+                if error is not None and not isinstance(error, UnreachableError):
+                    raise error from exc  # https got an answer: that says more
+                error = exc
+                if same_port:
+                    break
+                continue
             except RegistryError as exc:
                 error = exc
                 continue
@@ -349,9 +469,9 @@ class RegistryClient:
     def _authorization(
         self,
         ep: Endpoint,
-        state: _HostState,
         challenges: tuple[Challenge, ...],
         extra_scope: str | None = None,
+        fast: bool = False,
     ) -> tuple[dict[str, str], tuple[str, str, str, str] | None]:
         """Headers to authorize a request for ``ep.reference``'s repository, and the token
         cache key used (None for basic/anonymous)."""
@@ -377,7 +497,7 @@ class RegistryClient:
                 key = (realm, service, " ".join(scopes), account)
                 token = self.tokens.get(key)
                 if token is None:
-                    tok = self._fetch_token(ep, state, realm, service, scopes, entry)
+                    tok = self._fetch_token(ep, realm, service, scopes, entry, fast)
                     self.tokens.put(key, tok)
                     token = tok.value
                 return {"Authorization": f"Bearer {token}"}, key
@@ -386,11 +506,11 @@ class RegistryClient:
     def _fetch_token(
         self,
         ep: Endpoint,
-        state: _HostState,
         realm: str,
         service: str,
         scopes: list[str],
         entry: AuthEntry | None,
+        fast: bool,
     ) -> Token:
         scheme = realm.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
@@ -410,13 +530,15 @@ class RegistryClient:
                 ("refresh_token", entry.identity_token),
                 ("client_id", "bootstrap"),
             ]
-            resp = self._send(ep, "POST", realm, data=form, stream=True, **tls)
+            resp = self._send(ep, "POST", realm, fast=fast, data=form, stream=True, **tls)
         else:
             auth = None
             if entry is not None and (entry.username or entry.password):
                 params.append(("account", entry.username))
                 auth = (entry.username, entry.password)
-            resp = self._send(ep, "GET", realm, params=params, auth=auth, stream=True, **tls)
+            resp = self._send(
+                ep, "GET", realm, fast=fast, params=params, auth=auth, stream=True, **tls
+            )
         with resp:
             if resp.status_code in (401, 403):
                 raise self._denied(ep, entry, f"token server {realm} answered {resp.status_code}")
@@ -458,13 +580,36 @@ class RegistryClient:
         ep: Endpoint,
         path: str,
         headers: Mapping[str, str],
+        fast: bool = False,
     ) -> requests.Response:
-        """GET ``path`` on ``ep`` with auth; streams. Retries once with a fresh token on 401."""
-        state = self._host(ep)
+        """GET ``path`` on ``ep`` with auth; streams. Retries once with a fresh token on 401.
+        ``fast``: connect errors are not retried, and mark the host down (see :meth:`_host`)."""
+        state = self._host(ep, fast)
+        try:
+            resp = self._request_at(ep, state, path, headers, fast)
+        except UnreachableError as exc:
+            with state.lock:
+                self._mark_down(state, exc)
+            raise
+        if state.down is not None:
+            with state.lock:
+                state.down = None
+        return resp
+
+    def _request_at(
+        self,
+        ep: Endpoint,
+        state: _HostState,
+        path: str,
+        headers: Mapping[str, str],
+        fast: bool,
+    ) -> requests.Response:
         url = f"{state.scheme}://{ep.api_host}{path}"
         tls = self._tls_kwargs(ep, state.scheme)
-        auth, key = self._authorization(ep, state, state.challenges)
-        resp = self._send(ep, "GET", url, headers={**headers, **auth}, stream=True, **tls)
+        auth, key = self._authorization(ep, state.challenges, fast=fast)
+        resp = self._send(
+            ep, "GET", url, fast=fast, headers={**headers, **auth}, stream=True, **tls
+        )
         if resp.status_code != 401:
             return resp
         fresh = tuple(parse_www_authenticate(resp.headers.get("WWW-Authenticate", "")))
@@ -479,8 +624,10 @@ class RegistryClient:
         challenges = challenges or state.challenges
         if not challenges and not auth:
             raise self._denied(ep, self._entry(ep), f"{path} answered 401 with no challenge")
-        auth2, _ = self._authorization(ep, state, challenges, extra)
-        resp = self._send(ep, "GET", url, headers={**headers, **auth2}, stream=True, **tls)
+        auth2, _ = self._authorization(ep, challenges, extra, fast)
+        resp = self._send(
+            ep, "GET", url, fast=fast, headers={**headers, **auth2}, stream=True, **tls
+        )
         if resp.status_code == 401:
             resp.close()
             raise self._denied(ep, self._entry(ep), f"GET {path} answered 401")
@@ -509,13 +656,14 @@ class RegistryClient:
         target = ref if want is None or ref.digest == want else ref.with_digest(want)
         errors: list[tuple[Endpoint, RegistryError]] = []
         endpoints = self.conf.endpoints(target)
-        for ep in endpoints:
+        for i, ep in enumerate(endpoints):
             try:
-                return self._manifest_at(ep, want)
+                return self._manifest_at(ep, want, _fails_fast(endpoints, i))
             except IntegrityError:
                 raise
             except RegistryError as exc:
                 errors.append((ep, exc))
+                self._moving_on(endpoints, i, exc)
         if len(errors) == 1:
             raise errors[0][1]
         if isinstance(errors[-1][1], NotFoundError):
@@ -528,17 +676,30 @@ class RegistryClient:
                 + (f"; also: {others}" if others else ""),
                 "check the repository name, tag and digest",
             )
-        detail = "; ".join(e.message for _, e in errors)
+        detail = "; ".join(f"{_role(ep)} {e.message}" for ep, e in errors)
         raise RegistryError(
-            f"{target}: no endpoint served the manifest: {detail}", errors[-1][1].hint
+            f"{target}: none of the {len(errors)} endpoints served the manifest: {detail}",
+            errors[-1][1].hint,
         )
 
-    def _manifest_at(self, ep: Endpoint, want: str | None) -> FetchedManifest:
+    def _moving_on(self, eps: list[Endpoint], i: int, exc: RegistryError) -> None:
+        """Log, once per host and client, that ``eps[i]`` failed and the next is tried."""
+        if i + 1 >= len(eps) or isinstance(exc, NotFoundError):
+            return  # the caller reports the last failure; a mirror without the tag is normal
+        ep = eps[i]
+        with self._lock:
+            if ep.host in self._logged:
+                return
+            self._logged.add(ep.host)
+        reason = exc.message.removeprefix(f"{ep.host}: ")
+        log.info("%s %s failed: %s; trying %s", _role(ep), ep.host, reason, eps[i + 1].host)
+
+    def _manifest_at(self, ep: Endpoint, want: str | None, fast: bool) -> FetchedManifest:
         ref = ep.reference
         tag_or_digest = want or ref.tag or "latest"
         what = f"manifest {ref.domain}/{ref.path}:{tag_or_digest}".replace(":sha", "@sha")
         resp = self._request(
-            ep, f"/v2/{ref.path}/manifests/{tag_or_digest}", {"Accept": MANIFEST_ACCEPT}
+            ep, f"/v2/{ref.path}/manifests/{tag_or_digest}", {"Accept": MANIFEST_ACCEPT}, fast
         )
         with resp:
             if resp.status_code != 200:
@@ -640,9 +801,10 @@ class RegistryClient:
         offset = 0
         errors: list[str] = []
         last: RegistryError | None = None
-        for ep in self._blob_endpoints(ref, desc.digest, endpoint):
+        eps = self._blob_endpoints(ref, desc.digest, endpoint)
+        for i, ep in enumerate(eps):
             try:
-                offset = self._blob_from(ep, desc, write, progress, offset)
+                offset = self._blob_from(ep, desc, write, progress, offset, _fails_fast(eps, i))
                 return
             except NotFoundError as exc:
                 last = exc
@@ -654,6 +816,7 @@ class RegistryClient:
                 offset = stop.offset
                 last = stop.error
                 errors.append(f"{ep.host}: {stop.error.message}")
+            self._moving_on(eps, i, last)
         assert last is not None
         if len(errors) == 1:
             raise last
@@ -666,6 +829,7 @@ class RegistryClient:
         write: Callable[[bytes], object],
         progress: Callable[[int], None] | None,
         offset: int,
+        fast: bool,
     ) -> int:
         path = f"/v2/{ep.reference.path}/blobs/{desc.digest}"
         what = f"blob {desc.digest} of {ep.host}/{ep.reference.path}"
@@ -681,7 +845,13 @@ class RegistryClient:
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             try:
-                resp = self._request(ep, path, headers)
+                resp = self._request(ep, path, headers, fast)
+            except UnreachableError as exc:
+                if fast:  # another endpoint remains: try it now
+                    if offset:
+                        raise _BlobProgress(offset, exc) from exc
+                    raise
+                reason = exc.message
             except TransientError as exc:
                 reason = exc.message
             else:
@@ -812,6 +982,16 @@ class RegistryClient:
                 "the registry serves wrong content; do not trust it",
             )
         return data
+
+
+def _role(ep: Endpoint) -> str:
+    return "mirror" if ep.mirror else "registry"
+
+
+def _fails_fast(eps: list[Endpoint], i: int) -> bool:
+    """Whether ``eps[i]`` is tried without retrying connect errors: a mirror that is not
+    the last endpoint. The registry itself always gets the full policy."""
+    return i + 1 < len(eps) and eps[i].mirror
 
 
 class _BlobProgress(Exception):

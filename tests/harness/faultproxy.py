@@ -79,7 +79,9 @@ class Recorded:
 
 class FaultProxy:
     """The forwarder. ``upstream`` is ``host:port``; ``upstream_tls`` a CA file to verify the
-    upstream's HTTPS (None: plain HTTP upstream); ``tls`` a (cert, key) pair to serve HTTPS."""
+    upstream's HTTPS (None: plain HTTP upstream); ``tls`` a (cert, key) pair to serve HTTPS.
+    It listens on ``address``:``port`` (0: any free port); on the scheme's default port (80,
+    443) :attr:`host` has no ``:port``."""
 
     def __init__(
         self,
@@ -87,13 +89,16 @@ class FaultProxy:
         *,
         upstream_ca: Path | None = None,
         tls: tuple[Path, Path] | None = None,
+        address: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.upstream = upstream
+        self.address = address
         self.upstream_ca = upstream_ca
         self.tls = tls
         self.faults: list[Fault] = []
         self.requests: list[Recorded] = []
-        self.port = 0
+        self.port = port
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -108,7 +113,9 @@ class FaultProxy:
     # --- addresses
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        if self.port == (443 if self.tls else 80):
+            return self.address
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -169,7 +176,7 @@ class FaultProxy:
             return self
         self._stop.clear()
         handler = type("FaultHandler", (_Handler,), {"proxy": self})
-        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        httpd = ThreadingHTTPServer((self.address, self.port), handler)
         httpd.daemon_threads = True
         if self.tls is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
