@@ -778,6 +778,12 @@ class Store:
                 for entry in self.tmp.iterdir():
                     remove_tree(entry)
                     temp_removed += 1
+            # atomic_writer temps of index.json / oci-layout left by a process killed mid-write
+            # (under the index lock: init() may be writing index.json right now)
+            with flocked(self._index_lock, what="the store index"):
+                for entry in self.oci.glob(".*.tmp"):
+                    entry.unlink(missing_ok=True)
+                    temp_removed += 1
             locks_removed = 0
             for sub in ("blobs", "layers"):
                 d = self.locks / sub

@@ -1457,6 +1457,15 @@ def checkout_command(
     from bootstrap.image.store import Store
 
     store = Store(settings.store)
+    # a DEST inside the store's own dirs would be taken for a blob (fsck: damage) or removed
+    # by gc as an unused cache entry
+    real = Path(os.path.realpath(dest))
+    for own in (store.oci, store.tmp, store.locks, store.layers):
+        if real == Path(os.path.realpath(own)) or Path(os.path.realpath(own)) in real.parents:
+            raise UsageError(
+                f"{dest} is inside the store's {own.name}/ directory",
+                "check out somewhere outside the store",
+            )
     store.init()
     image = store.image(stored_name(store, ref))
     return checkout(store, image, Path(dest), copy=copy, devices=devices)
