@@ -436,12 +436,13 @@ def small_store(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_gzip_bomb_checkout_is_contained(bomb: Path, small_store: Path, tmp_path: Path) -> None:
-    """Without a cap, extracting the bomb fills the store's file system: the checkout must end
+    """Under the bound's floor, extracting the bomb fills the store's file system: it must end
     with one clear error naming the lack of space, leave no cache temp dir and no DEST, and
     the store must stay valid; gc gives the space back."""
-    bootstrap("import", bomb, "--name", "bomb:1", store=small_store, check=True)
+    unbounded = {"BOOTSTRAP_MAX_LAYER_EXPANSION": "0"}
+    bootstrap("import", bomb, "--name", "bomb:1", store=small_store, env=unbounded, check=True)
     dest = tmp_path / "dest"
-    ran = bootstrap("checkout", "bomb:1", dest, store=small_store)
+    ran = bootstrap("checkout", "bomb:1", dest, store=small_store, env=unbounded)
     assert ran.rc != 0
     assert_clean_failure(ran, ran.rc)
     assert ran.rc in (1, INTEGRITY), ran.stderr
@@ -452,16 +453,44 @@ def test_gzip_bomb_checkout_is_contained(bomb: Path, small_store: Path, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="unpack has no bound on extracted bytes per layer/checkout: a gzip bomb with a "
-    "correct diff_id is extracted until the disk is full (bootstrap/image/unpack.py). When a "
-    "cap exists, set it below 48 MiB here (env or option) and drop this marker",
-)
 def test_gzip_bomb_is_refused_by_a_cap(bomb: Path, small_store: Path, tmp_path: Path) -> None:
-    bootstrap("import", bomb, "--name", "bomb:1", store=small_store, check=True)
-    ran = bootstrap("checkout", "bomb:1", tmp_path / "dest", store=small_store)
+    """The expansion bound (ratio 200 by default) refuses the bomb as hostile before the disk
+    fills; its floor (64 MiB by default) is lowered below this 48 MiB store's size."""
+    unbounded = {"BOOTSTRAP_MAX_LAYER_EXPANSION": "0"}
+    bootstrap("import", bomb, "--name", "bomb:1", store=small_store, env=unbounded, check=True)
+    env = {"BOOTSTRAP_LAYER_EXPANSION_FLOOR": str(4 << 20)}
+    ran = bootstrap("checkout", "bomb:1", tmp_path / "dest", store=small_store, env=env)
     assert_clean_failure(ran, INTEGRITY)  # refused as hostile before the disk fills
+    assert "decompression bomb" in ran.stderr
+    assert "BOOTSTRAP_MAX_LAYER_EXPANSION" in ran.stderr
+    assert not (tmp_path / "dest").exists()
+    assert store_leftovers(small_store) == []
+    assert Store(small_store).fsck().ok
+
+
+@pytest.mark.slow
+def test_gzip_bomb_import_is_refused(bomb: Path, small_store: Path) -> None:
+    """With the default bound (200x past 64 MiB) importing the 160 MiB-from-160 KiB layer is
+    refused as hostile while it is scanned, before anything is stored."""
+    ran = bootstrap("import", bomb, "--name", "bomb:1", store=small_store)
+    assert_clean_failure(ran, INTEGRITY)
+    assert "decompression bomb" in ran.stderr
+    assert Store(small_store).images() == []
+    assert Store(small_store).fsck().ok
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "1e9"])
+def test_expansion_bound_setting_must_be_an_integer(bomb: Path, tmp_path: Path, value: str) -> None:
+    ran = bootstrap(
+        "import",
+        bomb,
+        "--name",
+        "bomb:1",
+        store=tmp_path / "s",
+        env={"BOOTSTRAP_MAX_LAYER_EXPANSION": value},
+    )
+    assert_clean_failure(ran, USAGE)
+    assert "BOOTSTRAP_MAX_LAYER_EXPANSION" in ran.stderr
 
 
 # ---- --set values injecting unit directives ---------------------------------------------------

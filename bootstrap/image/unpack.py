@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
 from bootstrap.fsutil import remove_tree, write_atomic
@@ -78,6 +78,42 @@ class UnpackOptions:
     devices: bool = False
     same_owner: bool = field(default_factory=lambda: os.geteuid() == 0)
     xattrs: bool = True
+    expansion: ExpansionLimit = field(default_factory=lambda: ExpansionLimit.from_env())
+
+
+MAX_EXPANSION_ENV = "BOOTSTRAP_MAX_LAYER_EXPANSION"
+EXPANSION_FLOOR_ENV = "BOOTSTRAP_LAYER_EXPANSION_FLOOR"
+
+
+@dataclass(frozen=True)
+class ExpansionLimit:
+    """The decompression-bomb bound: a compressed layer may expand to at most ``ratio`` times the
+    compressed bytes read so far, once it has produced more than ``floor`` bytes (small layers of
+    zeros legitimately compress far better). Real layers expand 2-10x; gzip's own maximum is
+    ~1032x. ``ratio`` 0 disables the bound. Uncompressed layers are not bounded (nothing to
+    expand; the store's digest and size checks bound them)."""
+
+    ratio: int = 200
+    floor: int = 64 << 20
+
+    @classmethod
+    def from_env(cls) -> ExpansionLimit:
+        """``$BOOTSTRAP_MAX_LAYER_EXPANSION`` (ratio) and ``$BOOTSTRAP_LAYER_EXPANSION_FLOOR``
+        (bytes) override the defaults; a value that is not a non-negative integer is a
+        UsageError (exit 2)."""
+        default = cls()
+        return cls(
+            _env_int(MAX_EXPANSION_ENV, default.ratio), _env_int(EXPANSION_FLOOR_ENV, default.floor)
+        )
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise UsageError(f"${name}={text[:40]!r} is not a non-negative integer", f"unset {name}")
+    return int(text)
 
 
 # ---- decompressed, hashed, buffered source -----------------------------------------------------
@@ -113,19 +149,70 @@ def _decompressor(stream: BinaryIO, compression: str, layer_name: str) -> _Reade
     )
 
 
+class _Counted:
+    """A compressed input stream that counts the bytes the decompressor has taken from it."""
+
+    __slots__ = ("_stream", "count")
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._stream.read(size)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview | bytearray, /) -> int:
+        """As ``io.RawIOBase.readinto`` (gzip's buffered reader uses it)."""
+        n: int | None = cast(Any, self._stream).readinto(buffer)
+        self.count += n or 0
+        return n or 0
+
+
 class _Source:
-    """Reads the uncompressed tar stream in big chunks, hashing every byte (the diff_id)."""
+    """Reads the uncompressed tar stream in big chunks, hashing every byte (the diff_id), and
+    refuses a compressed layer that expands beyond its :class:`ExpansionLimit`."""
 
-    __slots__ = ("_buf", "_mv", "_pos", "_raw", "digest", "layer", "offset")
+    __slots__ = (
+        "_buf",
+        "_compressed",
+        "_limit",
+        "_mv",
+        "_pos",
+        "_raw",
+        "digest",
+        "layer",
+        "offset",
+        "produced",
+    )
 
-    def __init__(self, raw: _Reader, layer: str) -> None:
-        self._raw = raw
+    def __init__(
+        self, stream: BinaryIO, compression: str, layer: str, limit: ExpansionLimit
+    ) -> None:
+        """Decompress ``stream`` (``compression``: "gzip", "zstd" or "none"); IntegrityError
+        for an unknown compression."""
+        self._compressed = _Counted(stream) if compression != "none" and limit.ratio else None
+        source: BinaryIO = self._compressed if self._compressed else stream  # type: ignore[assignment]
+        self._raw = _decompressor(source, compression, layer)
+        self._limit = limit
         self._buf = b""
         self._mv = memoryview(self._buf)
         self._pos = 0
         self.offset = 0
+        self.produced = 0
         self.digest = hashlib.sha256()
         self.layer = layer
+
+    def _check_expansion(self) -> None:
+        assert self._compressed is not None
+        taken = self._compressed.count
+        if self.produced > self._limit.floor and self.produced > self._limit.ratio * taken:
+            raise IntegrityError(
+                f"layer {self.layer}: expands more than {self._limit.ratio}x "
+                f"({self.produced} bytes from {taken} compressed): refused as a decompression bomb",
+                f"if the image is trusted, raise ${MAX_EXPANSION_ENV} (0 disables the bound)",
+            )
 
     def _more(self) -> bool:
         try:
@@ -144,6 +231,9 @@ class _Source:
             ) from exc
         if not chunk:
             return False
+        self.produced += len(chunk)
+        if self._compressed is not None:
+            self._check_expansion()
         self.digest.update(chunk)
         rest = self._buf[self._pos :]
         self._buf = rest + chunk if rest else chunk
@@ -832,7 +922,7 @@ def _run_layer(
     *,
     record: bool,
 ) -> tuple[str, _LayerRecord]:
-    src = _Source(_decompressor(stream, compression, layer), layer)
+    src = _Source(stream, compression, layer, options.expansion)
     applier = _Applier(root, options, layer, record=record)
     entry = ""
     try:
@@ -914,7 +1004,7 @@ def scan_tar(
     member and return the sha256 digest of the uncompressed stream. Member names are checked
     as in :func:`apply_layer` (no '..', no absolute names, length limits, known types):
     IntegrityError (exit 4) naming ``label`` and the member otherwise."""
-    src = _Source(_decompressor(stream, compression, label), label)
+    src = _Source(stream, compression, label, ExpansionLimit.from_env())
     try:
         for e in _entries(src):
             name = _clean(e.raw_name, label, "member")
