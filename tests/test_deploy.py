@@ -205,6 +205,11 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert took < 12, f"stop took {took:.1f}s"
     assert active(node, unit) == "inactive"
     assert "c1" not in runc_list(node)
+    # the same install while stopped changes nothing either: it does not start it (as
+    # `atomic install --system` on a present container; `bootstrap up` starts what it needs)
+    ran = node.bootstrap("install", "c1", images["app:1"], env=env)
+    assert ran.rc == 0 and "nothing changed" in ran.stdout, ran.stderr
+    assert active(node, unit) == "inactive"
     assert node.systemctl("start", unit).returncode == 0
 
     # killed midway through an update (symlink left on a staged copy): the next operation on

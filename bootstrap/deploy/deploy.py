@@ -26,7 +26,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -575,9 +574,7 @@ class Deployer:
     def _install_unit(self, paths: Paths, slot: Path, unit_dir: Path) -> None:
         """Make ``slot``'s unit and tmpfiles the live ones (files only; no reload)."""
         unit_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(slot / paths.unit, unit_dir / f".{paths.unit}.tmp")
-        os.replace(unit_dir / f".{paths.unit}.tmp", unit_dir / paths.unit)
-        fsync_dir(unit_dir)
+        write_atomic(unit_dir / paths.unit, (slot / paths.unit).read_bytes())
         live_tmpfiles = tmpfiles_dir() / f"bootstrap-{paths.name}.conf"
         if (slot / TMPFILES).exists():
             live_tmpfiles.parent.mkdir(parents=True, exist_ok=True)
@@ -811,7 +808,7 @@ class Deployer:
                 )
             previous = Deployment.load(target)
             udir = Path(current.unit_dir)
-            self.manager.state(paths.unit)  # systemd must be reachable before anything changes
+            # systemd must be reachable before anything changes
             was_running = self.manager.state(paths.unit).running
             _flip(paths, target)
             try:
@@ -889,7 +886,7 @@ class Deployer:
             return []
         return sorted(p.name for p in root.iterdir() if p.is_symlink() and "." not in p.name)
 
-    def status(self, name: str, *, manager: Manager | None = None) -> ContainerStatus:
+    def status(self, name: str) -> ContainerStatus:
         """The container's deployments, unit state and runc state (problems listed, not
         raised). :class:`UsageError` when not installed."""
         paths = Paths(self.state, units.check_name(name))
@@ -907,7 +904,7 @@ class Deployer:
                 problems.append(err.message)
         unit = None
         try:
-            unit = (manager or self.manager).state(paths.unit)
+            unit = self.manager.state(paths.unit)
         except SystemdError as err:
             problems.append(err.message)
         state = None
@@ -919,13 +916,15 @@ class Deployer:
 
     def list(self) -> ListResult:
         """Every installed container with its unit state (None when systemd is unreachable)."""
-        manager: Manager | None = None
-        with contextlib.suppress(SystemdError):
-            manager = self._manager or Manager()
+        try:
+            _ = self.manager  # connect once; every status below shares it
+            reachable = True
+        except SystemdError:
+            reachable = False
         out = []
         for name in self.names():
             try:
-                if manager is None:
+                if not reachable:
                     paths = Paths(self.state, name)
                     active = paths.active()
                     dep = Deployment.load(active) if active else None
@@ -933,7 +932,7 @@ class Deployer:
                         ContainerStatus(name, dep, None, None, None, ("systemd unreachable",))
                     )
                 else:
-                    out.append(self.status(name, manager=manager))
+                    out.append(self.status(name))
             except BootstrapError as err:
                 out.append(ContainerStatus(name, None, None, None, None, (err.message,)))
         return ListResult(tuple(out))

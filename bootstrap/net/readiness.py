@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +102,10 @@ def wait_for_network(
     require_default_route: bool = True,
     resolve: Sequence[str] = (),
     interval: float = 0.5,
-    on_wait: Callable[[NetworkState, list[str]], None] | None = None,
 ) -> NetworkState:
     """Poll :func:`probe` every ``interval`` seconds until the network is ready; return its state.
 
-    ``on_wait(state, missing)`` is called after each failed probe (for progress lines). At the
-    deadline (``timeout`` seconds after the call; the first probe always happens) raises
+    At the deadline (``timeout`` seconds after the call; the first probe always happens) raises
     :class:`RegistryError` (exit 3) whose message lists the missing conditions and the node's
     routes and addresses, e.g. ``network not ready after 30s: no default route; addresses:
     eth0 198.51.100.2/24``.
@@ -125,8 +123,6 @@ def wait_for_network(
                 ", ".join(state.addresses),
             )
             return state
-        if on_wait is not None:
-            on_wait(state, missing)
         now = time.monotonic()
         if now >= deadline:
             raise RegistryError(

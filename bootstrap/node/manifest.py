@@ -41,8 +41,10 @@ from typing import Any
 
 import yaml
 
+from bootstrap.deploy import definition as defn
 from bootstrap.errors import BootstrapError, UsageError
 from bootstrap.image.reference import Reference
+from bootstrap.systemd import units
 
 MAX_BYTES = 1 << 20
 """Largest manifest accepted, in bytes."""
@@ -50,12 +52,12 @@ MAX_BYTES = 1 << 20
 MAX_NODES = 20_000
 """Largest number of YAML nodes accepted, counting every alias as the size of what it names."""
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-"""A container name: safe as a systemd unit name, a runc container id and a directory name
-(no dots, so it cannot collide with the ``NAME.0``/``NAME.1`` deployment slots)."""
+NAME_RE = units.NAME_RE
+"""A container name (the deploy stage's rule): safe as a systemd unit name, a runc container id
+and a directory name (no dots, so it cannot collide with the ``NAME.0``/``NAME.1`` slots)."""
 
-VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-"""A template variable name (a key of ``set:``)."""
+VAR_RE = defn.VAR_NAME
+"""A template variable name (a key of ``set:``; the definition's rule)."""
 
 HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
 """A registry host, optionally with a port (``registry.local:5000``)."""

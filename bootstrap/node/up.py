@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import BootstrapError, UsageError
 from bootstrap.fsutil import write_atomic
@@ -38,6 +38,10 @@ from bootstrap.node.manifest import ContainerSpec, NodeManifest, Registries
 from bootstrap.node.manifest import load as load_manifest
 from bootstrap.node.plan import plan
 from bootstrap.settings import Settings
+
+if TYPE_CHECKING:
+    from bootstrap.deploy.deploy import Deployer
+    from bootstrap.image.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +260,12 @@ def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
     return missing
 
 
-def _pull_one(store: Any, name: str) -> None:
+def _pull_one(store: Store, name: str) -> None:
     from bootstrap.image.pull import pull_image
     from bootstrap.image.reference import Reference
-    from bootstrap.image.registry import RegistryClient
 
     started = time.monotonic()
-    with RegistryClient.from_environment() as client:
-        result = pull_image(store, Reference.parse(name), client=client)
+    result = pull_image(store, Reference.parse(name))  # its own client, from the environment
     log.info(
         "up: pulled %s (%s): %d bytes in %.1fs",
         name,
@@ -301,18 +303,16 @@ def _registry_env(settings: Settings, registries: Registries) -> Iterator[None]:
 # ---- containers --------------------------------------------------------------------------------
 
 
-def _deployer(settings: Settings) -> Any:
-    """One deployer, with one systemd :class:`~bootstrap.systemd.manager.Manager`, for every
-    container: the D-Bus connection is shared process-wide and systemd accepts one
-    ``Subscribe()`` per connection, so a second Manager on it would fail to subscribe."""
+def _deployer(settings: Settings) -> Deployer:
+    """One deployer for every container of the run: its systemd Manager (created on first use)
+    is shared by the installs, state reads and starts instead of one per container."""
     from bootstrap.deploy.deploy import Deployer
     from bootstrap.image.store import Store
-    from bootstrap.systemd.manager import Manager
 
-    return Deployer(settings.state, Store(settings.store), manager=Manager())
+    return Deployer(settings.state, Store(settings.store))
 
 
-def _bring_up(deployer: Any, spec: ContainerSpec) -> ContainerOutcome:
+def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
     """Install ``spec`` (kept when identical), start it unless active, wait until ready."""
     log.info("up: %s: installing %s", spec.name, spec.image)
     try:

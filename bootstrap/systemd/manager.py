@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 SERVICE = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 
 #: How long a started unit must stay active before it counts as up (seconds). A container whose
 #: process exits at once leaves ``active`` within this time. ``$BOOTSTRAP_SETTLE_SECONDS``.
@@ -137,23 +139,41 @@ class Manager:
         """The unit's current state (``load_state`` ``not-found`` when systemd has no such unit)."""
 
         def _get() -> UnitState:
-            path = self._systemd.LoadUnit(unit)
-            obj = self._bus.get(SERVICE, path)
-            load_state = str(obj.LoadState)
+            path = str(self._systemd.LoadUnit(unit))
+            u = self._properties(path, UNIT_IFACE)
+            load_state = str(u["LoadState"])
             service = load_state == "loaded" and unit.endswith(".service")
+            s = self._properties(path, SERVICE_IFACE) if service else {}
             return UnitState(
                 name=unit,
                 load_state=load_state,
-                active_state=str(obj.ActiveState),
-                sub_state=str(obj.SubState),
-                main_pid=int(obj.MainPID) if service else 0,
-                exec_main_status=int(obj.ExecMainStatus) if service else 0,
-                n_restarts=int(obj.NRestarts) if service else 0,
-                result=str(obj.Result) if service else "",
-                unit_file_state=str(obj.UnitFileState),
+                active_state=str(u["ActiveState"]),
+                sub_state=str(u["SubState"]),
+                main_pid=int(s.get("MainPID", 0)),
+                exec_main_status=int(s.get("ExecMainStatus", 0)),
+                n_restarts=int(s.get("NRestarts", 0)),
+                result=str(s.get("Result", "")),
+                unit_file_state=str(u["UnitFileState"]),
             )
 
         return self._call(f"state of {unit}", _get)
+
+    def _properties(self, path: str, iface: str) -> dict[str, Any]:
+        """Every property of ``iface`` on the object ``path``, in one ``GetAll`` round trip
+        (a pydbus proxy would introspect the object and then fetch each property alone)."""
+        glib = self._glib
+        reply = self._bus.con.call_sync(
+            SERVICE,
+            path,
+            "org.freedesktop.DBus.Properties",
+            "GetAll",
+            glib.Variant("(s)", (iface,)),
+            glib.VariantType.new("(a{sv})"),
+            0,
+            -1,
+            None,
+        )
+        return dict(reply.unpack()[0])
 
     # ---- jobs --------------------------------------------------------------------------------
 
@@ -237,9 +257,8 @@ class Manager:
 
     def _settle(self, unit: str, settle: float) -> UnitState:
         deadline = time.monotonic() + settle
-        first = self.state(unit)
+        st = first = self.state(unit)
         while True:
-            st = self.state(unit)
             if st.active_state != "active":
                 raise self._failure(unit, f"unit is {st.active_state} ({st.sub_state})", st)
             if st.n_restarts != first.n_restarts:
@@ -247,6 +266,7 @@ class Manager:
             if time.monotonic() >= deadline:
                 return st
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            st = self.state(unit)
 
     def _failure(self, unit: str, what: str, st: UnitState | None = None) -> SystemdError:
         st = st or self.state(unit)
