@@ -43,6 +43,8 @@ SCRATCH_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.
 # Bump when the spec changes: the cached layout is rebuilt.
 BENCH_IMAGE_VERSION = 2
 BENCH_TAG = "bench"
+RSS_TARGET = 100 * 1000 * 1000
+"""Peak RSS target of every ``bootstrap`` command measured (bytes)."""
 
 
 def bench_spec() -> ImageSpec:
@@ -92,6 +94,28 @@ def insecure_registries_conf(directory: Path, host: str) -> Path:
     path = directory / "registries.conf"
     path.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
     return path
+
+
+@contextlib.contextmanager
+def served_bench_image(layout: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The image tagged ``bench`` in ``layout`` pushed to a fresh :func:`plain_registry`; yields
+    (its reference, the environment for ``bootstrap`` to pull it over plain HTTP)."""
+    with plain_registry() as reg, scratch("bench-conf-") as work:
+        reg.push(layout, BENCH_TAG, "bench/image:latest")
+        conf = insecure_registries_conf(work, reg.host)
+        yield f"{reg.host}/bench/image:latest", {"REGISTRIES_CONFIG_PATH": str(conf)}
+
+
+def skopeo_copy_argv(ref: str, layout: Path) -> list[str]:
+    """``skopeo copy`` of ``docker://REF`` (plain HTTP) into the OCI layout ``layout`` as ``t``."""
+    return [
+        "skopeo",
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        f"docker://{ref}",
+        f"oci:{layout}:t",
+    ]
 
 
 @contextlib.contextmanager

@@ -17,22 +17,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    BENCH_TAG,
     BOOTSTRAP,
+    RSS_TARGET,
     bench_image,
     check,
     human,
-    insecure_registries_conf,
     layout_size,
     log,
     machine_note,
     median,
-    plain_registry,
     scratch,
+    served_bench_image,
+    skopeo_copy_argv,
     timed,
 )
-
-RSS_TARGET = 100 * 1000 * 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = bench_image()
     size = layout_size(layout)
     print(f"image: {human(size)} of blobs, 5 layers; {machine_note()}")
-    with plain_registry() as reg, scratch("bench-pull-") as work:
-        reg.push(layout, BENCH_TAG, "bench/image:latest")
-        ref = f"{reg.host}/bench/image:latest"
-        env = {"REGISTRIES_CONFIG_PATH": str(insecure_registries_conf(work, reg.host))}
+    with served_bench_image(layout) as (ref, env):
 
         def ours(i: int) -> tuple[float, int]:
             with scratch("bench-ours-") as d:
@@ -55,15 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def skopeo(i: int) -> tuple[float, int]:
             with scratch("bench-skopeo-") as d:
-                argv = [
-                    "skopeo",
-                    "copy",
-                    "--quiet",
-                    "--src-tls-verify=false",
-                    f"docker://{ref}",
-                    f"oci:{d}/oci:t",
-                ]
-                run = check(timed(argv), "skopeo copy")
+                run = check(timed(skopeo_copy_argv(ref, d / "oci")), "skopeo copy")
             return run.seconds, run.max_rss
 
         ours(-1)  # warm-up (imports, registry caches), not counted

@@ -30,20 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     BENCH_TAG,
     BOOTSTRAP,
+    RSS_TARGET,
     bench_image,
     check,
     human,
-    insecure_registries_conf,
     layout_size,
     log,
     machine_note,
     median,
-    plain_registry,
     scratch,
+    served_bench_image,
+    skopeo_copy_argv,
     timed,
 )
-
-RSS_TARGET = 100 * 1000 * 1000
 
 
 def layer_blobs(layout: Path, tag: str) -> list[Path]:
@@ -69,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         k: [] for k in ("pull", "checkout", "warm", "skopeo", "umoci", "tar")
     }
     rss: dict[str, list[int]] = {k: [] for k in ("pull", "checkout", "warm", "skopeo", "umoci")}
-    with plain_registry() as reg, scratch("bench-unpack-") as work:
-        reg.push(layout, BENCH_TAG, "bench/image:latest")
-        ref = f"{reg.host}/bench/image:latest"
-        env = {"REGISTRIES_CONFIG_PATH": str(insecure_registries_conf(work, reg.host))}
+    with served_bench_image(layout) as (ref, env):
 
         def ours(record: bool) -> None:
             with scratch("bench-ours-") as d:
@@ -93,19 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def reference(record: bool) -> None:
             with scratch("bench-ref-") as d:
-                sk = check(
-                    timed(
-                        [
-                            "skopeo",
-                            "copy",
-                            "--quiet",
-                            "--src-tls-verify=false",
-                            f"docker://{ref}",
-                            f"oci:{d}/oci:t",
-                        ]
-                    ),
-                    "skopeo copy",
-                )
+                sk = check(timed(skopeo_copy_argv(ref, d / "oci")), "skopeo copy")
                 um = check(
                     timed(["umoci", "unpack", "--image", f"{d}/oci:t", d / "bundle"]),
                     "umoci unpack",

@@ -5,13 +5,8 @@ leaves a valid store and a rerun completes."""
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import re
 import signal
-import socket
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +16,8 @@ import pytest
 
 from bootstrap.image.store import Store
 from bootstrap.locks import flocked
-from tests.harness.cli import BOOTSTRAP, bootstrap
+from tests.harness.cli import bootstrap, finish, spawn
+from tests.harness.crashloop import ThrottledRelay
 from tests.harness.imagebuilder import (
     BuiltImage,
     File,
@@ -30,12 +26,12 @@ from tests.harness.imagebuilder import (
     busybox_spec,
     random_content,
 )
-from tests.harness.registry import Registry
-from tests.test_pull import client_env
+from tests.harness.registry import Registry, client_env
 
 pytestmark = pytest.mark.slow
 
 SHARED_SIZE = 24 * 1024 * 1024
+FINISH_TIMEOUT = 120  # seconds a spawned bootstrap command may take
 _BLOB_GET = re.compile(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64}) HTTP/[\d.]+" (\d{3})')
 
 
@@ -79,21 +75,6 @@ def images(
     return Images(reg, built, refs, built[0].layers[1])
 
 
-def start_pull(store: Path, ref: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(BOOTSTRAP), "--store", str(store), "pull", ref],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
 def wait_for(cond: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -115,13 +96,13 @@ def test_parallel_pulls_fetch_each_blob_once(images: Images, tmp_path: Path) -> 
     # Hold the shared layer's lock so all three pulls are surely in flight together when it
     # becomes available; then exactly one of them may fetch it.
     with flocked(store.locks / "blobs" / f"sha256-{images.shared[7:]}.lock"):
-        procs = [start_pull(store.root, ref, env) for ref in images.refs]
+        procs = [spawn("pull", ref, store=store.root, env=env) for ref in images.refs]
         wait_for(
             lambda: all(store.has_blob(b.layers[2]) for b in images.built),
             what="every pull to store its own layer",
         )
         time.sleep(0.3)
-    results = [finish(p) for p in procs]
+    results = [finish(p, FINISH_TIMEOUT) for p in procs]
     for (rc, out, err), built in zip(results, images.built, strict=True):
         assert rc == 0, err
         assert out.strip() == built.digest
@@ -140,20 +121,15 @@ def test_gc_during_pull_loses_nothing(images: Images, tmp_path: Path) -> None:
     env = client_env(images.registry, tmp_path)
     built = images.built[0]
     with flocked(store.locks / "blobs" / f"sha256-{images.shared[7:]}.lock"):
-        pull = start_pull(store.root, images.refs[0], env)
+        pull = spawn("pull", images.refs[0], store=store.root, env=env)
         wait_for(lambda: store.has_blob(built.layers[2]), what="the pull's own layer")
-        gc = subprocess.Popen(
-            [str(BOOTSTRAP), "--json", "--store", str(store.root), "gc"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        gc = spawn("--json", "gc", store=store.root)
         time.sleep(1.0)
         assert gc.poll() is None, "gc must wait while a pull uses the store"
         assert store.has_blob(built.config_digest) and store.has_blob(orphan.digest)
-    rc, _, err = finish(pull)
+    rc, _, err = finish(pull, FINISH_TIMEOUT)
     assert rc == 0, err
-    rc, gc_out, err = finish(gc)
+    rc, gc_out, err = finish(gc, FINISH_TIMEOUT)
     assert rc == 0, err
     assert '"blobs_removed": 1' in gc_out  # the orphan only
     assert not store.has_blob(orphan.digest)
@@ -162,53 +138,12 @@ def test_gc_during_pull_loses_nothing(images: Images, tmp_path: Path) -> None:
     assert all(store.has_blob(layer.digest) for layer in image.manifest.layers)
 
 
-class SlowRelay:
-    """A TCP relay to ``target`` that sends the server's bytes on at ``rate`` bytes/s, so a
-    download stays in flight long enough to act on it."""
-
-    def __init__(self, target: tuple[str, int], rate: int) -> None:
-        self.target, self.rate = target, rate
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, 0), daemon=True).start()
-            threading.Thread(
-                target=self._pipe, args=(upstream, client, self.rate), daemon=True
-            ).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, rate: int) -> None:
-        with contextlib.suppress(OSError):
-            while not self.closing:
-                data = src.recv(16384)
-                if not data:
-                    break
-                dst.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.closing = True
-        self.listener.close()
-
-
 @pytest.fixture
 def slow_images(
     images: Images, tmp_path: Path
 ) -> Iterator[tuple[Images, list[str], dict[str, str]]]:
-    relay = SlowRelay(("127.0.0.1", images.registry.port), 8 * 1024 * 1024)
-    host = f"127.0.0.1:{relay.port}"
+    relay = ThrottledRelay(("127.0.0.1", images.registry.port), 8 * 1024 * 1024)
+    host = relay.host
     assert images.registry.ca_cert is not None
     certs = tmp_path / "relay-certs.d" / host
     certs.mkdir(parents=True)
@@ -233,7 +168,7 @@ def test_sigkill_mid_download_leaves_a_valid_store(
     def partial() -> bool:
         return store.tmp.is_dir() and any(p.stat().st_size > 1 << 20 for p in store.tmp.iterdir())
 
-    pull = start_pull(store.root, refs[0], env)
+    pull = spawn("pull", refs[0], store=store.root, env=env)
     wait_for(partial, what="a partly downloaded blob")
     pull.send_signal(signal.SIGKILL)
     pull.wait(10)
@@ -252,14 +187,14 @@ def test_pulls_and_gcs_racing(
 ) -> None:
     images, refs, env = slow_images
     store = Store(tmp_path / "store")
-    procs = [start_pull(store.root, ref, env) for ref in refs]
+    procs = [spawn("pull", ref, store=store.root, env=env) for ref in refs]
     gcs = 0
     while any(p.poll() is None for p in procs):
         ran = bootstrap("gc", store=store.root)
         assert ran.rc == 0, ran.stderr
         gcs += 1
     for p, built in zip(procs, images.built, strict=True):
-        rc, out, err = finish(p)
+        rc, out, err = finish(p, FINISH_TIMEOUT)
         assert rc == 0, err
         assert out.strip() == built.digest
     assert gcs >= 1

@@ -3,7 +3,8 @@
 The end-to-end test runs the console script with ``--state`` pointing at a persistent directory
 under ``REPO/.cache/demo-state`` (so the demo's image cache survives between test runs; the
 machine rootfs cache is seeded with a hard link to the node harness's cache, which has the same
-key). Whatever the test leaves behind is torn down with ``demo --down``.
+key, and the image cache with links to tests/harness/cri.py's .debs and image layouts). Whatever
+the test leaves behind is torn down with ``demo --down``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ import pytest
 
 from bootstrap.demo import machine as m
 from bootstrap.locks import flocked
+from tests.harness import cri
 from tests.harness.cli import bootstrap
 from tests.harness.node import REPO, rootfs_tarball
 
 STATE = REPO / ".cache" / "demo-state"
+
+
+def _link(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def _seed_cache(state: Path) -> None:
@@ -33,10 +42,20 @@ def _seed_cache(state: Path) -> None:
     src = rootfs_tarball()
     dest = cache / src.name
     if not dest.exists():
-        try:
-            os.link(src, dest)
-        except OSError:
-            shutil.copyfile(src, dest)
+        _link(src, dest)
+    # the demo builds the same CRI images as tests/harness/cri.py (same builders, same keys):
+    # start from that cache's .debs and finished layouts rather than fetch and build them again
+    images = state / "demo" / "images"
+    (images / "debs").mkdir(parents=True, exist_ok=True)
+    for deb in cri.CACHE.glob("debs/*.deb"):
+        if not (images / "debs" / deb.name).exists():
+            _link(deb, images / "debs" / deb.name)
+    for layout in [*cri.CACHE.glob("ocid-*"), *cri.CACHE.glob("standin-*")]:
+        if layout.is_dir() and not (images / layout.name).exists():
+            tmp = images / f".{layout.name}.seed"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(layout, tmp, copy_function=_link)
+            os.rename(tmp, images / layout.name)
 
 
 def _record(state: Path) -> dict | None:

@@ -23,24 +23,9 @@ from tests.harness.imagebuilder import (
     busybox_spec,
     random_content,
 )
-from tests.harness.registry import Registry, free_port
+from tests.harness.registry import Registry, client_env, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def client_env(reg: Registry, tmp_path: Path) -> dict[str, str]:
-    """Environment for ``bootstrap`` to reach ``reg``: plain HTTP marked insecure in a private
-    registries.conf, its CA through certs.d, its credentials through an auth file."""
-    conf = tmp_path / f"registries-{reg.port}.conf"
-    if reg.mode == "plain":
-        conf.write_text(f'[[registry]]\nlocation = "{reg.host}"\ninsecure = true\n')
-    else:
-        conf.write_text("")
-    env = {"REGISTRIES_CONFIG_PATH": str(conf)}
-    if reg.certs_d is not None:
-        env["BOOTSTRAP_CERTS_D"] = str(reg.certs_d)
-    env["REGISTRY_AUTH_FILE"] = str(reg.auth_file or tmp_path / "no-auth.json")
-    return env
 
 
 def repo_name(request: pytest.FixtureRequest) -> str:

@@ -7,7 +7,6 @@ archive. Complements tests/test_concurrency_store.py (3 pulls, gc vs one pull)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from bootstrap.image.store import Store
 from tests.harness import treediff
-from tests.harness.cli import BOOTSTRAP, bootstrap
+from tests.harness.cli import bootstrap, finish, spawn
 from tests.harness.crashloop import (
     ThrottledRelay,
     registries_env,
@@ -41,6 +40,7 @@ from tests.harness.registry import Registry
 pytestmark = pytest.mark.slow
 
 N = 8
+FINISH_TIMEOUT = 180  # seconds a spawned bootstrap command may take
 
 
 @dataclass
@@ -82,31 +82,14 @@ def eight(
         )
 
 
-def spawn(
-    store: Path, *argv: str | Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(BOOTSTRAP), "--store", str(store), *map(str, argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def finish(p: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str, str]:
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
-
-
 def test_eight_pulls_fetch_every_blob_once(eight: Eight, tmp_path: Path) -> None:
     store = tmp_path / "store"
     # the first fetch of each shared layer answers late: all 8 pulls pile up behind it
     for digest in eight.shared:
         eight.proxy.add("delay", digest, seconds=1.0)
     started = time.monotonic()
-    procs = [spawn(store, "pull", ref, env=eight.env) for ref in eight.refs]
-    results = [finish(p) for p in procs]
+    procs = [spawn("pull", ref, store=store, env=eight.env) for ref in eight.refs]
+    results = [finish(p, FINISH_TIMEOUT) for p in procs]
     elapsed = time.monotonic() - started
     for (rc, out, err), b in zip(results, eight.built, strict=True):
         assert rc == 0, err
@@ -139,7 +122,7 @@ def test_gc_racing_pulls_and_checkouts_loses_nothing(eight: Eight, tmp_path: Pat
 
     def launch() -> None:
         for argv in todo:
-            started.append(spawn(store, *argv, env=eight.env))
+            started.append(spawn(*argv, store=store, env=eight.env))
             time.sleep(0.4)
 
     launcher = threading.Thread(target=launch)
@@ -153,12 +136,12 @@ def test_gc_racing_pulls_and_checkouts_loses_nothing(eight: Eight, tmp_path: Pat
     procs = [p for p, argv in zip(started, todo, strict=True) if argv[0] == "pull"]
     checkouts = [p for p, argv in zip(started, todo, strict=True) if argv[0] == "checkout"]
     for p, b in zip(procs, eight.built[1:], strict=True):
-        rc, out, err = finish(p)
+        rc, out, err = finish(p, FINISH_TIMEOUT)
         assert rc == 0, err
         assert out.strip() == b.digest
     reference = None
     for i, p in enumerate(checkouts):
-        rc, _, err = finish(p)
+        rc, _, err = finish(p, FINISH_TIMEOUT)
         assert rc == 0, err
         snap = treediff.snapshot(tmp_path / f"co{i}")
         reference = reference or snap
@@ -178,9 +161,10 @@ def test_eight_checkouts_share_the_layer_cache(eight: Eight, tmp_path: Path) -> 
     store = tmp_path / "store"
     bootstrap("pull", eight.refs[0], store=store, env=eight.env, check=True)
     procs = [
-        spawn(store, "--json", "checkout", eight.refs[0], tmp_path / f"root{i}") for i in range(N)
+        spawn("--json", "checkout", eight.refs[0], tmp_path / f"root{i}", store=store)
+        for i in range(N)
     ]
-    results = [finish(p) for p in procs]
+    results = [finish(p, FINISH_TIMEOUT) for p in procs]
     extracted = 0
     for rc, out, err in results:
         assert rc == 0, err
@@ -199,8 +183,8 @@ def test_eight_checkouts_racing_for_one_dest(eight: Eight, tmp_path: Path) -> No
     store = tmp_path / "store"
     bootstrap("pull", eight.refs[1], store=store, env=eight.env, check=True)
     dest = tmp_path / "rootfs"
-    procs = [spawn(store, "checkout", eight.refs[1], dest) for _ in range(N)]
-    results = [finish(p) for p in procs]
+    procs = [spawn("checkout", eight.refs[1], dest, store=store) for _ in range(N)]
+    results = [finish(p, FINISH_TIMEOUT) for p in procs]
     codes = sorted(rc for rc, _, _ in results)
     assert codes == [0] + [2] * (N - 1), [(rc, err) for rc, _, err in results]
     for rc, _, err in results:
@@ -219,10 +203,10 @@ def test_parallel_imports_of_one_archive(tmp_path: Path) -> None:
         "conc/imported:1",
     )
     store = tmp_path / "store"
-    procs = [spawn(store, "--json", "import", archive) for _ in range(4)]
+    procs = [spawn("--json", "import", archive, store=store) for _ in range(4)]
     digests = set()
     for p in procs:
-        rc, out, err = finish(p)
+        rc, out, err = finish(p, FINISH_TIMEOUT)
         assert rc == 0, err
         digests.add(json.loads(out)["images"][0]["digest"])
     assert len(digests) == 1
@@ -245,16 +229,16 @@ def test_puller_killed_holding_a_blob_lock_hands_over(
         env = registries_env(tmp_path, relay.host)
         ref = f"{relay.host}/eight/handover:1"
         store = tmp_path / "store"
-        first = spawn(store, "pull", ref, env=env)
+        first = spawn("pull", ref, store=store, env=env)
         deadline = time.monotonic() + 30
         while not tmp_file_at_least(store, 256 << 10)():
             assert time.monotonic() < deadline and first.poll() is None, "no download seen"
             time.sleep(0.005)
-        second = spawn(store, "pull", ref, env=env)
+        second = spawn("pull", ref, store=store, env=env)
         time.sleep(0.5)  # the second is now waiting on blob locks the first holds
         first.kill()
         first.wait(10)
-        rc, out, err = finish(second)
+        rc, out, err = finish(second, FINISH_TIMEOUT)
     assert rc == 0, err
     assert out.strip() == built.digest
     st = Store(store)

@@ -379,19 +379,17 @@ def write_docker_archive(spec: ImageSpec, dest: Path, repo_tag: str) -> None:
     fsync_dir(dest.parent)
 
 
-def cached_archive(
-    cache: Path, kind: str, key: str, build: Callable[[Path], None], *, suffix: str = ".tar"
-) -> Path:
+def cached_archive(cache: Path, kind: str, key: str, build: Callable[[Path], object]) -> Path:
     """``cache/KIND-KEY.tar``, made by ``build(path)`` when missing (under an flock on
     ``cache/.lock``; ``build`` writes ``path`` atomically). Older ``KIND-*`` files go."""
-    final = cache / f"{kind}-{key}{suffix}"
+    final = cache / f"{kind}-{key}.tar"
     if final.is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
     with flocked(cache / ".lock", timeout=3600, what=f"the demo image cache ({cache})"):
         if not final.is_file():
             build(final)
-            for old in cache.glob(f"{kind}-*{suffix}"):
+            for old in cache.glob(f"{kind}-*.tar"):
                 if old != final:
                     with contextlib.suppress(FileNotFoundError):
                         old.unlink()
@@ -460,12 +458,8 @@ def busybox_image(cache: Path, ref_name: str) -> Path:
     spec = busybox_spec()
     key = hashlib.sha256(f"{spec.key()} {ref_name}".encode()).hexdigest()[:16]
     return cached_archive(
-        cache, "busybox", key, lambda dest: _void(write_oci_archive(spec, dest, ref_name))
+        cache, "busybox", key, lambda dest: write_oci_archive(spec, dest, ref_name)
     )
-
-
-def _void(_: object) -> None:
-    return None
 
 
 # ---- Debian packages ---------------------------------------------------------------------------
@@ -518,11 +512,6 @@ def debs(packages: Sequence[str], debs_dir: Path) -> list[Path]:
                 )
             paths.append(found[-1])
     return paths
-
-
-def deb(package: str, debs_dir: Path) -> Path:
-    """The .deb of ``package`` (see :func:`debs`)."""
-    return debs([package], debs_dir)[0]
 
 
 def extract_deb(path: Path, dest: Path) -> None:

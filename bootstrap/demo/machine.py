@@ -161,12 +161,6 @@ def rootfs_key() -> str:
     return h.hexdigest()[:16]
 
 
-def cached_rootfs(cache_dir: Path) -> Path | None:
-    """The customised rootfs tarball in ``cache_dir`` when it is there, else None."""
-    final = cache_dir / f"rootfs-{rootfs_key()}.tar"
-    return final if final.is_file() else None
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -19,6 +19,7 @@ What the images hold is described in :mod:`bootstrap.demo.images`; the stand-in'
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 from collections.abc import Sequence
@@ -41,22 +42,11 @@ from bootstrap.demo.images import (  # noqa: F401  (re-exported: part of this mo
     STANDIN_WRAPPER,
     CachedImage,
 )
+from bootstrap.runtime.config import DEFAULT_MOUNTS
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "cri"
 STANDIN_SRC = demo.STANDIN_SRC
-
-
-def deb(package: str) -> Path:
-    """The .deb of ``package`` (the candidate version) in ``.cache/cri/debs``, downloaded with
-    ``apt-get download`` when missing."""
-    return images.deb(package, CACHE / "debs")
-
-
-def extract_debs(packages: Sequence[str], dest: Path) -> None:
-    """``dpkg-deb -x`` each package's .deb into ``dest`` (created)."""
-    for p in packages:
-        images.extract_deb(deb(p), dest)
 
 
 def pause_archive() -> Path:
@@ -101,35 +91,20 @@ def bounding_caps() -> list[str]:
 
 def host_daemon_config(rootfs: Path, dirs: dict[str, Path], args: Sequence[str]) -> dict[str, Any]:
     """A runc ``config.json`` running the CRI daemon image on this host without systemd (RECIPES'
-    config: bounding-set caps, no rlimits, host network, own pid namespace, /sys/fs/cgroup rbind
-    rw, rw binds of ``dirs`` (container path -> host path), the host's /etc/hosts and
-    /etc/resolv.conf)."""
+    config: bounding-set caps, no rlimits, host network, own pid namespace, /sys rw and
+    /sys/fs/cgroup rbind rw over the product's other ``DEFAULT_MOUNTS``, rw binds of ``dirs``
+    (container path -> host path), the host's /etc/hosts and /etc/resolv.conf)."""
     caps = bounding_caps()
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {
-            "destination": "/dev",
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-        },
-        {
-            "destination": "/dev/pts",
-            "type": "devpts",
-            "source": "devpts",
-            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
-        },
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue"},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid"]},
-        {
+    overrides: dict[str, dict[str, Any]] = {  # containerd writes both
+        "/sys": {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid"]},
+        "/sys/fs/cgroup": {
             "destination": "/sys/fs/cgroup",
             "type": "bind",
             "source": "/sys/fs/cgroup",
             "options": ["rbind", "rw"],
         },
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
-    ]
+    }
+    mounts = [overrides.get(m["destination"], copy.deepcopy(m)) for m in DEFAULT_MOUNTS]
     for dest, src in dirs.items():
         mounts.append(
             {"destination": dest, "type": "bind", "source": str(src), "options": ["rbind", "rw"]}

@@ -601,6 +601,21 @@ class Registry:
         return self.put_manifest(repo, ref, blob.read_bytes(), media_type)
 
 
+def client_env(reg: Registry, tmp: Path) -> dict[str, str]:
+    """Environment for ``bootstrap`` to reach ``reg``: plain HTTP marked insecure in a private
+    registries.conf, its CA through certs.d, its credentials through an auth file."""
+    conf = tmp / f"registries-{reg.port}.conf"
+    if reg.mode == "plain":
+        conf.write_text(f'[[registry]]\nlocation = "{reg.host}"\ninsecure = true\n')
+    else:
+        conf.write_text("")
+    env = {"REGISTRIES_CONFIG_PATH": str(conf)}
+    if reg.certs_d is not None:
+        env["BOOTSTRAP_CERTS_D"] = str(reg.certs_d)
+    env["REGISTRY_AUTH_FILE"] = str(reg.auth_file or tmp / "no-auth.json")
+    return env
+
+
 @atexit.register
 def stop_all() -> None:
     """Stop every registry this process started and did not stop yet."""
