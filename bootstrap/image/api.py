@@ -81,8 +81,10 @@ def stored_name(store: Store, text: str) -> str:
     from bootstrap.image.reference import Reference, has_explicit_domain
 
     name = str(Reference.parse(text))
+    if has_explicit_domain(text):
+        return name  # no candidates to look for: the index is read once, by the caller
     known = {ref.name for ref in store.images()}
-    if name in known or has_explicit_domain(text):
+    if name in known:
         return name
     try:
         candidates = registries.load().unqualified_search(text)
@@ -105,12 +107,15 @@ def pull(settings: Settings, ref: str, *, platform: str | None = None) -> PullRe
     store = Store(settings.store)
     with RegistryClient.from_environment() as client:
         candidates = client.conf.unqualified_search(ref)
+        fetched = None
         if len(candidates) > 1:
-            reference, _ = client.resolve(ref)
+            reference, fetched = client.resolve(ref)  # the manifest found is the one pulled
         elif candidates:
             reference = candidates[0]
         with make_progress(settings) as progress:
-            result = pull_image(store, reference, platform=plat, client=client, progress=progress)
+            result = pull_image(
+                store, reference, platform=plat, client=client, progress=progress, fetched=fetched
+            )
     # logged after the bars are gone, so the line is not drawn over
     log.info(
         "pulled %s (%s): %s",

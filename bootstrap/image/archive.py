@@ -378,7 +378,7 @@ def _import_docker_image(
     layers: list[Descriptor] = []
     for layer_name, diff_id in zip(layer_names, config.diff_ids, strict=True):
         layers.append(_docker_layer(store, reader, layer_name, diff_id))
-    cdesc = store.put_blob(config_bytes, OCI_CONFIG)
+    cdesc = store.put_blob(config_bytes, OCI_CONFIG, digest=config_digest)
     return [_tag_manifest(store, n, cdesc, layers) for n in names]
 
 
@@ -530,6 +530,4 @@ def _copy_tree(store: Store, reader: _Members, desc: Descriptor, depth: int) -> 
                 Descriptor(blob.media_type, blob.digest, blob.size),
                 reader.fetch(_blob_member(blob.digest), "blob"),
             )
-    store.ensure_blob(
-        Descriptor(desc.media_type, desc.digest, desc.size), reader.fetch(member, "manifest")
-    )
+    store.put_blob(data, desc.media_type, digest=desc.digest)  # verified above: no re-read

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import BootstrapError, RegistryError, UsageError
+
+log = logging.getLogger(__name__)
 
 MIN_TOKEN_LIFETIME = 60.0
 MAX_AUTH_FILE_BYTES = 1024 * 1024
@@ -236,7 +239,8 @@ def _run_helper(helper: str, host: str, source: str) -> AuthEntry | None:
             check=False,
             timeout=30,
         )
-    except BootstrapError:
+    except BootstrapError as exc:  # helper missing or hung: carry on without credentials
+        log.debug("credential helper for %s skipped: %s", host, exc.message)
         return None
     if proc.returncode != 0:
         return None  # "credentials not found in native keychain"
@@ -266,9 +270,7 @@ def load_credentials(
         try:
             with open(path, "rb") as fh:
                 data = fh.read(MAX_AUTH_FILE_BYTES + 1)
-        except FileNotFoundError:
-            continue
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
             raise UsageError(

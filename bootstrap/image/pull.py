@@ -42,7 +42,7 @@ from bootstrap.progress import Progress
 
 if TYPE_CHECKING:
     from bootstrap.image.reference import Reference
-    from bootstrap.image.registry import RegistryClient
+    from bootstrap.image.registry import FetchedManifest, RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def pull_image(
     client: RegistryClient | None = None,
     progress: Progress | None = None,
     jobs: int = 4,
+    fetched: FetchedManifest | None = None,
 ) -> PullResult:
     """Pull ``reference`` into ``store`` and tag it as ``str(reference)``; return what was pulled.
 
@@ -123,6 +124,8 @@ def pull_image(
     converted manifest), the entry's ``io.bootstrap.source.digest`` annotation keeps the
     registry's digest (what ``pull`` prints, what ``REF@DIGEST`` pins). Pulling the same
     reference for another ``platform`` re-points the tag at that platform's manifest.
+    ``fetched``: the manifest of ``reference`` when the caller already has it from ``client``
+    (e.g. :meth:`RegistryClient.resolve`), so it is not fetched again.
 
     Raises :class:`RegistryError` (exit 3) for registry/network failures,
     :class:`IntegrityError` (exit 4) for content that does not match its digest or size (nothing
@@ -134,7 +137,13 @@ def pull_image(
 
         with RegistryClient.from_environment() as own:
             return pull_image(
-                store, reference, platform=platform, client=own, progress=progress, jobs=jobs
+                store,
+                reference,
+                platform=platform,
+                client=own,
+                progress=progress,
+                jobs=jobs,
+                fetched=fetched,
             )
     from bootstrap.image import manifest as mf
 
@@ -143,7 +152,8 @@ def pull_image(
     started = time.monotonic()
     store.init()
     with store.using():
-        fetched = client.get_manifest(reference)
+        if fetched is None:
+            fetched = client.get_manifest(reference)
         if reference.digest and fetched.digest != reference.digest:
             raise IntegrityError(
                 f"{name}: the registry served manifest {fetched.digest}",

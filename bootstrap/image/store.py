@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
-from bootstrap.fsutil import atomic_writer, fsync_dir, remove_tree
+from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
 from bootstrap.image.model import (
     DOCKER_CONFIG,
     INDEX_TYPES,
@@ -64,6 +64,7 @@ from bootstrap.image.model import (
     check_digest,
 )
 from bootstrap.locks import flocked
+from bootstrap.progress import human_size
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class GcReport:
 
     def to_text(self) -> str:
         return (
-            f"removed {self.blobs_removed} blobs ({_human(self.bytes_freed)}), "
+            f"removed {self.blobs_removed} blobs ({human_size(self.bytes_freed)}), "
             f"{self.layers_removed} cached layers, {self.temp_removed} temp files; "
             f"{self.blobs_kept} blobs kept"
         )
@@ -180,7 +181,7 @@ class FsckReport:
 
     def to_text(self) -> str:
         head = (
-            f"checked {self.blobs_checked} blobs ({_human(self.bytes_checked)}), "
+            f"checked {self.blobs_checked} blobs ({human_size(self.bytes_checked)}), "
             f"{self.refs_checked} refs: "
         )
         if self.ok:
@@ -189,15 +190,6 @@ class FsckReport:
                 tail += f" ({self.unreferenced} unreferenced blobs; 'bootstrap gc' removes them)"
             return head + tail
         return head + f"{len(self.findings())} problems\n" + "\n".join(self.findings())
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 # ---- process-wide re-entrant holds of the store lock -------------------------------------------
@@ -248,7 +240,7 @@ class Store:
             with flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
                 if not layout.exists():
                     data = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
-                    _write_file_atomic(layout, data)
+                    write_atomic(layout, data)
         if not self._index_path.exists():
             with flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
                 if not self._index_path.exists():
@@ -399,8 +391,7 @@ class Store:
         The file is fsynced and renamed into ``blobs/``. On any failure (including errors raised
         by ``fetch``, which propagate unchanged) the temp file is removed and nothing is stored.
         """
-        check_digest(desc.digest)
-        path = self.blob_path(desc.digest)
+        path = self.blob_path(desc.digest)  # IntegrityError for a malformed digest
         self.init()
         with self.using(), self._blob_lock(desc.digest):
             if self._present(desc, path):
@@ -529,7 +520,7 @@ class Store:
 
     def _write_index(self, manifests: list[dict[str, Any]]) -> None:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
-        _write_file_atomic(self._index_path, json.dumps(doc, indent=2).encode() + b"\n")
+        write_atomic(self._index_path, json.dumps(doc, indent=2).encode() + b"\n")
 
     def tag(self, name: str, desc: Descriptor) -> None:
         """Point ``name`` (a normalized reference) at ``desc`` in index.json, replacing any
@@ -882,8 +873,3 @@ def _hash_file(path: Path, digest: str) -> str:
         while chunk := fh.read(_CHUNK):
             hasher.update(chunk)
     return f"{alg}:{hasher.hexdigest()}"
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    with atomic_writer(path) as fh:
-        fh.write(data)
