@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: debug)")
-    g.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write("\n")
         else:
             text = result.to_text()
-            if text and verbosity >= 0:
+            if text:  # the result itself; -q silences only progress and log lines
                 print(text)
         return int(ExitCode.OK)
     except BootstrapError as err:

@@ -101,6 +101,15 @@ def test_cli_unexpected_exception_is_one_line(tmp_path: Path) -> None:
     assert len(ran.stderr.strip().splitlines()) <= 2
 
 
+def test_cli_quiet_keeps_the_result(tmp_path: Path) -> None:
+    """-q silences progress and logs, not the answer (as podman pull -q prints the ID)."""
+    loud = bootstrap("gc", store=tmp_path / "s", check=True)
+    quiet = bootstrap("-q", "gc", store=tmp_path / "s", check=True)
+    assert quiet.stdout == loud.stdout
+    assert quiet.stdout.strip()
+    assert quiet.stderr == ""
+
+
 def test_cli_help_lists_the_contract() -> None:
     ran = bootstrap("--help", check=True)
     for cmd in ("pull", "import", "images", "rmi", "gc", "fsck", "checkout"):
