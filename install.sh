@@ -68,9 +68,13 @@ step "linked /usr/local/bin/bootstrap -> $venv/bin/bootstrap"
 if [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
   if compgen -G "$here/units/*.service" >/dev/null; then
     step "installing units into /etc/systemd/system"
-    install -m 0644 "$here"/units/*.service /etc/systemd/system/
+    install -m 0644 "$here"/units/*.service "$here"/units/*.timer /etc/systemd/system/
     systemctl daemon-reload
-    for u in "$here"/units/*.service; do systemctl enable "$(basename "$u")" >/dev/null; done
+    # services with an [Install] section are enabled; the auto-update timer is enabled by
+    # `bootstrap up` when the node manifest asks for it (auto_update: {timer: true})
+    for u in "$here"/units/*.service; do
+      grep -q '^\[Install\]' "$u" && systemctl enable "$(basename "$u")" >/dev/null
+    done
   fi
 else
   step "systemd is not PID 1 here: skipping unit installation"

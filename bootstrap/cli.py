@@ -108,7 +108,14 @@ def _install(s: Settings, a: argparse.Namespace) -> Result:
         definition=a.definition,
         start=not a.no_start,
         unit_dir=a.unit_dir,
+        auto_update=a.auto_update,
     )
+
+
+def _auto_update(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.deploy import api
+
+    return api.auto_update(s, a.names, dry_run=a.dry_run)
 
 
 def _update(s: Settings, a: argparse.Namespace) -> Result:
@@ -163,6 +170,7 @@ COMMANDS: dict[str, Handler] = {
     "checkout": _checkout,
     "install": _install,
     "update": _update,
+    "auto-update": _auto_update,
     "rollback": _rollback,
     "uninstall": _uninstall,
     "list": _list,
@@ -228,12 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--unit-dir", metavar="DIR", help="where to write NAME.service (/etc/systemd/system)"
     )
+    c.add_argument(
+        "--auto-update",
+        choices=("registry", "local", "off"),
+        help="auto-update policy (default: the definition's, else off)",
+    )
     c = sub.add_parser("update", help="update a system container; rolls back if it fails")
     c.add_argument("name", metavar="NAME")
     c.add_argument("ref", metavar="REF", nargs="?", help="new image (default: the current one)")
     c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
     c.add_argument("--definition", metavar="DIR", help="a new definition directory")
     c.add_argument("--no-pull", action="store_true", help="use the stored image, do not pull")
+    c = sub.add_parser(
+        "auto-update",
+        help="update containers whose image moved (policy registry/local); roll back failures",
+    )
+    c.add_argument("names", metavar="NAME", nargs="*", help="only these (default: all)")
+    c.add_argument("--dry-run", action="store_true", help="look up, report, change nothing")
     c = sub.add_parser("rollback", help="switch a system container to its previous deployment")
     c.add_argument("name", metavar="NAME")
     c = sub.add_parser("uninstall", help="stop and remove a system container")
@@ -302,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = result.to_text()
             if text:  # the result itself; -q silences only progress and log lines
                 print(text)
-        return int(ExitCode.OK)
+        # a report may carry a failure it also describes (auto-update's rolled-back/failed)
+        return int(getattr(result, "exit_code", ExitCode.OK))
     except BootstrapError as err:
         if verbose:
             traceback.print_exc()

@@ -117,3 +117,51 @@ def test_unit_values_double_percent_but_raw_exec_variables_are_kept() -> None:
         defn.unit_escaper("s", frozenset({"EXEC_START"})),
     )
     assert out == "Description=100%% sure\nExecStart=/bin/echo %%\n"
+
+
+def test_auto_update_and_health(tmp_path: Path) -> None:
+    d = defn.load(
+        write_def(
+            tmp_path / "def",
+            manifest=json.dumps(
+                {
+                    "autoUpdate": "registry",
+                    "health": {
+                        "exec": ["/bin/check", "-q"],
+                        "interval": "500ms",
+                        "timeout": 2,
+                        "retries": 2,
+                        "start_period": "1m",
+                    },
+                }
+            ),
+        )
+    )
+    assert d.auto_update == "registry"
+    assert d.health is not None
+    assert d.health.argv == ("/bin/check", "-q")
+    assert (d.health.interval, d.health.timeout, d.health.retries) == (0.5, 2.0, 2)
+    assert d.health.start_period == 60.0
+    plain = defn.load(write_def(tmp_path / "plain", manifest="{}"))
+    assert plain.auto_update is None and plain.health is None
+
+
+@pytest.mark.parametrize(
+    ("manifest", "word"),
+    [
+        ({"autoUpdate": "daily"}, "autoUpdate"),
+        ({"health": []}, "health: must be an object"),
+        ({"health": {"exec": []}}, "health.exec"),
+        ({"health": {"exec": "check"}}, "health.exec"),
+        ({"health": {"exec": ["c"], "interval": 0}}, "health.interval"),
+        ({"health": {"exec": ["c"], "timeout": "soon"}}, "health.timeout"),
+        ({"health": {"exec": ["c"], "retries": 0}}, "health.retries"),
+        ({"health": {"exec": ["c"], "retries": True}}, "health.retries"),
+        ({"health": {"exec": ["c"], "cmd": ["x"]}}, "unknown key 'cmd'"),
+    ],
+)
+def test_bad_auto_update_and_health(tmp_path: Path, manifest: object, word: str) -> None:
+    with pytest.raises(UsageError) as info:
+        defn.load(write_def(tmp_path / "def", manifest=json.dumps(manifest)))
+    assert word in info.value.message
+    assert "manifest.json" in info.value.message

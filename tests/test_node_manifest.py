@@ -249,3 +249,24 @@ def test_plan_names_the_cycle() -> None:
     assert info.value.message == "containers[1].after: cycle a -> c -> b -> a"
     with pytest.raises(UsageError, match=r"cycle p -> q -> p"):
         plan(_m(("p", ["q"]), ("q", ["p"])))
+
+
+def test_auto_update_policy_and_timer() -> None:
+    m = nm.parse(
+        "auto_update: {timer: true}\n"
+        "containers:\n"
+        "  - {name: a, image: busybox, auto_update: registry}\n"
+        "  - {name: b, image: busybox, after: [a]}\n"
+    )
+    assert m.auto_update_timer is True
+    assert m.containers[0].auto_update == "registry"
+    assert m.containers[1].auto_update is None
+    assert nm.parse("containers: [{name: a, image: busybox}]").auto_update_timer is False
+    for text, where in [
+        ("containers: [{name: a, image: busybox, auto_update: daily}]", "containers[0]"),
+        ("auto_update: {timer: yes please}\ncontainers: [{name: a, image: b}]", "timer"),
+        ("auto_update: {when: daily}\ncontainers: [{name: a, image: b}]", "auto_update"),
+    ]:
+        with pytest.raises(UsageError) as info:
+            nm.parse(text)
+        assert info.value.message.startswith(where) or where in info.value.message

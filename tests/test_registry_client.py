@@ -1201,3 +1201,22 @@ def test_mirror_connect_timeout_moves_on(registry: Registry) -> None:
         for c in clients:
             c.close()
         listener.close()
+
+
+@pytest.mark.slow
+def test_head_digest_all_modes(pushed: tuple[Registry, str, BuiltImage], tmp_path: Path) -> None:
+    """One HEAD answers what the tag names now (the digest a GET would hash), with the
+    registry's auth; a missing tag is NotFoundError, a re-pushed tag gives the new digest."""
+    reg, name, image = pushed
+    with _client(reg) as client:
+        ref = Reference.parse(reg.ref(name, "v1"))
+        assert client.head_digest(ref) == image.manifest_digest == client.get_manifest(ref).digest
+        with pytest.raises(NotFoundError):
+            client.head_digest(Reference.parse(reg.ref(name, "nope")))
+    from tests.harness.imagebuilder import build_image
+
+    layout = tmp_path / "oci"
+    other = build_image(layout, "t", busybox_spec(cmd=("echo", "moved")))
+    reg.push(layout, "t", f"{name}:v1")
+    with _client(reg) as client:
+        assert client.head_digest(ref) == other.manifest_digest != image.manifest_digest

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult, ListResult
+from bootstrap.deploy.autoupdate import Report
+from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult, ListResult, Options
 from bootstrap.settings import Settings
 
 
@@ -33,10 +34,12 @@ def install(
     definition: str | None = None,
     start: bool = True,
     unit_dir: str | None = None,
+    auto_update: str | None = None,
 ) -> DeployResult:
     """``bootstrap install NAME REF [--set K=V]... [--definition DIR] [--no-start]
-    [--unit-dir DIR]``: pull REF if not stored, deploy it as NAME.0, write, enable and start
-    NAME.service. The same inputs again change nothing."""
+    [--unit-dir DIR] [--auto-update registry|local|off]``: pull REF if not stored, deploy it
+    as NAME.0, write, enable and start NAME.service. The same inputs again change nothing.
+    ``auto_update`` None: the definition's default policy, else ``off``."""
     with _deployer(settings) as d:
         return d.install(
             name,
@@ -45,6 +48,7 @@ def install(
             definition_dir=definition,
             start=start,
             unit_dir=unit_dir,
+            options=Options(auto_update=auto_update),
         )
 
 
@@ -86,3 +90,13 @@ def status(settings: Settings, name: str) -> ContainerStatus:
     """``bootstrap status NAME``: deployments, unit state, runc state."""
     with _deployer(settings) as d:
         return d.status(name)
+
+
+def auto_update(settings: Settings, names: list[str], *, dry_run: bool = False) -> Report:
+    """``bootstrap auto-update [--dry-run] [NAME...]``: update every container (or those
+    named) whose policy is not off and whose image moved; the report's ``exit_code`` is 5 when
+    one rolled back or failed."""
+    from bootstrap.deploy.autoupdate import auto_update as run_pass
+
+    with _deployer(settings) as d:
+        return run_pass(d, names, dry_run=dry_run)

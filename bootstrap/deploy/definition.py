@@ -4,7 +4,10 @@ A definition is a directory (``--definition DIR``, an image's ``/exports``) hold
 
 - ``manifest.json`` — ``{"defaultValues": {"VAR": "value", ...}}`` plus optional keys
   ``"readiness": "notify"|"none"`` (the default unit uses ``Type=notify``) and
-  ``"stopTimeout": N`` (seconds between TERM and KILL when stopping; default 5);
+  ``"stopTimeout": N`` (seconds between TERM and KILL when stopping; default 5),
+  ``"autoUpdate": "registry"|"local"|"off"`` (the container's default auto-update policy) and
+  ``"health": {"exec": [argv...], "interval": S, "timeout": S, "retries": N,
+  "start_period": S}`` (a check run inside the container, see :class:`HealthCheck`);
 - ``config.json.template`` — an OCI runtime config (or a part of one) merged over the config
   generated from the image (see :mod:`bootstrap.runtime.config`);
 - ``service.template`` — the systemd unit;
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import UsageError
+from bootstrap.runtime.health import HealthCheck
 
 MANIFEST = "manifest.json"
 CONFIG_TEMPLATE = "config.json.template"
@@ -48,6 +52,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 READINESS = ("none", "notify")
 DEFAULT_STOP_TIMEOUT = 5
+AUTO_UPDATE_POLICIES = ("registry", "local", "off")
+HEALTH_KEYS = ("exec", "interval", "timeout", "retries", "start_period")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ class Definition:
     default_values: Mapping[str, str] = field(default_factory=dict)
     readiness: str = "none"
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    auto_update: str | None = None
+    health: HealthCheck | None = None
     config_template: TemplateFile | None = None
     service_template: TemplateFile | None = None
     tmpfiles_template: TemplateFile | None = None
@@ -171,10 +179,15 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
     defaults: dict[str, str] = {}
     readiness = "none"
     stop_timeout = DEFAULT_STOP_TIMEOUT
+    auto_update: str | None = None
+    health: HealthCheck | None = None
     if MANIFEST in files:
         where = f"{origin}/{MANIFEST}"
         doc = parse_json(files[MANIFEST], where)
         defaults, readiness, stop_timeout = _parse_manifest(doc, where)
+        auto_update = check_policy(doc.get("autoUpdate"), f"{where}: autoUpdate", allow_none=True)
+        if doc.get("health") is not None:
+            health = parse_health(doc["health"], f"{where}: health")
 
     def _template(name: str) -> TemplateFile | None:
         if name not in files:
@@ -189,6 +202,8 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
         default_values=defaults,
         readiness=readiness,
         stop_timeout=stop_timeout,
+        auto_update=auto_update,
+        health=health,
         config_template=_template(CONFIG_TEMPLATE),
         service_template=_template(SERVICE_TEMPLATE),
         tmpfiles_template=_template(TMPFILES_TEMPLATE),
@@ -235,6 +250,69 @@ def _parse_manifest(doc: Any, where: str) -> tuple[dict[str, str], str, int]:
     if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
         raise UsageError(f"{where}: stopTimeout must be a positive integer", "seconds, e.g. 10")
     return defaults, readiness, stop_timeout
+
+
+def check_policy(value: Any, where: str, *, allow_none: bool = False) -> str | None:
+    """``value`` if it is an auto-update policy (``registry``, ``local``, ``off``); None for
+    None when ``allow_none``; else :class:`UsageError` naming ``where``."""
+    if value is None and allow_none:
+        return None
+    if value not in AUTO_UPDATE_POLICIES:
+        raise UsageError(
+            f"{where}: {value!r} is not an auto-update policy",
+            "one of: registry (follow the tag in the registry), local (follow the tag in the "
+            "store), off",
+        )
+    return str(value)
+
+
+def _seconds(value: Any, where: str, default: float, *, zero: bool) -> float:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)?\s*", value)
+        if m is None:
+            raise UsageError(
+                f"{where}: {value!r} is not a duration", "seconds, or e.g. 500ms, 30s, 2m"
+            )
+        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+        value = float(m.group(1)) * scale
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{where}: must be a number of seconds", 'e.g. 5 or "500ms"')
+    if value < 0 or (value == 0 and not zero) or value > 86400:
+        raise UsageError(f"{where}: {value} is out of range", "between 0 and 86400 seconds")
+    return float(value)
+
+
+def parse_health(doc: Any, where: str) -> HealthCheck:
+    """A :class:`HealthCheck` from a definition's ``health`` object; :class:`UsageError`
+    naming the key for anything else (unknown keys, an empty or non-string ``exec``, bad
+    durations, ``retries`` not a positive integer)."""
+    if not isinstance(doc, dict):
+        raise UsageError(f"{where}: must be an object", '{"exec": ["/bin/check"], "interval": 2}')
+    unknown = sorted(set(doc) - set(HEALTH_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}", f"known: {', '.join(HEALTH_KEYS)}")
+    argv = doc.get("exec")
+    if (
+        not isinstance(argv, list)
+        or not argv
+        or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
+    ):
+        raise UsageError(
+            f"{where}.exec: must be a non-empty list of strings",
+            'the command run inside the container, e.g. ["/bin/check", "--quick"]',
+        )
+    retries = doc.get("retries", 3)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 100:
+        raise UsageError(f"{where}.retries: must be an integer from 1 to 100", "e.g. 3")
+    return HealthCheck(
+        argv=tuple(argv),
+        interval=_seconds(doc.get("interval"), f"{where}.interval", 1.0, zero=False),
+        timeout=_seconds(doc.get("timeout"), f"{where}.timeout", 10.0, zero=False),
+        retries=retries,
+        start_period=_seconds(doc.get("start_period"), f"{where}.start_period", 0.0, zero=True),
+    )
 
 
 def check_variable_name(name: str, where: str) -> None:

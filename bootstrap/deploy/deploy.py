@@ -41,6 +41,7 @@ from bootstrap.locks import flocked
 from bootstrap.process import run
 from bootstrap.runtime import config as rtconfig
 from bootstrap.runtime import runc
+from bootstrap.runtime.health import HealthCheck
 from bootstrap.settings import DEFAULT_UNIT_DIR
 from bootstrap.systemd import units
 from bootstrap.systemd.manager import Manager, UnitState
@@ -149,6 +150,18 @@ class Deployment:
     definition_digest: str
     installed: str
     unit_dir: str
+    #: The digest the registry served for ``image`` (what ``pull`` prints); ``digest`` when the
+    #: stored manifest is the one served.
+    source_digest: str = ""
+    #: Auto-update policy (``registry``, ``local``, ``off``) and where it came from
+    #: (``install``: given explicitly, ``definition``: the definition's default, ``default``).
+    auto_update: str = "off"
+    auto_update_from: str = "default"
+    #: Containers this one is ordered after (the node manifest's ``after:``).
+    after: tuple[str, ...] = ()
+    #: A CRI socket that must answer ``Version`` before the container counts as ready.
+    cri_socket: str = ""
+    ready_timeout: float = 300.0
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
@@ -170,6 +183,12 @@ class Deployment:
                 definition_digest=str(d["digest"]),
                 installed=str(doc["installed"]),
                 unit_dir=str(doc["unit_dir"]),
+                source_digest=str(doc.get("source_digest") or doc["digest"]),
+                auto_update=str(doc.get("auto_update", "off")),
+                auto_update_from=str(doc.get("auto_update_from", "default")),
+                after=tuple(str(a) for a in doc.get("after", ())),
+                cri_socket=str(doc.get("cri_socket") or ""),
+                ready_timeout=float(doc.get("ready_timeout", 300.0)),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BootstrapError(
@@ -194,7 +213,36 @@ class Deployment:
             },
             "installed": self.installed,
             "unit_dir": self.unit_dir,
+            **self.extra(),
         }
+
+    def extra(self) -> dict[str, Any]:
+        """The info.json keys an update carries over from this deployment to the next."""
+        return {
+            "source_digest": self.source_digest,
+            "auto_update": self.auto_update,
+            "auto_update_from": self.auto_update_from,
+            "after": list(self.after),
+            "cri_socket": self.cri_socket,
+            "ready_timeout": self.ready_timeout,
+        }
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-container settings kept with the deployment beside the image and values:
+    ``auto_update`` None means the definition's default (else ``off``); ``after`` and
+    ``cri_socket``/``ready_timeout`` come from a node manifest (ordering and readiness)."""
+
+    auto_update: str | None = None
+    after: tuple[str, ...] = ()
+    cri_socket: str = ""
+    ready_timeout: float = 300.0
+
+
+class RolledBackError(SystemdError):
+    """An update failed (did not start, did not settle, unhealthy) and the previous deployment
+    was made live again and restarted (exit 5)."""
 
 
 @dataclass(frozen=True)
@@ -372,6 +420,8 @@ class ContainerStatus:
             lines.append(f"  digest:   {self.active.digest}")
             lines.append(f"  slot:     {self.active.path}")
             lines.append(f"  installed {self.active.installed}")
+            a = self.active
+            lines.append(f"  update:   {a.auto_update} ({a.auto_update_from})")
         if self.previous:
             lines.append(f"  rollback: {self.previous.image} ({self.previous.digest[:19]})")
         if self.unit:
@@ -399,6 +449,7 @@ class ListResult:
                 "active_state": c.unit.active_state if c.unit else None,
                 "sub_state": c.unit.sub_state if c.unit else None,
                 "rollback": c.previous.image if c.previous else None,
+                "auto_update": c.active.auto_update if c.active else None,
             }
             for c in self.containers
         ]
@@ -406,19 +457,20 @@ class ListResult:
     def to_text(self) -> str:
         if not self.containers:
             return "no system containers installed"
-        rows = [("NAME", "STATE", "SLOT", "IMAGE")]
+        rows = [("NAME", "STATE", "SLOT", "UPDATE", "IMAGE")]
         for c in self.containers:
             rows.append(
                 (
                     c.name,
                     c.unit.active_state if c.unit else "?",
                     c.active.path.name if c.active else "-",
+                    c.active.auto_update if c.active else "-",
                     c.active.image if c.active else "-",
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join(
-            "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
+            "  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows
         )
 
 
@@ -521,9 +573,13 @@ class Deployer:
         set_values: Mapping[str, str],
         unit_dir: Path,
         uuid_value: str | None,
+        options: Options | None = None,
     ) -> Plan:
         """Build a complete deployment in ``paths.staged``; ``definition`` None means: the
-        image's /exports if it has one, else the built-in. Removes the staged dir on failure."""
+        image's /exports if it has one, else the built-in. ``options`` are recorded in its
+        info.json (the auto-update policy resolved against the definition's default). Removes
+        the staged dir on failure."""
+        options = options or Options()
         early = None
         if definition is not None:
             early = plan(paths, image, definition, set_values, unit_dir, uuid_value=uuid_value)
@@ -564,12 +620,39 @@ class Deployer:
                 for fname, text in the_plan.definition.files.items():
                     write_atomic(staged / DEFINITION_COPY / fname, text)
             info = the_plan.info(_now())
+            info.update(self._extra(image, the_plan.definition, options))
             write_atomic(staged / INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
             fsync_dir(staged)
             return the_plan
         except BaseException:
             remove_tree(staged)
             raise
+
+    def source_digest(self, image: Image) -> str:
+        """The digest the registry served for ``image``'s reference (what ``pull`` printed;
+        the store keeps it when it differs from the stored manifest's)."""
+        from bootstrap.image.store import SOURCE_DIGEST_ANNOTATION
+
+        try:
+            desc = self.store.resolve(image.name)
+        except UsageError:
+            return image.manifest.digest
+        return str(desc.annotations.get(SOURCE_DIGEST_ANNOTATION) or desc.digest)
+
+    def _extra(self, image: Image, definition: Definition, options: Options) -> dict[str, Any]:
+        policy, origin = options.auto_update, "install"
+        if policy is None:
+            policy, origin = definition.auto_update or "off", "definition"
+            if definition.auto_update is None:
+                origin = "default"
+        return {
+            "source_digest": self.source_digest(image),
+            "auto_update": policy,
+            "auto_update_from": origin,
+            "after": list(options.after),
+            "cri_socket": options.cri_socket,
+            "ready_timeout": options.ready_timeout,
+        }
 
     def _install_unit(self, paths: Paths, slot: Path, unit_dir: Path) -> None:
         """Make ``slot``'s unit and tmpfiles the live ones (files only; no reload)."""
@@ -606,13 +689,19 @@ class Deployer:
         definition_dir: str | None,
         start: bool,
         unit_dir: str | None,
+        options: Options | None = None,
     ) -> DeployResult:
         """Install container ``name`` from image ``reference`` (pulled when not stored).
 
-        Re-running with the same inputs changes nothing. Raises :class:`UsageError` when the
-        name is taken by another installation or a unit file bootstrap did not write,
-        :class:`SystemdError` when the unit does not start (the installation is undone)."""
+        Re-running with the same inputs changes nothing; with the same inputs but other
+        ``options`` (policy, ordering, readiness) only those are recorded anew. Raises
+        :class:`UsageError` when the name is taken by another installation or a unit file
+        bootstrap did not write, :class:`SystemdError` when the unit does not start (the
+        installation is undone)."""
         paths = Paths(self.state, units.check_name(name))
+        options = options or Options()
+        if options.auto_update is not None:
+            defn.check_policy(options.auto_update, "--auto-update")
         udir = Path(unit_dir).absolute() if unit_dir else DEFAULT_UNIT_DIR
         definition = defn.load(definition_dir) if definition_dir else None
         image = self.image(reference)
@@ -633,6 +722,16 @@ class Deployer:
                         else current.definition_source in ("image", "builtin")
                     )
                 )
+                if same and _options_differ(current, options):
+                    current = self._record_options(active, current, options)
+                    return DeployResult(
+                        "install",
+                        name,
+                        True,
+                        f"{name}: already installed from {image.name}; recorded auto-update "
+                        f"{current.auto_update}",
+                        current,
+                    )
                 if same:
                     return DeployResult(
                         "install",
@@ -651,7 +750,7 @@ class Deployer:
                     f"{udir / paths.unit} exists and was not written by bootstrap",
                     "choose another container name, or remove that unit file",
                 )
-            self._stage(paths, image, definition, set_values, udir, None)
+            self._stage(paths, image, definition, set_values, udir, None, options)
             slot = paths.slot(0)
             for leftover in (paths.slot(0), paths.slot(1)):
                 remove_tree(leftover)
@@ -731,7 +830,13 @@ class Deployer:
             if definition is not None:
                 plan(paths, image, definition, values, udir)
             uuid_value = current.values.get("UUID")
-            self._stage(paths, image, definition, values, udir, uuid_value)
+            staged = self._stage(
+                paths, image, definition, values, udir, uuid_value, _carried(current)
+            )
+            health = staged.definition.health
+            job_timeout: dict[str, float] = {}
+            if health is not None and staged.definition.readiness == "notify":
+                job_timeout["timeout"] = max(health.start_period, 1.0)  # READY=1 within it
             was_running = self.manager.state(paths.unit).running
             write_atomic(paths.staged / PREVIOUS, active.name)
             _flip(paths, paths.staged)
@@ -739,14 +844,17 @@ class Deployer:
                 self._install_unit(paths, paths.staged, udir)
                 self.manager.reload()
                 self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
-                unit = self.manager.restart(paths.unit) if was_running else None
+                unit = self.manager.restart(paths.unit, **job_timeout) if was_running else None
+                if unit is not None and health is not None:
+                    self._wait_healthy(paths, health)
+                    unit = self.manager.state(paths.unit)
             except BaseException as exc:
                 err = exc if isinstance(exc, BootstrapError) else BootstrapError(str(exc))
                 self._restore(paths, active, udir, was_running, err)
                 remove_tree(paths.staged)
                 if not isinstance(exc, BootstrapError):
                     raise
-                raise SystemdError(
+                raise RolledBackError(
                     f"update of {name} to {image.name} failed, rolled back to {current.image} "
                     f"({active.name}): {err.message}",
                     err.hint or f"journalctl -u {paths.unit}",
@@ -769,6 +877,27 @@ class Deployer:
                 deployment,
                 unit,
             )
+
+    def _wait_healthy(self, paths: Paths, check: HealthCheck) -> None:
+        """Wait for ``check`` to pass in the running container; :class:`SystemdError` when it
+        fails or the unit stops meanwhile."""
+        from bootstrap.runtime.health import wait_healthy
+
+        log.info("%s: waiting for its health check %s", paths.name, " ".join(check.argv))
+        wait_healthy(
+            paths.name, check, alive=lambda: self.manager.state(paths.unit).active_state == "active"
+        )
+
+    def _record_options(self, slot: Path, current: Deployment, options: Options) -> Deployment:
+        """Rewrite ``slot``'s info.json with ``options`` (image, values, files unchanged)."""
+        doc = json.loads((slot / INFO).read_text(encoding="utf-8"))
+        if options.auto_update is not None:
+            doc["auto_update"], doc["auto_update_from"] = options.auto_update, "install"
+        doc["after"] = list(options.after)
+        doc["cri_socket"] = options.cri_socket
+        doc["ready_timeout"] = options.ready_timeout
+        write_atomic(slot / INFO, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return Deployment.load(slot)
 
     def _restore(
         self, paths: Paths, slot: Path, udir: Path, was_running: bool, cause: BootstrapError
@@ -936,6 +1065,26 @@ class Deployer:
             except BootstrapError as err:
                 out.append(ContainerStatus(name, None, None, None, None, (err.message,)))
         return ListResult(tuple(out))
+
+
+def _carried(current: Deployment) -> Options:
+    """What an update keeps of ``current``'s options: an explicit policy (one that came from
+    the definition follows the new definition), the ordering and the readiness."""
+    return Options(
+        auto_update=current.auto_update if current.auto_update_from == "install" else None,
+        after=current.after,
+        cri_socket=current.cri_socket,
+        ready_timeout=current.ready_timeout,
+    )
+
+
+def _options_differ(current: Deployment, options: Options) -> bool:
+    return (
+        (options.auto_update is not None and options.auto_update != current.auto_update)
+        or tuple(options.after) != current.after
+        or options.cri_socket != current.cri_socket
+        or options.ready_timeout != current.ready_timeout
+    )
 
 
 def _require_active(paths: Paths) -> Path:

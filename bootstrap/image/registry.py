@@ -74,6 +74,7 @@ from bootstrap.image.model import (
     DOCKER_V1_SIGNED,
     MAX_MANIFEST_BYTES,
     Descriptor,
+    check_digest,
 )
 from bootstrap.image.reference import Reference
 from bootstrap.image.registries import Endpoint, RegistriesConf
@@ -581,12 +582,14 @@ class RegistryClient:
         path: str,
         headers: Mapping[str, str],
         fast: bool = False,
+        method: str = "GET",
     ) -> requests.Response:
-        """GET ``path`` on ``ep`` with auth; streams. Retries once with a fresh token on 401.
-        ``fast``: connect errors are not retried, and mark the host down (see :meth:`_host`)."""
+        """``method`` (GET or HEAD) ``path`` on ``ep`` with auth; streams. Retries once with a
+        fresh token on 401. ``fast``: connect errors are not retried, and mark the host down
+        (see :meth:`_host`)."""
         state = self._host(ep, fast)
         try:
-            resp = self._request_at(ep, state, path, headers, fast)
+            resp = self._request_at(ep, state, path, headers, fast, method)
         except UnreachableError as exc:
             with state.lock:
                 self._mark_down(state, exc)
@@ -603,12 +606,13 @@ class RegistryClient:
         path: str,
         headers: Mapping[str, str],
         fast: bool,
+        method: str = "GET",
     ) -> requests.Response:
         url = f"{state.scheme}://{ep.api_host}{path}"
         tls = self._tls_kwargs(ep, state.scheme)
         auth, key = self._authorization(ep, state.challenges, fast=fast)
         resp = self._send(
-            ep, "GET", url, fast=fast, headers={**headers, **auth}, stream=True, **tls
+            ep, method, url, fast=fast, headers={**headers, **auth}, stream=True, **tls
         )
         if resp.status_code != 401:
             return resp
@@ -626,11 +630,11 @@ class RegistryClient:
             raise self._denied(ep, self._entry(ep), f"{path} answered 401 with no challenge")
         auth2, _ = self._authorization(ep, challenges, extra, fast)
         resp = self._send(
-            ep, "GET", url, fast=fast, headers={**headers, **auth2}, stream=True, **tls
+            ep, method, url, fast=fast, headers={**headers, **auth2}, stream=True, **tls
         )
         if resp.status_code == 401:
             resp.close()
-            raise self._denied(ep, self._entry(ep), f"GET {path} answered 401")
+            raise self._denied(ep, self._entry(ep), f"{method} {path} answered 401")
         return resp
 
     def _status_error(self, ep: Endpoint, resp: requests.Response, what: str) -> RegistryError:
@@ -679,6 +683,44 @@ class RegistryClient:
         detail = "; ".join(f"{_role(ep)} {e.message}" for ep, e in errors)
         raise RegistryError(
             f"{target}: none of the {len(errors)} endpoints served the manifest: {detail}",
+            errors[-1][1].hint,
+        )
+
+    def head_digest(self, ref: Reference) -> str:
+        """The digest ``ref``'s tag names now, from one ``HEAD`` of its manifest (its
+        ``Docker-Content-Digest`` header), asked of each endpoint in order (mirrors first) with
+        the same auth and ``Accept`` as :meth:`get_manifest`. An endpoint that answers without
+        the header (some mirrors) is asked with a ``GET`` instead, whose bytes are hashed.
+        Raises :class:`NotFoundError` / :class:`RegistryError` as :meth:`get_manifest`."""
+        errors: list[tuple[Endpoint, RegistryError]] = []
+        endpoints = self.conf.endpoints(ref)
+        for i, ep in enumerate(endpoints):
+            fast = _fails_fast(endpoints, i)
+            r = ep.reference
+            tag = ref.digest or r.tag or "latest"
+            what = f"manifest {r.domain}/{r.path}:{tag}".replace(":sha", "@sha")
+            try:
+                resp = self._request(
+                    ep, f"/v2/{r.path}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT}, fast, "HEAD"
+                )
+                with resp:
+                    if resp.status_code != 200:
+                        raise self._status_error(ep, resp, what)
+                    header = resp.headers.get("Docker-Content-Digest", "").strip()
+                if header:
+                    return check_digest(header, f"{what}: Docker-Content-Digest")
+                log.debug("%s: HEAD gave no Docker-Content-Digest; fetching it", what)
+                return self._manifest_at(ep, ref.digest, fast).digest
+            except IntegrityError:
+                raise
+            except RegistryError as exc:
+                errors.append((ep, exc))
+                self._moving_on(endpoints, i, exc)
+        if len(errors) == 1 or isinstance(errors[-1][1], NotFoundError):
+            raise errors[-1][1]
+        detail = "; ".join(f"{_role(ep)} {e.message}" for ep, e in errors)
+        raise RegistryError(
+            f"{ref}: none of the {len(errors)} endpoints answered for the manifest: {detail}",
             errors[-1][1].hint,
         )
 

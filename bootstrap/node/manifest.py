@@ -25,6 +25,9 @@ format is documented in docs/node-manifest.md, with an example in examples/node.
       - name: kubelet
         image: registry.example.com/kubelet:1.30
         after: [ocid]                # started only once these are active/ready
+        auto_update: registry        # optional: registry | local | off (default: definition's)
+    auto_update:                     # optional
+      timer: true                    # enable bootstrap-auto-update.timer (daily auto-update)
     # a container may also say when it is ready beyond its unit being active:
     #   ready: {cri_socket: /run/crio/crio.sock, timeout: 300}   # answers CRI Version
 """
@@ -142,6 +145,7 @@ class ContainerSpec:
     index: int
     ready_cri_socket: str | None = None
     ready_timeout: float = DEFAULT_READY_TIMEOUT
+    auto_update: str | None = None
 
     @property
     def values_dict(self) -> dict[str, str]:
@@ -158,6 +162,7 @@ class NodeManifest:
     registries: Registries
     network: NetworkWait
     containers: tuple[ContainerSpec, ...]
+    auto_update_timer: bool = False
 
     def container(self, name: str) -> ContainerSpec:
         """The container called ``name``; KeyError when there is none."""
@@ -297,7 +302,9 @@ class _Validator:
     def manifest(self, doc: Any, path: Path, digest: str) -> NodeManifest:
         if doc is None:
             raise UsageError("the node manifest is empty", "it needs at least 'containers:'")
-        top = self.mapping(doc, "", {"version", "registries", "network", "containers"})
+        top = self.mapping(
+            doc, "", {"version", "registries", "network", "containers", "auto_update"}
+        )
         if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
             raise UsageError(f"version: unsupported {top['version']!r} (only 1 is known)", _HINT)
         registries = self.registries(top.get("registries"), "registries")
@@ -305,7 +312,13 @@ class _Validator:
         if "containers" not in top:
             raise UsageError("containers: required", _HINT)
         containers = self.containers(top["containers"], "containers")
-        return NodeManifest(path, digest, registries, network, containers)
+        timer = False
+        if top.get("auto_update") is not None:
+            au = self.mapping(top["auto_update"], "auto_update", {"timer"})
+            timer = au.get("timer", False)
+            if type(timer) is not bool:
+                raise UsageError("auto_update.timer: expected true or false", _HINT)
+        return NodeManifest(path, digest, registries, network, containers, timer)
 
     # -- sections --
 
@@ -359,7 +372,7 @@ class _Validator:
         items = self.sequence(value, at)
         if not items:
             raise UsageError(f"{at}: at least one container is required", _HINT)
-        keys = {"name", "image", "definition", "set", "after", "ready"}
+        keys = {"name", "image", "definition", "set", "after", "ready", "auto_update"}
         first: dict[str, int] = {}
         raw: list[tuple[dict[str, Any], str, str]] = []
         for i, item in enumerate(items):
@@ -402,8 +415,17 @@ class _Validator:
                 if dep not in after:
                     after.append(dep)
             socket, timeout = self.ready(m.get("ready"), f"{where}.ready")
+            policy = m.get("auto_update")
+            if policy is not None and policy not in defn.AUTO_UPDATE_POLICIES:
+                raise UsageError(
+                    f"{where}.auto_update: expected one of "
+                    f"{', '.join(defn.AUTO_UPDATE_POLICIES)}, got {policy!r}",
+                    _HINT,
+                )
             result.append(
-                ContainerSpec(name, image, definition, values, tuple(after), i, socket, timeout)
+                ContainerSpec(
+                    name, image, definition, values, tuple(after), i, socket, timeout, policy
+                )
             )
         return tuple(result)
 

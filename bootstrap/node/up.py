@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bootstrap.errors import BootstrapError, UsageError
+from bootstrap.errors import BootstrapError, SystemdError, UsageError
 from bootstrap.fsutil import write_atomic
 from bootstrap.locks import flocked
 from bootstrap.node.manifest import ContainerSpec, NodeManifest, Registries
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 MARKER = ".provisioned"
 PULL_WORKERS = 4
 LOCK_TIMEOUT = 3600.0
+AUTO_UPDATE_TIMER = "bootstrap-auto-update.timer"
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,8 @@ def _provision(
     pulled = _pull_all(settings, manifest)
     deployer = _deployer(settings)
     outcomes = [_bring_up(deployer, spec) for spec in order]
+    if manifest.auto_update_timer:
+        _enable_timer(deployer)
     changed = bool(pulled) or any(o.action != "unchanged" for o in outcomes)
     elapsed = time.monotonic() - started
     doc = {
@@ -312,8 +315,24 @@ def _deployer(settings: Settings) -> Deployer:
     return Deployer(settings.state, Store(settings.store))
 
 
+def _enable_timer(deployer: Deployer) -> None:
+    """Enable and start ``bootstrap-auto-update.timer`` (installed by install.sh)."""
+    manager = deployer.manager
+    if manager.state(AUTO_UPDATE_TIMER).load_state == "not-found":
+        raise SystemdError(
+            f"auto_update.timer: {AUTO_UPDATE_TIMER} is not installed",
+            "install bootstrap's units (install.sh copies units/ to /etc/systemd/system)",
+        )
+    log.info("up: enabling %s", AUTO_UPDATE_TIMER)
+    manager.enable([AUTO_UPDATE_TIMER])
+    manager.reload()
+    manager.start(AUTO_UPDATE_TIMER, settle=0.0)
+
+
 def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
     """Install ``spec`` (kept when identical), start it unless active, wait until ready."""
+    from bootstrap.deploy.deploy import Options
+
     log.info("up: %s: installing %s", spec.name, spec.image)
     try:
         result = deployer.install(
@@ -323,6 +342,12 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
             definition_dir=str(spec.definition) if spec.definition else None,
             start=True,
             unit_dir=None,
+            options=Options(
+                auto_update=spec.auto_update,
+                after=spec.after,
+                cri_socket=spec.ready_cri_socket or "",
+                ready_timeout=spec.ready_timeout,
+            ),
         )
     except BootstrapError as err:
         raise err.with_context(f"containers[{spec.index}] ({spec.name})") from err

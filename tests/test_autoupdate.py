@@ -1,0 +1,146 @@
+"""``bootstrap auto-update`` end to end in a systemd node against the real registry: a moving
+tag re-pushed with skopeo, health-checked rollback, policy off, dry run, and the tool's own
+timer and service units."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.harness.imagebuilder import File, Layer, busybox_spec
+from tests.harness.node import VENV, Node
+from tests.harness.registry import Registry
+from tests.harness.registry_fixtures import _ensure_running
+from tests.test_deploy import CONTAINERS, active, link_target, registries_env, running_pid
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _health(argv: list[str]) -> Layer:
+    manifest = {"health": {"exec": argv, "interval": 0.2, "timeout": 5, "retries": 2}}
+    return Layer([File("exports/manifest.json", json.dumps(manifest).encode())])
+
+
+@pytest.fixture(scope="module")
+def layout(_registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI layout with the images the moving tag is pointed at: svc-1 and svc-2 (sleep;
+    svc-2 with a health check that passes), broken (exits at once), unhealthy (runs, but its
+    health check fails)."""
+    from tests.harness.imagebuilder import build_image
+
+    path = tmp_path_factory.mktemp("autoupdate") / "oci"
+    build_image(path, "svc-1", busybox_spec(cmd=("sleep", "3600")))
+    build_image(path, "svc-2", busybox_spec(cmd=("sleep", "3601"), extra=[_health(["true"])]))
+    build_image(path, "broken", busybox_spec(cmd=("false",)))
+    build_image(path, "unhealthy", busybox_spec(cmd=("sleep", "3602"), extra=[_health(["false"])]))
+    return path
+
+
+def _cmdline(node: Node, name: str) -> str:
+    return node.run("cat", f"/proc/{running_pid(node, name)}/cmdline").stdout
+
+
+def _by_name(doc: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    return {str(o["name"]): o for o in doc}
+
+
+@pytest.mark.node
+def test_auto_update_moving_tag_rollback_policy_off_and_units(
+    shared_node: Node, _registry_plain: Registry, layout: Path
+) -> None:
+    node = shared_node
+    reg = _ensure_running(_registry_plain)
+    env = registries_env(node, reg)
+    live, frozen = f"{reg.host}/au/svc:live", f"{reg.host}/au/frozen:live"
+    reg.push(layout, "svc-1", "au/svc:live")
+    reg.push(layout, "svc-1", "au/frozen:live")
+    node.bootstrap("install", "--auto-update", "registry", "au1", live, env=env, check=True)
+    node.bootstrap("install", "au-off", frozen, env=env, check=True)
+    listed = _by_name(node.bootstrap("--json", "list", env=env, check=True).json())
+    assert listed["au1"]["auto_update"] == "registry" and listed["au-off"]["auto_update"] == "off"
+    assert "registry (install)" in node.bootstrap("status", "au1", env=env, check=True).stdout
+
+    # nothing moved: unchanged, exit 0
+    ran = node.bootstrap("--json", "auto-update", env=env)
+    assert ran.rc == 0, ran.stderr
+    out = _by_name(ran.json())
+    assert out["au1"]["result"] == "unchanged" and out["au1"]["from"] == out["au1"]["to"]
+    assert out["au-off"]["result"] == "unchanged" and out["au-off"]["to"] is None
+    assert set(ran.json()[0]) >= {"name", "image", "policy", "from", "to", "result"}
+
+    # the tags move to svc-2; a dry run reports it and changes nothing
+    reg.push(layout, "svc-2", "au/svc:live")
+    reg.push(layout, "svc-2", "au/frozen:live")
+    ran = node.bootstrap("--json", "auto-update", "--dry-run", env=env)
+    assert ran.rc == 0, ran.stderr
+    out = _by_name(ran.json())
+    assert out["au1"]["result"] == "pending" and out["au1"]["from"] != out["au1"]["to"]
+    assert link_target(node, "au1") == "au1.0" and "3600" in _cmdline(node, "au1")
+
+    # the update: au1 runs svc-2 (its health check passed), au-off is never touched
+    ran = node.bootstrap("--json", "auto-update", env=env)
+    assert ran.rc == 0, ran.stderr
+    out = _by_name(ran.json())
+    assert out["au1"]["result"] == "updated", out
+    assert out["au-off"]["result"] == "unchanged" and out["au-off"]["policy"] == "off"
+    assert link_target(node, "au1") == "au1.1" and "3601" in _cmdline(node, "au1")
+    assert "health check passed" in ran.stderr
+    assert link_target(node, "au-off") == "au-off.0" and "3600" in _cmdline(node, "au-off")
+    info = json.loads(node.path(f"{CONTAINERS}/au1.1/info.json").read_text())
+    assert info["source_digest"] == out["au1"]["to"] and info["auto_update"] == "registry"
+    ran = node.bootstrap("--json", "auto-update", "au1", env=env)
+    assert ran.rc == 0 and ran.json()[0]["result"] == "unchanged", ran.stderr
+
+    # a broken image: rolled back, svc-2 still running, exit 5
+    reg.push(layout, "broken", "au/svc:live")
+    ran = node.bootstrap("--json", "auto-update", "au1", env=env)
+    assert ran.rc == 5, ran.stderr
+    assert ran.json()[0]["result"] == "rolled-back"
+    assert link_target(node, "au1") == "au1.1" and "3601" in _cmdline(node, "au1")
+    assert active(node, "au1.service") == "active"
+
+    # an image whose health check fails: rolled back too, the table says so
+    reg.push(layout, "unhealthy", "au/svc:live")
+    ran = node.bootstrap("auto-update", "au1", env=env)
+    assert ran.rc == 5, ran.stderr
+    assert "rolled-back" in ran.stdout and "health check" in ran.stdout
+    assert link_target(node, "au1") == "au1.1" and "3601" in _cmdline(node, "au1")
+    assert not node.path(f"{CONTAINERS}/au1.new").exists()
+
+    # the tool's units verify clean, and the service tells the story in the journal
+    node.run("ln", "-sf", str(VENV / "bin" / "bootstrap"), "/usr/local/bin/bootstrap")
+    for unit in ("bootstrap-auto-update.service", "bootstrap-auto-update.timer"):
+        node.copy_in(REPO / "units" / unit, f"/etc/systemd/system/{unit}")
+    out = node.run(
+        "systemd-analyze",
+        "verify",
+        "/etc/systemd/system/bootstrap-auto-update.service",
+        "/etc/systemd/system/bootstrap-auto-update.timer",
+        check=False,
+    )
+    problems = [ln for ln in (out.stdout + out.stderr).splitlines() if "cgroup-rw" not in ln]
+    assert out.returncode == 0 and not [p for p in problems if p.strip()], problems
+    reg.push(layout, "svc-1", "au/svc:live")
+    drop_in = "/etc/systemd/system/bootstrap-auto-update.service.d/test.conf"
+    node.write_file(
+        drop_in, "[Service]\n" + "".join(f"Environment={k}={v}\n" for k, v in env.items())
+    )
+    node.write_file("/var/lib/bootstrap/.provisioned", "{}")
+    try:
+        node.run("systemctl", "daemon-reload")
+        node.systemctl("start", "bootstrap-auto-update.service")
+        journal = node.journal("bootstrap-auto-update.service", 40)
+        assert "auto-update: au1: updated" in journal, journal
+        assert "auto-update: au-off: unchanged" in journal, journal
+        assert "3600" in _cmdline(node, "au1")
+        assert node.systemctl("enable", "--now", "bootstrap-auto-update.timer").returncode == 0
+        assert active(node, "bootstrap-auto-update.timer") == "active"
+    finally:
+        node.systemctl("disable", "--now", "bootstrap-auto-update.timer")
+        for name in ("au1", "au-off"):
+            node.bootstrap("uninstall", name, env=env)
+        node.run("rm", "-f", "/var/lib/bootstrap/.provisioned", drop_in)
