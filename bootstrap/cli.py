@@ -36,10 +36,75 @@ Handler = Callable[[Settings, argparse.Namespace], Result]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with the usage code and a one-line message plus hint."""
+    """argparse that raises the usage error (exit 2): one line naming the subcommand, a hint
+    pointing at its ``--help``. Help text keeps its line breaks (examples)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+        command = self.prog.partition(" ")[2]  # "bootstrap pull" -> "pull"; top level: ""
+        raise UsageError(
+            f"{command}: {message}" if command else message, f"see '{self.prog} --help'"
+        )
+
+
+def add_global_options(p: argparse.ArgumentParser, *, in_command: bool = False) -> None:
+    """Add the global options to ``p``: the one place they are defined.
+
+    They are added to the main parser (``in_command=False``: with their defaults) and to every
+    subcommand's parser (``in_command=True``: defaults suppressed, so an option given before the
+    command is not overwritten when it is absent after it). ``bootstrap --json list`` and
+    ``bootstrap list --json`` are the same command. A new global option is one more
+    ``add_argument`` here (and a field in :class:`~bootstrap.settings.Settings`)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if in_command else value
+
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        default=default(None),
+        help="image store (default $BOOTSTRAP_STORE or /var/lib/bootstrap)",
+    )
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        default=default(None),
+        help="deployments (default $BOOTSTRAP_STATE or /var/lib/bootstrap)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print results as one JSON document on stdout",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        # counted apart after the command, so that "-v pull -v" is -vv: see verbosity()
+        dest="verbose_in_command" if in_command else "verbose",
+        default=default(0),
+        help="more output (-vv: debug)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="no progress or log lines",
+    )
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """-1 with ``-q``, else the number of ``-v`` given before and after the command.
+    Both ``-q`` and ``-v``: UsageError."""
+    verbose = int(args.verbose) + int(getattr(args, "verbose_in_command", 0))
+    if args.quiet and verbose:
+        raise UsageError("-q and -v exclude each other", "give one of them")
+    return -1 if args.quiet else verbose
 
 
 def _parse_set(values: Sequence[str] | None) -> dict[str, str]:
@@ -180,56 +245,109 @@ COMMANDS: dict[str, Handler] = {
 }
 
 
+def _command(
+    sub: Any, name: str, summary: str, examples: Sequence[str], details: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand parser: ``summary`` in ``bootstrap --help``, ``summary`` and ``details`` on
+    top of its own help, ``examples`` below it, and the global options accepted after it."""
+    c: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
+        epilog="example"
+        + ("s" if len(examples) > 1 else "")
+        + ":\n"
+        + "\n".join(f"  bootstrap {e}" for e in examples),
+    )
+    add_global_options(c, in_command=True)
+    return c
+
+
+_REF_HELP = "image reference, e.g. docker.io/library/busybox:1.36 or NAME@sha256:DIGEST"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (the CLI contract of DESIGN.md)."""
-    p = _Parser(prog="bootstrap", description="Pull images and run them as system containers.")
+    p = _Parser(
+        prog="bootstrap",
+        description="Pull images and run them as system containers.",
+        epilog="Global options are accepted before or after the command.\n"
+        "Run 'bootstrap COMMAND --help' for a command's arguments and examples.",
+    )
     p.add_argument("--version", action="version", version=f"bootstrap {__version__}")
-    p.add_argument(
-        "--store",
-        metavar="DIR",
-        help="image store (default $BOOTSTRAP_STORE or /var/lib/bootstrap)",
-    )
-    p.add_argument(
-        "--state",
-        metavar="DIR",
-        help="deployments (default $BOOTSTRAP_STATE or /var/lib/bootstrap)",
-    )
-    p.add_argument(
-        "--json", action="store_true", help="print results as one JSON document on stdout"
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: debug)")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines")
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    c = sub.add_parser("pull", help="pull an image into the store; print its manifest digest")
-    c.add_argument("ref", metavar="REF")
+    c = _command(
+        sub,
+        "pull",
+        "pull an image into the store; print its manifest digest",
+        ["pull docker.io/library/busybox:1.36", "pull --platform linux/arm64 quay.io/org/app:v2"],
+        "A short name (no registry) is looked up through registries.conf's aliases and\n"
+        "unqualified-search-registries, as Podman does.",
+    )
+    c.add_argument("ref", metavar="REF", help=_REF_HELP)
     c.add_argument(
         "--platform", metavar="OS/ARCH[/VARIANT]", help="platform to select from an index"
     )
 
-    c = sub.add_parser("import", help="import a docker-archive, oci-archive or plain rootfs tar")
-    c.add_argument("path", metavar="PATH")
+    c = _command(
+        sub,
+        "import",
+        "import a docker-archive, oci-archive or plain rootfs tar",
+        ["import busybox.tar", "import --name example.org/rootfs:1 rootfs.tar.gz"],
+    )
+    c.add_argument(
+        "path",
+        metavar="PATH",
+        help="a tar file (docker save, oci-archive, or a root filesystem; gzip/zstd accepted)",
+    )
     c.add_argument("--name", metavar="REF", help="reference to store it under")
 
-    sub.add_parser("images", help="list stored images")
-    c = sub.add_parser("rmi", help="remove an image reference from the store")
-    c.add_argument("ref", metavar="REF")
-    sub.add_parser("gc", help="remove unreferenced blobs, cached layers and temp files")
-    sub.add_parser("fsck", help="re-hash every blob and report damage (exit 4)")
+    _command(sub, "images", "list stored images", ["images", "images --json"])
+    c = _command(
+        sub,
+        "rmi",
+        "remove an image reference from the store",
+        ["rmi docker.io/library/busybox:1.36"],
+        "The blobs stay until 'bootstrap gc'.",
+    )
+    c.add_argument("ref", metavar="REF", help="a stored reference, as 'bootstrap images' lists")
+    _command(sub, "gc", "remove unreferenced blobs, cached layers and temp files", ["gc"])
+    _command(
+        sub,
+        "fsck",
+        "re-hash every blob and report damage (exit 4)",
+        ["fsck", "fsck --json"],
+    )
 
-    c = sub.add_parser("checkout", help="unpack a stored image's rootfs into a new directory")
-    c.add_argument("ref", metavar="REF")
-    c.add_argument("dest", metavar="DEST")
+    c = _command(
+        sub,
+        "checkout",
+        "unpack a stored image's rootfs into a new directory",
+        ["checkout docker.io/library/busybox:1.36 /srv/busybox-root"],
+    )
+    c.add_argument("ref", metavar="REF", help=_REF_HELP + " (pulled or imported before)")
+    c.add_argument("dest", metavar="DEST", help="directory to create; must not exist yet")
     c.add_argument(
         "--copy", action="store_true", help="independent writable copy (no shared inodes)"
     )
     c.add_argument("--devices", action="store_true", help="create device nodes (root only)")
 
-    c = sub.add_parser("install", help="install an image as a system container (runc + systemd)")
-    c.add_argument("name", metavar="NAME")
-    c.add_argument("ref", metavar="REF")
+    c = _command(
+        sub,
+        "install",
+        "install an image as a system container (runc + systemd)",
+        [
+            "install ocid registry.example.org/ocid:1.0",
+            "install --set PORT=8080 --no-start web docker.io/library/nginx:1.25",
+        ],
+        "The definition (manifest.json, config.json.template, service.template) comes from\n"
+        "--definition, or from the image's /exports directory.",
+    )
+    c.add_argument("name", metavar="NAME", help="container and unit name (NAME.service)")
+    c.add_argument("ref", metavar="REF", help=_REF_HELP + " (pulled when not stored)")
     c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
     c.add_argument("--definition", metavar="DIR", help="definition directory (default: image's)")
     c.add_argument("--no-start", action="store_true", help="enable the unit but do not start it")
@@ -241,28 +359,59 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("registry", "local", "off"),
         help="auto-update policy (default: the definition's, else off)",
     )
-    c = sub.add_parser("update", help="update a system container; rolls back if it fails")
-    c.add_argument("name", metavar="NAME")
+    c = _command(
+        sub,
+        "update",
+        "update a system container; rolls back if it fails",
+        ["update ocid", "update ocid registry.example.org/ocid:1.1"],
+    )
+    c.add_argument("name", metavar="NAME", help="an installed container, as 'bootstrap list' shows")
     c.add_argument("ref", metavar="REF", nargs="?", help="new image (default: the current one)")
     c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
     c.add_argument("--definition", metavar="DIR", help="a new definition directory")
     c.add_argument("--no-pull", action="store_true", help="use the stored image, do not pull")
-    c = sub.add_parser(
+    c = _command(
+        sub,
         "auto-update",
-        help="update containers whose image moved (policy registry/local); roll back failures",
+        "update containers whose image moved (policy registry/local); roll back failures",
+        ["auto-update --dry-run", "auto-update ocid kubelet"],
+        "A container takes part when its policy (install --auto-update, or its definition)\n"
+        "is registry (the tag moved in the registry) or local (the stored tag moved).",
     )
     c.add_argument("names", metavar="NAME", nargs="*", help="only these (default: all)")
     c.add_argument("--dry-run", action="store_true", help="look up, report, change nothing")
-    c = sub.add_parser("rollback", help="switch a system container to its previous deployment")
-    c.add_argument("name", metavar="NAME")
-    c = sub.add_parser("uninstall", help="stop and remove a system container")
-    c.add_argument("name", metavar="NAME")
-    sub.add_parser("list", help="list system containers")
-    c = sub.add_parser("status", help="show a system container's deployments and state")
-    c.add_argument("name", metavar="NAME")
-    c = sub.add_parser("up", help="first-boot provisioning from a node manifest (YAML)")
-    c.add_argument("manifest", metavar="MANIFEST")
-    c = sub.add_parser("demo", help="bring up a throwaway systemd node here and provision it")
+    c = _command(
+        sub,
+        "rollback",
+        "switch a system container to its previous deployment",
+        ["rollback ocid"],
+    )
+    c.add_argument("name", metavar="NAME", help="an installed container, as 'bootstrap list' shows")
+    c = _command(sub, "uninstall", "stop and remove a system container", ["uninstall ocid"])
+    c.add_argument("name", metavar="NAME", help="an installed container, as 'bootstrap list' shows")
+    _command(sub, "list", "list system containers", ["list", "list --json"])
+    c = _command(
+        sub,
+        "status",
+        "show a system container's deployments and state",
+        ["status ocid", "status --json kubelet"],
+    )
+    c.add_argument("name", metavar="NAME", help="an installed container, as 'bootstrap list' shows")
+    c = _command(
+        sub,
+        "up",
+        "first-boot provisioning from a node manifest (YAML)",
+        ["up /etc/bootstrap/node.yaml"],
+        "Installs and starts the manifest's containers in order; a rerun resumes where a\n"
+        "previous run stopped. The format is described in docs/node-manifest.md.",
+    )
+    c.add_argument("manifest", metavar="MANIFEST", help="the node manifest, a YAML file")
+    c = _command(
+        sub,
+        "demo",
+        "bring up a throwaway systemd node here and provision it",
+        ["demo", "demo --down"],
+    )
     c.add_argument("--down", action="store_true", help="power the demo node off and remove it")
     return p
 
@@ -301,15 +450,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = False
     try:
         args = build_parser().parse_args(args_list)
-        verbose = args.verbose > 0
-        verbosity = -1 if args.quiet else args.verbose
-        _setup_logging(verbosity)
+        level = verbosity(args)
+        verbose = level > 0
+        _setup_logging(level)
         settings = Settings.resolve(
             args.store,
             args.state,
             json=args.json,
-            verbosity=verbosity,
-            progress=sys.stderr.isatty() and verbosity >= 0 and not args.json,
+            verbosity=level,
+            progress=sys.stderr.isatty() and level >= 0 and not args.json,
         )
         if "set" in args:
             args.set = _parse_set(args.set)

@@ -33,7 +33,7 @@ class ImagesResult:
 
     def to_text(self) -> str:
         if not self.images:
-            return ""
+            return "no images stored (add one with 'bootstrap pull REF' or 'bootstrap import FILE')"
         width = max(len("REFERENCE"), *(len(r.name) for r in self.images))
         lines = [f"{'REFERENCE':<{width}}  {'DIGEST':<19}  TYPE"]
         for r in self.images:
