@@ -153,13 +153,13 @@ def _gc(s: Settings, a: argparse.Namespace) -> Result:
 def _fsck(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import api
 
-    return api.fsck(s)
+    return api.fsck(s, repair=a.repair)
 
 
 def _checkout(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import unpack
 
-    return unpack.checkout_command(s, a.ref, a.dest, copy=a.copy, devices=a.devices)
+    return unpack.checkout_command(s, a.ref, a.dest, hardlink=a.hardlink, devices=a.devices)
 
 
 def _install(s: Settings, a: argparse.Namespace) -> Result:
@@ -315,23 +315,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("ref", metavar="REF", help="a stored reference, as 'bootstrap images' lists")
     _command(sub, "gc", "remove unreferenced blobs, cached layers and temp files", ["gc"])
-    _command(
+    c = _command(
         sub,
         "fsck",
-        "re-hash every blob and report damage (exit 4)",
-        ["fsck", "fsck --json"],
+        "re-hash every blob, check the layer cache against its records; damage is exit 4",
+        ["fsck", "fsck --json", "fsck --repair"],
+    )
+    c.add_argument(
+        "--repair", action="store_true", help="extract damaged cached layers again from their blobs"
     )
 
     c = _command(
         sub,
         "checkout",
         "unpack a stored image's rootfs into a new directory",
-        ["checkout docker.io/library/busybox:1.36 /srv/busybox-root"],
+        [
+            "checkout docker.io/library/busybox:1.36 /srv/busybox-root",
+            "checkout --hardlink docker.io/library/busybox:1.36 /srv/read-only-view",
+        ],
     )
     c.add_argument("ref", metavar="REF", help=_REF_HELP + " (pulled or imported before)")
     c.add_argument("dest", metavar="DEST", help="directory to create; must not exist yet")
-    c.add_argument(
-        "--copy", action="store_true", help="independent writable copy (no shared inodes)"
+    how = c.add_mutually_exclusive_group()
+    how.add_argument(
+        "--copy",
+        action="store_true",
+        help="files of its own: reflinks where supported, else copies (the default)",
+    )
+    how.add_argument(
+        "--hardlink",
+        action="store_true",
+        help="share inodes with the layer cache (fast; writes through it change the cache)",
     )
     c.add_argument("--devices", action="store_true", help="create device nodes (root only)")
 

@@ -58,14 +58,14 @@ def _cache_inodes(store: Store) -> set[tuple[int, int]]:
 def test_checkout_equals_umoci_hardlinked(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
     store, reference = rich_store
     image = store.image(NAME)
-    first = checkout(store, image, tmp_path / "one", devices=True)
+    first = checkout(store, image, tmp_path / "one", devices=True, hardlink=True)
     assert (first.layers, first.extracted) == (4, 4)
     assert_same_tree(reference, tmp_path / "one", mtimes=True)
     snap = snapshot(tmp_path / "one")
     assert snap["."].mode == 0o751 and (snap["xdir"].mode, snap["xdir"].uid) == (0o710, 5)
     # second checkout: everything cached, built from hardlinks into the cache
-    second = checkout(store, image, tmp_path / "two", devices=True)
-    assert second.extracted == 0
+    second = checkout(store, image, tmp_path / "two", devices=True, hardlink=True)
+    assert second.extracted == 0 and second.mode == "hardlink"
     assert_same_tree(reference, tmp_path / "two", mtimes=True)
     busybox = os.lstat(tmp_path / "two/bin/busybox")
     assert (busybox.st_dev, busybox.st_ino) in _cache_inodes(store)
@@ -77,9 +77,9 @@ def test_checkout_equals_umoci_hardlinked(rich_store: tuple[Store, Path], tmp_pa
 def test_checkout_copy_is_independent(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
     store, reference = rich_store
     image = store.image(NAME)
-    checkout(store, image, tmp_path / "linked", devices=True)
-    result = checkout(store, image, tmp_path / "copy", copy=True, devices=True)
-    assert result.copy and result.extracted == 0
+    checkout(store, image, tmp_path / "linked", devices=True, hardlink=True)
+    result = checkout(store, image, tmp_path / "copy", devices=True)  # the default
+    assert result.copy and result.extracted == 0 and result.mode in ("copy", "reflink")
     assert_same_tree(reference, tmp_path / "copy", mtimes=True)
     cache = _cache_inodes(store)
     for dirpath, _dirs, files in os.walk(tmp_path / "copy"):
@@ -194,10 +194,15 @@ def test_cli_checkout_json(rich_store: tuple[Store, Path], tmp_path: Path) -> No
     store, _ = rich_store
     ran = bootstrap("--json", "checkout", NAME, tmp_path / "r", store=store.root, check=True)
     doc = ran.json()
-    assert doc["dest"] == str(tmp_path / "r") and doc["layers"] == 4 and not doc["copy"]
+    assert doc["dest"] == str(tmp_path / "r") and doc["layers"] == 4 and doc["copy"]
+    assert doc["mode"] in ("copy", "reflink")
     ran = bootstrap("checkout", "--copy", NAME, tmp_path / "c", store=store.root, check=True)
-    assert "copied" in ran.stdout
+    assert "copied" in ran.stdout or "reflinked" in ran.stdout
     assert snapshot(tmp_path / "r") == snapshot(tmp_path / "c")
+    ran = bootstrap("checkout", "--hardlink", NAME, tmp_path / "h", store=store.root, check=True)
+    assert "shares inodes" in ran.stdout
+    ran = bootstrap("checkout", "--copy", "--hardlink", NAME, tmp_path / "x", store=store.root)
+    assert ran.rc == 2 and not (tmp_path / "x").exists()
     ran = bootstrap("checkout", NAME, tmp_path / "r", store=store.root)
     assert ran.rc == 2 and "already exists" in ran.stderr
     ran = bootstrap("checkout", "example.com/nope:1", tmp_path / "n", store=store.root)
@@ -258,7 +263,12 @@ def test_images_sharing_layers_share_the_cache(image_builder: ImageBuilder, tmp_
     assert checkout(store, store.image("example.com/a:1"), tmp_path / "ra").extracted == 1
     result = checkout(store, store.image("example.com/b:1"), tmp_path / "rb")
     assert (result.layers, result.extracted) == (2, 1)
-    assert os.lstat(tmp_path / "ra/base/f7").st_ino == os.lstat(tmp_path / "rb/base/f7").st_ino
+    assert (tmp_path / "rb/base/f7").read_bytes() == b"7"
+    # only --hardlink shares inodes between checkouts (and with the cache)
+    assert os.lstat(tmp_path / "ra/base/f7").st_ino != os.lstat(tmp_path / "rb/base/f7").st_ino
+    checkout(store, store.image("example.com/a:1"), tmp_path / "ha", hardlink=True)
+    checkout(store, store.image("example.com/b:1"), tmp_path / "hb", hardlink=True)
+    assert os.lstat(tmp_path / "ha/base/f7").st_ino == os.lstat(tmp_path / "hb/base/f7").st_ino
 
 
 @pytest.mark.slow

@@ -560,10 +560,11 @@ class Deployer:
         image: Image = self.store.image(name)
         return image
 
-    def _checkout(self, image: Image, dest: Path, copy: bool) -> None:
+    def _checkout(self, image: Image, dest: Path) -> None:
+        """The rootfs: files of its own (reflinks or copies), nothing shared with the cache."""
         from bootstrap.image.unpack import checkout
 
-        checkout(self.store, image, dest, copy=copy)
+        checkout(self.store, image, dest)
 
     def _stage(
         self,
@@ -587,8 +588,7 @@ class Deployer:
         remove_tree(staged)
         staged.mkdir(parents=True)
         try:
-            copy = early is not None and not early.config.readonly
-            self._checkout(image, staged / "rootfs", copy)
+            self._checkout(image, staged / "rootfs")
             the_plan = early
             if the_plan is None:
                 exports = staged / "rootfs" / "exports"
@@ -607,9 +607,6 @@ class Deployer:
                     unit_dir,
                     uuid_value=uuid_value,
                 )
-                if not the_plan.config.readonly:  # written through: needs its own inodes
-                    remove_tree(staged / "rootfs")
-                    self._checkout(image, staged / "rootfs", True)
             doc = rtconfig.finalize(the_plan.config, staged / "rootfs")
             write_atomic(staged / CONFIG, rtconfig.dumps(doc))
             write_atomic(staged / paths.unit, the_plan.service)

@@ -148,10 +148,12 @@ def gc(settings: Settings) -> GcReport:
     return Store(settings.store).gc()
 
 
-def fsck(settings: Settings) -> FsckReport:
-    """Re-hash every blob and check index.json and reachability. Clean: the report. Damage: each
-    finding logged on stderr, then :class:`FsckFailed` (exit 4) carrying the report."""
-    report = Store(settings.store).fsck()
+def fsck(settings: Settings, *, repair: bool = False) -> FsckReport:
+    """Re-hash every blob, check index.json and reachability and every layer-cache entry against
+    its record; ``repair`` first extracts damaged cache entries again from their blobs. Clean:
+    the report. Damage left: each finding logged on stderr, then :class:`FsckFailed` (exit 4)
+    carrying the report."""
+    report = Store(settings.store).fsck(repair=repair)
     if not report.ok:
         for line in report.findings():
             log.error("fsck: %s", line)

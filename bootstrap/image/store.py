@@ -43,7 +43,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -63,6 +63,7 @@ from bootstrap.image.model import (
     Platform,
     check_digest,
 )
+from bootstrap.image.unpack import LayerCheck, repair_layer, verify_layer
 from bootstrap.locks import flocked
 from bootstrap.progress import human_size
 
@@ -154,10 +155,14 @@ class FsckReport:
     problems: tuple[str, ...] = ()
     unreferenced: int = 0
     refs_checked: int = 0
+    layers: tuple[LayerCheck, ...] = ()
+    repaired: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not (self.damaged or self.missing or self.problems)
+        return not (
+            self.damaged or self.missing or self.problems or any(not c.ok for c in self.layers)
+        )
 
     def findings(self) -> list[str]:
         """One human line per finding."""
@@ -165,6 +170,7 @@ class FsckReport:
             [f"damaged blob {d}" for d in self.damaged]
             + [f"missing blob {d}" for d in self.missing]
             + list(self.problems)
+            + [line for c in self.layers for line in c.findings()]
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -177,13 +183,18 @@ class FsckReport:
             "missing": list(self.missing),
             "problems": list(self.problems),
             "unreferenced": self.unreferenced,
+            "layers_checked": len(self.layers),
+            "layers_damaged": [c.to_json() for c in self.layers if not c.ok],
+            "layers_repaired": list(self.repaired),
         }
 
     def to_text(self) -> str:
         head = (
             f"checked {self.blobs_checked} blobs ({human_size(self.bytes_checked)}), "
-            f"{self.refs_checked} refs: "
+            f"{self.refs_checked} refs, {len(self.layers)} cached layers: "
         )
+        if self.repaired:
+            head = f"repaired {len(self.repaired)} cached layers\n" + head
         if self.ok:
             tail = "ok"
             if self.unreferenced:
@@ -786,12 +797,29 @@ class Store:
                 blobs_removed, bytes_freed, layers_removed, temp_removed, locks_removed, kept
             )
 
-    def fsck(self) -> FsckReport:
+    def fsck(self, *, repair: bool = False) -> FsckReport:
         """Re-hash every blob (streamed), check index.json, the oci-layout file and that every
-        blob reachable from index.json is present and parses. Holds :meth:`using` (pulls may run
-        meanwhile; gc may not). Never changes anything."""
+        blob reachable from index.json is present and parses; check every layer-cache entry
+        against its record (every path, type, mode, owner, size, mtime and file content). Holds
+        :meth:`using` (pulls may run meanwhile; gc may not). Without ``repair`` it never changes
+        anything; with ``repair`` each damaged cache entry whose blob is intact is extracted
+        again from it (one whose blob is gone is removed), and the report describes the store
+        after that."""
         if not self.root.exists():
             return FsckReport()  # no store yet: nothing stored, nothing damaged
+        repaired: list[str] = []
+        if repair:
+            before = self.fsck()
+            bad = [c for c in before.layers if not c.ok]
+            with self.using():
+                for check in bad:
+                    if check.blob in before.damaged or check.blob in before.missing:
+                        check = replace(check, blob="")  # cannot be trusted: drop the entry
+                    with contextlib.suppress(UsageError):
+                        repair_layer(self, check)
+                    repaired.append(check.diff_id)
+            if not repaired:
+                return before
         damaged: list[str] = []
         missing: list[str] = []
         problems: list[str] = []
@@ -832,6 +860,7 @@ class Store:
                 problems.append(exc.message)
                 reachable, refs = set(), 0
             unreferenced = len(names - reachable)
+            layers = tuple(verify_layer(path, diff_id) for diff_id, path in self._cached_layers())
         return FsckReport(
             checked,
             nbytes,
@@ -840,7 +869,21 @@ class Store:
             tuple(problems),
             unreferenced,
             refs,
+            layers,
+            tuple(repaired),
         )
+
+    def _cached_layers(self) -> Iterator[tuple[str, Path]]:
+        """(diff_id, path) of every complete layer-cache entry (temp dirs of fills in progress
+        start with a dot and are skipped)."""
+        if not self.layers.is_dir():
+            return
+        for algdir in sorted(self.layers.iterdir()):
+            if algdir.name not in _HASHES or not algdir.is_dir():
+                continue
+            for p in sorted(algdir.iterdir()):
+                if not p.name.startswith("."):
+                    yield f"{algdir.name}:{p.name}", p
 
 
 # ---- helpers -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -61,7 +62,9 @@ _MAX_META = 1 << 20  # pax / GNU long-name records larger than this are refused
 _WH = ".wh."
 _OPQ = ".wh..wh..opq"
 _META_FILE = "layer.json"
-_META_VERSION = 1
+_META_VERSION = 2
+_FICLONE = 0x40049409  # ioctl: share the extents of another file (btrfs, XFS, ...)
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
 _HOSTILE_HINT = "the image is damaged or hostile; nothing was written outside the rootfs"
 
 
@@ -254,8 +257,9 @@ class _Source:
         self.offset += n
         return data
 
-    def copy_to(self, fd: int, n: int) -> None:
-        """Write the next ``n`` bytes of the stream to ``fd``."""
+    def copy_to(self, fd: int, n: int, hasher: Any = None) -> None:
+        """Write the next ``n`` bytes of the stream to ``fd`` (feeding them to ``hasher``, a
+        hashlib object, when given)."""
         while n:
             avail = len(self._buf) - self._pos
             if not avail:
@@ -264,6 +268,8 @@ class _Source:
                 continue
             m = min(n, avail)
             view = self._mv[self._pos : self._pos + m]
+            if hasher is not None:
+                hasher.update(view)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
@@ -637,9 +643,17 @@ def _copy_xattrs(src: str, dst: int | str) -> None:
                 raise
 
 
+#: Entry types in a layer record's ``entries``: regular file, directory, symlink, FIFO.
+_REC_TYPES = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p"}
+
+
 @dataclass
 class _LayerRecord:
-    """What a cached layer needs beyond its tree, to be composed over lower layers."""
+    """What a cached layer holds and what it needs beyond its tree to be composed over lower
+    layers. ``entries``: one row per path of the extracted tree (sorted), ``[path, type, mode,
+    uid, gid, size, mtime_ns, data]``, ``type`` one of :data:`_REC_TYPES`' values, ``mode`` the
+    permission bits, ``data`` the sha256 hex of a regular file's content or a symlink's target
+    ('' otherwise); ``uid``/``gid`` are -1 when the layer was extracted without owners."""
 
     whiteouts: list[str] = field(default_factory=list)
     opaques: list[str] = field(default_factory=list)
@@ -647,6 +661,7 @@ class _LayerRecord:
     links: list[tuple[str, str]] = field(default_factory=list)
     devices: list[dict[str, Any]] = field(default_factory=list)
     root: bool = False
+    entries: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -657,12 +672,16 @@ class _LayerRecord:
             "links": [list(x) for x in self.links],
             "devices": self.devices,
             "root": self.root,
+            "entries": self.entries,
         }
 
     @classmethod
     def from_json(cls, doc: Any) -> _LayerRecord:
         if not isinstance(doc, dict) or doc.get("version") != _META_VERSION:
             raise ValueError("unsupported layer cache record")
+        entries = doc["entries"]
+        if not isinstance(entries, list):
+            raise ValueError("entries is not a list")
         return cls(
             whiteouts=[str(x) for x in doc["whiteouts"]],
             opaques=[str(x) for x in doc["opaques"]],
@@ -670,7 +689,54 @@ class _LayerRecord:
             links=[(str(a), str(b)) for a, b in doc["links"]],
             devices=list(doc["devices"]),
             root=bool(doc["root"]),
+            entries=entries,
         )
+
+
+def _file_digest(path: str) -> str:
+    """sha256 hex of the regular file at ``path`` (opened without following a symlink)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _record_row(rel: str, st: os.stat_result, owners: bool, data: str) -> list[Any]:
+    kind = _REC_TYPES.get(stat.S_IFMT(st.st_mode), "?")
+    size = st.st_size if kind in ("f", "l") else 0
+    uid, gid = (st.st_uid, st.st_gid) if owners else (-1, -1)
+    return [rel, kind, stat.S_IMODE(st.st_mode), uid, gid, size, st.st_mtime_ns, data]
+
+
+def _record_tree(root: str, owners: bool, digests: dict[str, str]) -> list[list[Any]]:
+    """The ``entries`` of the tree under ``root`` (sorted by path): ``digests`` gives the content
+    digests computed while extracting; a regular file not in it is hashed now."""
+    rows: list[list[Any]] = []
+
+    def walk(full_dir: str, rel_dir: str, depth: int) -> None:
+        with os.scandir(full_dir) as it:
+            ents = sorted(it, key=lambda e: e.name)
+        for ent in ents:
+            rel = rel_dir + "/" + ent.name if rel_dir else ent.name
+            st = ent.stat(follow_symlinks=False)
+            data = ""
+            if stat.S_ISREG(st.st_mode):
+                data = digests.get(rel) or _file_digest(ent.path)
+            elif stat.S_ISLNK(st.st_mode):
+                data = os.readlink(ent.path)
+            rows.append(_record_row(rel, st, owners, data))
+            if stat.S_ISDIR(st.st_mode) and depth < _MAX_DEPTH:
+                walk(ent.path, rel, depth + 1)
+
+    walk(root, "", 0)
+    return rows
 
 
 class _Applier:
@@ -690,6 +756,7 @@ class _Applier:
         self.dir_meta: dict[str, _Entry] = {}
         self.parent_times: dict[str, tuple[int, int]] = {}
         self.rec = _LayerRecord()
+        self.digests: dict[str, str] = {}  # record mode: sha256 hex of each regular file
         self.root_entry = False
         self.symlink_opaques: list[tuple[str, _Entry]] = []
         if not record:
@@ -746,7 +813,12 @@ class _Applier:
                 full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
             try:
-                if e.size:
+                if self.record:
+                    h = hashlib.sha256()
+                    if e.size:
+                        src.copy_to(fd, e.size, h)
+                    self.digests[rel] = h.hexdigest()
+                elif e.size:
                     src.copy_to(fd, e.size)
                 if self.chown:
                     os.fchown(fd, e.uid, e.gid)
@@ -828,6 +900,8 @@ class _Applier:
                 return
             tree.remove(rel, st)
         os.link(tree.full(target), tree.full(rel), follow_symlinks=False)
+        if target in self.digests:
+            self.digests[rel] = self.digests[target]
         self.created.add(rel)
 
     def _whiteout(self, e: _Entry, rel: str, base: str) -> None:
@@ -890,6 +964,8 @@ class _Applier:
                     os.utime(self.tree.full(rel), ns=(atime, mtime), follow_symlinks=False)
         self.rec.implicit = [d for d in self.tree.implicit if d not in self.dir_meta]
         self.rec.root = self.root_entry
+        if self.record:
+            self.rec.entries = _record_tree(self.tree.root, self.chown, self.digests)
 
     def _dir_meta(self, rel: str, e: _Entry) -> None:
         if rel and rel not in self.tree.dirs:
@@ -1053,6 +1129,8 @@ class CachedLayer:
 def _load_cached(path: Path, diff_id: str, options: UnpackOptions) -> CachedLayer | None:
     try:
         doc = json.loads((path / _META_FILE).read_text())
+        if isinstance(doc, dict) and doc.get("version") != _META_VERSION:
+            return None  # written by an older bootstrap: extracted again, silently
         record = _LayerRecord.from_json(doc)
     except FileNotFoundError:
         return None
@@ -1064,14 +1142,30 @@ def _load_cached(path: Path, diff_id: str, options: UnpackOptions) -> CachedLaye
     return CachedLayer(diff_id, path, record)
 
 
+#: Opens a layer's compressed bytes: a context manager yielding a readable binary stream.
+LayerSource = Callable[[], contextlib.AbstractContextManager[BinaryIO]]
+
+
 def ensure_layer(
-    store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions
+    store: Store,
+    desc: Descriptor,
+    diff_id: str,
+    options: UnpackOptions,
+    *,
+    source: LayerSource | None = None,
+    replace: bool = False,
 ) -> tuple[CachedLayer, bool]:
     """The cached extraction of layer ``desc`` (whose uncompressed digest must be ``diff_id``),
-    extracting it first when missing. Returns (layer, extracted_now). The fill is atomic: a temp
-    dir beside the cache entry, renamed in; ``store.layer_lock(diff_id)`` makes concurrent
-    callers extract once. The caller holds ``store.using()``. Raises IntegrityError for a
-    hostile layer or a diff_id mismatch (nothing is cached then)."""
+    extracting it first when missing. Returns (layer, extracted_now).
+
+    This is the one way a layer enters the cache. ``source`` opens the compressed bytes (default:
+    the stored blob ``desc.digest``); a caller streaming from elsewhere (a registry response)
+    passes its own and owns verifying ``desc.digest`` over those bytes. ``replace`` extracts
+    again even when an entry exists (repair). The fill is atomic: a temp dir beside the cache
+    entry, its record (``layer.json``: every path with type, mode, owner, size, mtime and
+    content digest) written, ``syncfs``, renamed in; ``store.layer_lock(diff_id)`` makes
+    concurrent callers extract once. The caller holds ``store.using()``. Raises IntegrityError
+    for a hostile layer or a diff_id mismatch (nothing is cached then)."""
     compression = LAYER_COMPRESSION.get(desc.media_type)
     if compression is None:
         raise IntegrityError(
@@ -1079,19 +1173,22 @@ def ensure_layer(
             "bootstrap unpacks tar, tar+gzip and tar+zstd layers",
         )
     path = Path(store.layer_cache_dir(diff_id))
-    cached = _load_cached(path, diff_id, options)
-    if cached is not None:
-        return cached, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with store.layer_lock(diff_id):
+    if not replace:
         cached = _load_cached(path, diff_id, options)
         if cached is not None:
             return cached, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with store.layer_lock(diff_id):
+        if not replace:
+            cached = _load_cached(path, diff_id, options)
+            if cached is not None:
+                return cached, False
+        opener: LayerSource = source or (lambda: store.open_blob(desc.digest))
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             rootfs = tmp / "rootfs"
             rootfs.mkdir()
-            with store.open_blob(desc.digest) as fh:
+            with opener() as fh:
                 digest, record = _run_layer(
                     fh, compression, str(rootfs), options, desc.digest, record=True
                 )
@@ -1100,15 +1197,159 @@ def ensure_layer(
             doc = record.to_json()
             doc["owners"] = options.same_owner
             doc["diff_id"] = diff_id
-            write_atomic(tmp / _META_FILE, json.dumps(doc))
+            doc["blob"] = desc.digest
+            doc["media_type"] = desc.media_type
+            write_atomic(tmp / _META_FILE, json.dumps(doc, separators=(",", ":")))
             _syncfs(tmp)
             if os.path.lexists(path):
-                remove_tree(path)  # stale or insufficient entry
-            os.rename(tmp, path)
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+                os.rename(path, old / "entry")  # stale, insufficient or damaged entry
+                os.rename(tmp, path)
+                remove_tree(old)
+            else:
+                os.rename(tmp, path)
         except BaseException:
             remove_tree(tmp)
             raise
     return CachedLayer(diff_id, path, record), True
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """What :func:`verify_layer` found in one cache entry: ``changed`` paths (relative to the
+    layer's rootfs) whose type, mode, owner, size, mtime or content differ from the record,
+    ``missing`` recorded paths that are gone, ``extra`` paths the record does not list;
+    ``problem`` a record that cannot be read (then nothing else was checked); ``stale`` an entry
+    without a current record (no ``layer.json`` or an older format): not damage, the next
+    checkout needing it extracts it again."""
+
+    diff_id: str
+    blob: str
+    media_type: str
+    files: int = 0
+    bytes: int = 0
+    changed: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    problem: str = ""
+    stale: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.changed or self.missing or self.extra or self.problem)
+
+    def findings(self) -> list[str]:
+        """One human line per finding."""
+        name = f"cached layer {self.diff_id}"
+        if self.problem:
+            return [f"{name}: {self.problem}"]
+        return (
+            [f"{name}: changed {p}" for p in self.changed]
+            + [f"{name}: missing {p}" for p in self.missing]
+            + [f"{name}: unexpected {p}" for p in self.extra]
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "diff_id": self.diff_id,
+            "blob": self.blob,
+            "ok": self.ok,
+            "files": self.files,
+            "changed": list(self.changed),
+            "missing": list(self.missing),
+            "extra": list(self.extra),
+            "problem": self.problem,
+            "stale": self.stale,
+        }
+
+
+def verify_layer(path: Path, diff_id: str) -> LayerCheck:
+    """Check the cache entry at ``path`` against its ``layer.json``: every recorded path present
+    with the recorded type, mode, owner (when recorded), size, mtime and content (regular files
+    re-hashed, symlink targets read), nothing unrecorded. Reads only; never raises for damage
+    (it is reported in the result); OSError other than a vanished file propagates."""
+    try:
+        doc = json.loads((path / _META_FILE).read_text())
+        if not isinstance(doc, dict) or doc.get("version") != _META_VERSION:
+            return LayerCheck(diff_id, "", "", stale=True)
+        record = _LayerRecord.from_json(doc)
+        blob, media_type = str(doc["blob"]), str(doc["media_type"])
+        owners = bool(doc.get("owners"))
+    except FileNotFoundError:
+        return LayerCheck(diff_id, "", "", stale=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return LayerCheck(diff_id, "", "", problem=f"record unreadable ({exc})")
+    root = str(path / "rootfs")
+    changed: list[str] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+    files = nbytes = 0
+    for row in record.entries:
+        rel = str(row[0])
+        seen.add(rel)
+        full = root + "/" + rel
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            missing.append(rel)
+            continue
+        data = ""
+        try:
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                nbytes += st.st_size
+                data = _file_digest(full) if st.st_size == row[5] else "?"
+            elif stat.S_ISLNK(st.st_mode):
+                data = os.readlink(full)
+        except FileNotFoundError:
+            missing.append(rel)
+            continue
+        if _record_row(rel, st, owners, data) != row:
+            changed.append(rel)
+    extra: list[str] = []
+
+    def walk(full_dir: str, rel_dir: str, depth: int) -> None:
+        with os.scandir(full_dir) as it:
+            ents = list(it)
+        for ent in ents:
+            rel = rel_dir + "/" + ent.name if rel_dir else ent.name
+            if rel not in seen:
+                extra.append(rel)
+            elif ent.is_dir(follow_symlinks=False) and depth < _MAX_DEPTH:
+                walk(ent.path, rel, depth + 1)
+
+    try:
+        walk(root, "", 0)
+    except FileNotFoundError:
+        return LayerCheck(diff_id, blob, media_type, problem="rootfs/ is missing")
+    return LayerCheck(
+        diff_id,
+        blob,
+        media_type,
+        files,
+        nbytes,
+        tuple(changed),
+        tuple(missing),
+        tuple(sorted(extra)),
+    )
+
+
+def repair_layer(store: Store, check: LayerCheck) -> None:
+    """Extract the layer of a damaged cache entry again from its stored blob (atomically
+    replacing the entry) with the owners policy of this process. The caller holds
+    ``store.using()``. Raises UsageError when the blob is not stored (the entry is removed
+    then: the next checkout needing it pulls and extracts), IntegrityError when the blob does not
+    give the diff_id."""
+    path = store.layer_cache_dir(check.diff_id)
+    if not check.blob or not store.has_blob(check.blob):
+        with store.layer_lock(check.diff_id):
+            remove_tree(path)
+        raise UsageError(
+            f"cached layer {check.diff_id}: its blob is not stored; the damaged entry was removed",
+            "pull the images using it again",
+        )
+    desc = Descriptor(check.media_type, check.blob, store.blob_path(check.blob).stat().st_size)
+    ensure_layer(store, desc, check.diff_id, UnpackOptions(), replace=True)
 
 
 # ---- composition -------------------------------------------------------------------------------
@@ -1130,9 +1371,13 @@ class _Composer:
     """Builds a rootfs under ``root`` from cached layers, bottom to top."""
 
     def __init__(self, root: str, options: UnpackOptions, copy: bool) -> None:
+        """``copy``: every file a file of its own (reflinked where the file system can, copied
+        otherwise); else hardlinks into the cache (shared inodes)."""
         self.root = root
         self.options = options
         self.copy = copy
+        self.reflink = True  # until the file system refuses one
+        self.reflinked = 0
         self.dir_src: dict[str, str] = {}  # dest dir -> cache dir whose metadata it gets
         self.inodes: dict[tuple[int, int], str] = {}  # copy mode: cache inode -> dest path
         self.tree = _Tree(root, "")
@@ -1271,6 +1516,15 @@ class _Composer:
                 )
                 try:
                     remaining = st.st_size
+                    if remaining and self.reflink:
+                        try:
+                            fcntl.ioctl(fd, _FICLONE, fin.fileno())
+                            remaining = 0
+                            self.reflinked += 1
+                        except OSError as exc:
+                            if exc.errno not in _NO_REFLINK:
+                                raise
+                            self.reflink = False
                     while remaining > 0:
                         n = os.copy_file_range(fin.fileno(), fd, remaining)
                         if n == 0:
@@ -1373,6 +1627,7 @@ class CheckoutResult:
     extracted: int
     copy: bool
     seconds: float
+    reflinked: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1383,11 +1638,25 @@ class CheckoutResult:
             "layers_extracted": self.extracted,
             "layers_cached": self.layers - self.extracted,
             "copy": self.copy,
+            "mode": self.mode,
+            "files_reflinked": self.reflinked,
             "seconds": round(self.seconds, 3),
         }
 
+    @property
+    def mode(self) -> str:
+        """How the files were made: "reflink", "copy" or "hardlink" (inodes shared with the
+        layer cache)."""
+        if not self.copy:
+            return "hardlink"
+        return "reflink" if self.reflinked else "copy"
+
     def to_text(self) -> str:
-        how = "copied" if self.copy else "hardlinked from the layer cache (read-only use)"
+        how = {
+            "reflink": "reflinked copies",
+            "copy": "copied",
+            "hardlink": "hardlinked from the layer cache: shares inodes, use read-only",
+        }[self.mode]
         return (
             f"{self.dest}: {self.image} ({self.layers} layers, {self.extracted} extracted now, "
             f"{how}) in {self.seconds:.2f}s"
@@ -1426,14 +1695,16 @@ def _remove_stale_temps(dest: Path) -> None:
 
 
 def checkout(
-    store: Store, image: Image, dest: Path, *, copy: bool = False, devices: bool = False
+    store: Store, image: Image, dest: Path, *, hardlink: bool = False, devices: bool = False
 ) -> CheckoutResult:
     """Build ``image``'s rootfs at ``dest``, which must not exist (UsageError, exit 2).
 
     Missing layers are extracted into the layer cache first (in parallel threads), then composed
-    in ``DEST.tmp-*`` beside ``dest`` and renamed in. Without ``copy`` the rootfs shares inodes
-    with the layer cache (hardlinks): it is meant to be used read-only. ``copy`` makes
-    independent files. ``devices`` creates device nodes (root only). On any failure nothing is
+    in ``DEST.tmp-*`` beside ``dest`` and renamed in. Every file is the checkout's own: a reflink
+    of the cached file where the file system supports it (extents shared copy-on-write), a copy
+    otherwise, so nothing written in ``dest`` reaches the cache. ``hardlink`` instead links the
+    cache's inodes (fast, but a write through the checkout changes the cache: read-only use
+    only). ``devices`` creates device nodes (root only). On any failure nothing is
     left at ``dest`` and no temp dir remains. Raises IntegrityError (exit 4) for hostile layers
     and diff_id mismatches, BusyError when the store is locked.
     """
@@ -1460,7 +1731,7 @@ def checkout(
                 try:
                     os.mkdir(tmp, 0o755)
                     os.chmod(tmp, 0o755)
-                    composer = _Composer(str(tmp), options, copy)
+                    composer = _Composer(str(tmp), options, not hardlink)
                     for desc, layer in zip(layers, cached, strict=True):
                         composer.layer(layer, desc.digest)
                     composer.finish()
@@ -1490,8 +1761,9 @@ def checkout(
         image.manifest.digest,
         len(layers),
         extracted,
-        copy,
+        not hardlink,
         time.monotonic() - started,
+        composer.reflinked,
     )
 
 
@@ -1529,10 +1801,11 @@ def _ensure_all(
 
 
 def checkout_command(
-    settings: Settings, ref: str, dest: str, *, copy: bool, devices: bool
+    settings: Settings, ref: str, dest: str, *, hardlink: bool, devices: bool
 ) -> CheckoutResult:
-    """CLI entry: ``bootstrap checkout REF DEST [--copy] [--devices]``. ``ref`` is looked up
-    as ``pull`` of the same text stored it (registries.conf aliases and search registries)."""
+    """CLI entry: ``bootstrap checkout REF DEST [--copy | --hardlink] [--devices]``. ``ref`` is
+    looked up as ``pull`` of the same text stored it (registries.conf aliases, search
+    registries)."""
     from bootstrap.image.api import stored_name
     from bootstrap.image.store import Store
 
@@ -1549,4 +1822,4 @@ def checkout_command(
             )
     store.init()
     image = store.image(stored_name(store, ref))
-    return checkout(store, image, Path(dest), copy=copy, devices=devices)
+    return checkout(store, image, Path(dest), hardlink=hardlink, devices=devices)

@@ -1,0 +1,108 @@
+"""The layer cache is never written through a checkout, and damage to it is found and repaired."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bootstrap.image.store import Store
+from bootstrap.image.unpack import checkout, verify_layer
+from tests.harness.cli import bootstrap
+from tests.harness.image_fixtures import ImageBuilder
+from tests.harness.treediff import snapshot
+from tests.harness.unpack_support import load_layout, rich_spec
+
+NAME = "example.com/rich:1"
+
+
+@pytest.fixture
+def store(image_builder: ImageBuilder, tmp_path: Path) -> Store:
+    layout, _ = image_builder(rich_spec())
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "t", NAME)
+    return store
+
+
+def _cache_snapshot(store: Store) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(store.layers):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p) and os.path.isfile(p):
+                out[p] = Path(p).read_bytes()
+    return out
+
+
+def _a_cached_file(store: Store) -> tuple[Path, str]:
+    """A regular file of some cached layer: (its path, its path inside the layer)."""
+    for dirpath, _dirs, files in os.walk(store.layers):
+        for name in sorted(files):
+            p = Path(dirpath) / name
+            if "rootfs" in p.parts and p.is_file() and not p.is_symlink() and p.stat().st_size:
+                root = next(a for a in p.parents if a.name == "rootfs")
+                return p, str(p.relative_to(root))
+    raise AssertionError("no cached regular file")
+
+
+def test_writes_through_a_checkout_reach_nothing_else(store: Store, tmp_path: Path) -> None:
+    image = store.image(NAME)
+    first = checkout(store, image, tmp_path / "co1")
+    assert first.mode in ("copy", "reflink")
+    before = _cache_snapshot(store)
+    pristine = snapshot(tmp_path / "co1")
+    for dirpath, _dirs, files in os.walk(tmp_path / "co1"):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                os.chmod(p, 0o600)
+                with open(p, "ab") as fh:
+                    fh.write(b"appended\n")
+    second = checkout(store, image, tmp_path / "co7")
+    assert second.extracted == 0
+    assert snapshot(tmp_path / "co7") == pristine
+    assert _cache_snapshot(store) == before
+    assert store.fsck().ok
+
+
+def test_fsck_finds_a_changed_file_by_path_and_repairs_it(store: Store, tmp_path: Path) -> None:
+    checkout(store, store.image(NAME), tmp_path / "co")
+    victim, rel = _a_cached_file(store)
+    good = victim.read_bytes()
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as fh:
+        fh.write(b"X")  # same size, other content
+    report = store.fsck()
+    assert not report.ok and rel in [p for c in report.layers for p in c.changed]
+    ran = bootstrap("--json", "fsck", store=store.root)
+    assert ran.rc == 4 and rel in ran.stderr
+    doc = json.loads(ran.stdout or "{}") if ran.stdout.strip() else None
+    if doc is not None:
+        damaged = doc.get("result", doc)["layers_damaged"]
+        assert any(rel in d["changed"] for d in damaged)
+    ran = bootstrap("fsck", "--repair", store=store.root)
+    assert ran.rc == 0, ran.stderr
+    assert "repaired 1 cached layers" in ran.stdout
+    assert victim.read_bytes() == good
+    assert store.fsck().ok
+    # removed and added paths are findings too
+    victim.unlink()
+    (victim.parent / "intruder").write_bytes(b"x")
+    checks = [c for c in store.fsck().layers if not c.ok]
+    assert len(checks) == 1 and rel in checks[0].missing
+    assert any(p.endswith("intruder") for p in checks[0].extra)
+    assert store.fsck(repair=True).ok
+
+
+def test_record_lists_every_path_with_digest(store: Store, tmp_path: Path) -> None:
+    checkout(store, store.image(NAME), tmp_path / "co")
+    for algdir in store.layers.iterdir():
+        for entry in algdir.iterdir():
+            doc = json.loads((entry / "layer.json").read_text())
+            assert doc["blob"].startswith("sha256:") and doc["version"] == 2
+            files = [r for r in doc["entries"] if r[1] == "f"]
+            assert all(len(r[7]) == 64 for r in files)
+            assert verify_layer(entry, f"sha256:{entry.name}").ok
