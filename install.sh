@@ -23,9 +23,9 @@ trap 'fail "step failed at line $LINENO: $BASH_COMMAND"' ERR
 [ "$(id -u)" -eq 0 ] || fail "must run as root: sudo ./install.sh $*"
 [ -r /etc/debian_version ] || fail "this installer supports Debian 12 (bookworm) only"
 
-# Run-time: runc and dbus for system containers; python3-venv; gcc + headers + gi/cairo
-# development files to build PyGObject (pydbus imports gi).
-runtime_pkgs=(ca-certificates runc dbus iproute2 python3 python3-venv python3-dev gcc
+# Run-time: runc, dbus and catatonit (the containers' init) for system containers; python3-venv;
+# gcc + headers + gi/cairo development files to build PyGObject (pydbus imports gi).
+runtime_pkgs=(ca-certificates runc catatonit dbus iproute2 python3 python3-venv python3-dev gcc
   pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar
   # `bootstrap demo`: a systemd machine (debootstrap, systemd-nspawn, zstd cache) and its images
   debootstrap systemd-container zstd busybox-static)

@@ -366,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--definition", metavar="DIR", help="definition directory (default: image's)")
     c.add_argument("--no-start", action="store_true", help="enable the unit but do not start it")
     c.add_argument(
+        "--init",
+        choices=("auto", "always", "never"),
+        help="an init as the container's pid 1 (default: the definition's, auto); = --set INIT=",
+    )
+    c.add_argument(
         "--unit-dir", metavar="DIR", help="where to write NAME.service (/etc/systemd/system)"
     )
     c.add_argument(
@@ -384,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
     c.add_argument("--definition", metavar="DIR", help="a new definition directory")
     c.add_argument("--no-pull", action="store_true", help="use the stored image, do not pull")
+    c.add_argument(
+        "--init",
+        choices=("auto", "always", "never"),
+        help="an init as the container's pid 1 (default: the definition's, auto); = --set INIT=",
+    )
     c = _command(
         sub,
         "auto-update",
@@ -476,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if "set" in args:
             args.set = _parse_set(args.set)
+            if getattr(args, "init", None):  # --init MODE is --set INIT=MODE
+                args.set["INIT"] = args.init
         result = COMMANDS[args.command](settings, args)
         if args.json:
             json.dump(result.to_json(), sys.stdout, indent=2, sort_keys=True)

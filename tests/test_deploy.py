@@ -143,7 +143,8 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     verify_unit(node, f"/etc/systemd/system/{unit}")
     assert node.systemctl("is-enabled", unit).stdout.strip() == "enabled"
     config = json.loads(node.path(f"{CONTAINERS}/c1.0/config.json").read_text())
-    assert config["root"]["readonly"] is True and config["process"]["args"] == ["sleep", "3600"]
+    assert config["root"]["readonly"] is True
+    assert config["process"]["args"] == ["/run/.bootstrap-init", "--", "sleep", "3600"]  # init
     first = digest_of(node, "c1.0")
 
     # the same install again changes nothing

@@ -69,6 +69,7 @@ PACKAGES: tuple[str, ...] = (
     "systemd-sysv",
     "dbus",
     "runc",
+    "catatonit",
     "iproute2",
     "procps",
     "python3",
@@ -77,8 +78,9 @@ PACKAGES: tuple[str, ...] = (
     "gir1.2-glib-2.0",
     "libcairo2",
 )
-"""What the machine needs: systemd and D-Bus, runc, and Python 3.11 plus the GObject libraries
-so a venv made from the host's ``/usr/bin/python3`` (with PyGObject + pydbus) runs inside."""
+"""What the machine needs: systemd and D-Bus, runc and catatonit (the system containers' init),
+and Python 3.11 plus the GObject libraries so a venv made from the host's ``/usr/bin/python3``
+(with PyGObject + pydbus) runs inside."""
 
 MACHINE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CGROUP_FS = Path("/sys/fs/cgroup")

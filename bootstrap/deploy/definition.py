@@ -3,8 +3,12 @@
 A definition is a directory (``--definition DIR``, an image's ``/exports``) holding:
 
 - ``manifest.json`` — ``{"defaultValues": {"VAR": "value", ...}}`` plus optional keys
-  ``"readiness": "notify"|"none"`` (the default unit uses ``Type=notify``) and
+  ``"readiness": "notify"|"none"`` (the default unit uses ``Type=notify``),
   ``"stopTimeout": N`` (seconds between TERM and KILL when stopping; default 5),
+  ``"startTimeout": N`` (seconds the unit may take to start, i.e. to send READY=1 for
+  ``notify``; default 60), ``"init": "auto"|"always"|"never"`` (run an init as the
+  container's pid 1; default ``auto``), ``"initNames": ["name", ...]`` (more executable
+  names that ``auto`` treats as an init already),
   ``"autoUpdate": "registry"|"local"|"off"`` (the container's default auto-update policy) and
   ``"health": {"exec": [argv...], "interval": S, "timeout": S, "retries": N,
   "start_period": S}`` (a check run inside the container, see :class:`HealthCheck`);
@@ -54,6 +58,9 @@ READINESS = ("none", "notify")
 DEFAULT_STOP_TIMEOUT = 5
 AUTO_UPDATE_POLICIES = ("registry", "local", "off")
 HEALTH_KEYS = ("exec", "interval", "timeout", "retries", "start_period")
+DEFAULT_START_TIMEOUT = 60
+INIT_MODES = ("auto", "always", "never")
+DEFAULT_INIT = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,9 @@ class Definition:
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
     auto_update: str | None = None
     health: HealthCheck | None = None
+    start_timeout: int = DEFAULT_START_TIMEOUT
+    init: str = DEFAULT_INIT
+    init_names: tuple[str, ...] = ()
     config_template: TemplateFile | None = None
     service_template: TemplateFile | None = None
     tmpfiles_template: TemplateFile | None = None
@@ -176,15 +186,13 @@ def load(
 
 def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definition:
     """Build a definition from file contents keyed by file name (see :func:`load`)."""
-    defaults: dict[str, str] = {}
-    readiness = "none"
-    stop_timeout = DEFAULT_STOP_TIMEOUT
+    manifest = Manifest()
     auto_update: str | None = None
     health: HealthCheck | None = None
     if MANIFEST in files:
         where = f"{origin}/{MANIFEST}"
         doc = parse_json(files[MANIFEST], where)
-        defaults, readiness, stop_timeout = _parse_manifest(doc, where)
+        manifest = _parse_manifest(doc, where)
         auto_update = check_policy(doc.get("autoUpdate"), f"{where}: autoUpdate", allow_none=True)
         if doc.get("health") is not None:
             health = parse_health(doc["health"], f"{where}: health")
@@ -199,9 +207,12 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
     return Definition(
         source=source,
         origin=origin,
-        default_values=defaults,
-        readiness=readiness,
-        stop_timeout=stop_timeout,
+        default_values=manifest.default_values,
+        readiness=manifest.readiness,
+        stop_timeout=manifest.stop_timeout,
+        start_timeout=manifest.start_timeout,
+        init=manifest.init,
+        init_names=manifest.init_names,
         auto_update=auto_update,
         health=health,
         config_template=_template(CONFIG_TEMPLATE),
@@ -222,7 +233,38 @@ def parse_json(text: str, where: str) -> Any:
         ) from exc
 
 
-def _parse_manifest(doc: Any, where: str) -> tuple[dict[str, str], str, int]:
+@dataclass(frozen=True)
+class Manifest:
+    """The settings of a ``manifest.json`` (defaults when absent)."""
+
+    default_values: Mapping[str, str] = field(default_factory=dict)
+    readiness: str = "none"
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    start_timeout: int = DEFAULT_START_TIMEOUT
+    init: str = DEFAULT_INIT
+    init_names: tuple[str, ...] = ()
+
+
+def check_init_mode(value: object, where: str) -> str:
+    """Return ``value`` if it is an init mode (see :data:`INIT_MODES`), else raise
+    :class:`UsageError` naming ``where``."""
+    if not isinstance(value, str) or value not in INIT_MODES:
+        raise UsageError(
+            f"{where}: init must be one of {', '.join(INIT_MODES)}, not {value!r}",
+            '"auto" runs an init as pid 1 unless the entrypoint is one; "never" runs the '
+            "entrypoint as pid 1",
+        )
+    return value
+
+
+def _positive_seconds(doc: dict[str, Any], key: str, default: int, where: str) -> int:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{where}: {key} must be a positive integer", "seconds, e.g. 10")
+    return value
+
+
+def _parse_manifest(doc: Any, where: str) -> Manifest:
     if not isinstance(doc, dict):
         raise UsageError(f"{where}: must be a JSON object", 'e.g. {"defaultValues": {}}')
     raw = doc.get("defaultValues", {})
@@ -246,10 +288,22 @@ def _parse_manifest(doc: Any, where: str) -> tuple[dict[str, str], str, int]:
             f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}",
             '"notify": the container tells systemd it is ready (sd_notify READY=1)',
         )
-    stop_timeout = doc.get("stopTimeout", DEFAULT_STOP_TIMEOUT)
-    if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
-        raise UsageError(f"{where}: stopTimeout must be a positive integer", "seconds, e.g. 10")
-    return defaults, readiness, stop_timeout
+    names = doc.get("initNames", [])
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and n and "/" not in n for n in names
+    ):
+        raise UsageError(
+            f"{where}: initNames must be a list of executable names",
+            'base names without a directory, e.g. ["runsvdir"]',
+        )
+    return Manifest(
+        default_values=defaults,
+        readiness=readiness,
+        stop_timeout=_positive_seconds(doc, "stopTimeout", DEFAULT_STOP_TIMEOUT, where),
+        start_timeout=_positive_seconds(doc, "startTimeout", DEFAULT_START_TIMEOUT, where),
+        init=check_init_mode(doc.get("init", DEFAULT_INIT), where),
+        init_names=tuple(names),
+    )
 
 
 def check_policy(value: Any, where: str, *, allow_none: bool = False) -> str | None:

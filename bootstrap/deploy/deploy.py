@@ -22,6 +22,7 @@ deployments, the unit and the tmpfiles file as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -40,6 +41,7 @@ from bootstrap.image.model import Image
 from bootstrap.locks import flocked
 from bootstrap.process import run
 from bootstrap.runtime import config as rtconfig
+from bootstrap.runtime import init as rtinit
 from bootstrap.runtime import runc
 from bootstrap.runtime.health import HealthCheck
 from bootstrap.settings import DEFAULT_UNIT_DIR
@@ -57,6 +59,8 @@ DEFINITION_COPY = "definition"
 PREVIOUS = ".previous"
 DEFAULT_TMPFILES_DIR = Path("/etc/tmpfiles.d")
 DEFAULT_LOCK_TIMEOUT = 60.0
+#: The shortest wait for a start/restart job (see :func:`job_timeout`).
+DEFAULT_JOB_TIMEOUT = 120.0
 
 #: Built-in variables that hold unit syntax already (quoted by bootstrap).
 EXEC_VARIABLES = frozenset({"EXEC_START", "EXEC_STOP", "EXEC_START_PRE", "EXEC_STOP_POST"})
@@ -304,6 +308,7 @@ def plan(
     bundle = str(paths.link)
     stop_timeout = definition.stop_timeout
     builtins = {
+        "INIT": definition.init,
         "NAME": name,
         "DESTDIR": bundle,
         "IMAGE_NAME": image.name,
@@ -321,6 +326,7 @@ def plan(
         "PIDFILE": f"/run/container-{name}.pid",
         "UUID": uuid_value or str(uuid.uuid4()),
         "TIMEOUT_STOP_SEC": str(stop_timeout + 30),
+        "TIMEOUT_START_SEC": str(definition.start_timeout),
     }
     values = {**definition.default_values, **builtins, **set_values}
 
@@ -334,6 +340,18 @@ def plan(
             raise UsageError(f"{where_cfg}: must be a JSON object", "an OCI runtime config")
         template_doc = doc
     prepared = rtconfig.prepare(image.config, hostname=name, template=template_doc, where=where_cfg)
+    init_mode = defn.check_init_mode(
+        values["INIT"],
+        "--set INIT" if "INIT" in set_values else f"{definition.origin}/manifest.json",
+    )
+    if rtinit.wanted(
+        init_mode,
+        prepared.document["process"]["args"],
+        host_pid=prepared.host_pid,
+        extra=definition.init_names,
+    ):
+        doc_init = rtinit.apply(prepared.document, rtinit.find_init())
+        prepared = dataclasses.replace(prepared, document=doc_init)
 
     service_t = definition.service_template or TemplateFile(
         "builtin:service.template",
@@ -347,7 +365,7 @@ def plan(
     if definition.tmpfiles_template is not None:
         t = definition.tmpfiles_template
         tmpfiles = t.render(values, defn.unit_escaper(t.where))
-    used = definition.variables() | {n for n, _ in service_t.placeholders()}
+    used = definition.variables() | {n for n, _ in service_t.placeholders()} | {"INIT"}
     unused = sorted(set(set_values) - used)
     if unused:
         log.warning("--set %s: not used by the definition", ", ".join(unused))
@@ -747,7 +765,7 @@ class Deployer:
                     f"{udir / paths.unit} exists and was not written by bootstrap",
                     "choose another container name, or remove that unit file",
                 )
-            self._stage(paths, image, definition, set_values, udir, None, options)
+            staged_plan = self._stage(paths, image, definition, set_values, udir, None, options)
             slot = paths.slot(0)
             for leftover in (paths.slot(0), paths.slot(1)):
                 remove_tree(leftover)
@@ -757,7 +775,11 @@ class Deployer:
                 self._install_unit(paths, slot, udir)
                 self.manager.reload()
                 self.manager.enable([self._unit_arg(paths, udir)])
-                unit = self.manager.start(paths.unit) if start else self.manager.state(paths.unit)
+                unit = (
+                    self.manager.start(paths.unit, timeout=start_job_timeout(staged_plan))
+                    if start
+                    else self.manager.state(paths.unit)
+                )
             except BaseException as exc:
                 try:
                     self._remove_everything(paths, udir)
@@ -831,7 +853,7 @@ class Deployer:
                 paths, image, definition, values, udir, uuid_value, _carried(current)
             )
             health = staged.definition.health
-            job_timeout: dict[str, float] = {}
+            job_timeout: dict[str, float] = {"timeout": start_job_timeout(staged)}
             if health is not None and staged.definition.readiness == "notify":
                 job_timeout["timeout"] = max(health.start_period, 1.0)  # READY=1 within it
             was_running = self.manager.state(paths.unit).running
@@ -1082,6 +1104,13 @@ def _options_differ(current: Deployment, options: Options) -> bool:
         or options.cri_socket != current.cri_socket
         or options.ready_timeout != current.ready_timeout
     )
+
+
+def start_job_timeout(the_plan: Plan) -> float:
+    """How long bootstrap waits for a start or restart job of ``the_plan``'s unit: longer than
+    systemd's own stop and start timeouts, so systemd's verdict (and message) comes first."""
+    d = the_plan.definition
+    return float(max(DEFAULT_JOB_TIMEOUT, d.start_timeout + d.stop_timeout + 60))
 
 
 def _require_active(paths: Paths) -> Path:

@@ -271,7 +271,9 @@ class Manager:
     def _failure(self, unit: str, what: str, st: UnitState | None = None) -> SystemdError:
         st = st or self.state(unit)
         detail = f"{unit}: {what}"
-        if st.result and st.result != "success":
+        if st.result == "timeout":
+            detail += ", result timeout (not ready within TimeoutStartSec, or not stopped in time)"
+        elif st.result and st.result != "success":
             detail += f", result {st.result}"
         if st.exec_main_status:
             detail += f", main process exited {st.exec_main_status}"

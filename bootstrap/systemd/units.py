@@ -77,7 +77,10 @@ def default_service_template(*, host_network: bool, notify: bool) -> str:
 
     runc with cgroupfs; ``runc delete -f`` before start and after stop; an explicit stop
     (``$EXEC_STOP``); ``KillMode=mixed``, ``Delegate=yes``, ``Restart=on-failure``; ordered after
-    ``network-online.target`` for a host-network container; ``Type=notify`` when asked."""
+    ``network-online.target`` for a host-network container; ``Type=notify`` when asked.
+    ``TimeoutStartFailureMode=kill``: until the container is ready, ``runc run`` relays no
+    signal to it, so a start that times out is killed at once instead of waiting out
+    ``TimeoutStopSec`` for a SIGTERM that cannot arrive."""
     unit = [
         "# Written by bootstrap for the system container $NAME; `bootstrap update` rewrites it.",
         "[Unit]",
@@ -100,6 +103,8 @@ def default_service_template(*, host_network: bool, notify: bool) -> str:
         "Restart=on-failure",
         "RestartSec=1",
         "SuccessExitStatus=137 143",
+        "TimeoutStartSec=$TIMEOUT_START_SEC",
+        "TimeoutStartFailureMode=kill",
         "TimeoutStopSec=$TIMEOUT_STOP_SEC",
         "",
         "[Install]",
