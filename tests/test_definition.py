@@ -119,6 +119,31 @@ def test_unit_values_double_percent_but_raw_exec_variables_are_kept() -> None:
     assert out == "Description=100%% sure\nExecStart=/bin/echo %%\n"
 
 
+def test_values_on_exec_lines_are_quoted_as_one_word() -> None:
+    esc = defn.unit_escaper("s", frozenset({"EXEC_START"}), commands=True)
+    t = defn.TemplateFile(
+        "s",
+        "Description=$A\n"
+        "ExecStart=$EXEC_START\n"
+        "ExecStartPre=/bin/x $A --o=$B \"in $C\" \\\n  '$D' $E\n"
+        "Environment=X=$A\n",
+    )
+    out = t.render(
+        {"A": "a b", "B": "1%", "C": 'q"$', "D": "it's", "E": "", "EXEC_START": "/bin/run %%"},
+        esc,
+    )
+    assert out.splitlines() == [
+        "Description=a b",
+        "ExecStart=/bin/run %%",
+        'ExecStartPre=/bin/x "a b" --o=1%% "in q\\"$$" \\',
+        "  'it\\'s' \"\"",
+        "Environment=X=a b",
+    ]
+    # without commands (tmpfiles), values are only checked and %-doubled
+    plain = defn.TemplateFile("t", "ExecStart=$A\n").render({"A": "a b"}, defn.unit_escaper("t"))
+    assert plain == "ExecStart=a b\n"
+
+
 def test_auto_update_and_health(tmp_path: Path) -> None:
     d = defn.load(
         write_def(

@@ -393,6 +393,41 @@ def test_unit_exec_quoting_round_trips(shared_node: Node) -> None:
     node.systemctl("daemon-reload")
 
 
+@pytest.mark.node
+def test_service_template_values_on_exec_lines_are_one_word(shared_node: Node) -> None:
+    """A value substituted into a user's own ``ExecStart=`` is one argument, as systemd reads it
+    back: alone, in the middle of a word, inside the template's own quotes, on a continued
+    line."""
+    from bootstrap.deploy import definition as defn
+
+    node = shared_node
+    values = {
+        "A": "a b",
+        "B": "100% $HOME",
+        "C": 'q"uote back\\slash',
+        "D": "it's ;",
+        "E": "",
+    }
+    template = defn.TemplateFile(
+        "def/service.template",
+        "[Service]\nType=oneshot\n"
+        'ExecStart=/usr/bin/printf [%%s] $A --opt=$B "in $C quotes" \\\n'
+        "    'single $D' $E ${A}\n",
+    )
+    unit = template.render(values, defn.unit_escaper(template.where, commands=True))
+    node.write_file("/etc/systemd/system/words.service", unit)
+    verify_unit(node, "/etc/systemd/system/words.service")
+    node.systemctl("daemon-reload")
+    assert node.systemctl("start", "words.service").returncode == 0
+    out = node.run("journalctl", "-u", "words.service", "-o", "cat", "--no-pager").stdout
+    expected = [
+        "a b", "--opt=100% $HOME", 'in q"uote back\\slash quotes', "single it's ;", "", "a b",
+    ]  # fmt: skip
+    assert "".join(f"[{w}]" for w in expected) in out, (unit, out)
+    node.path("/etc/systemd/system/words.service").unlink()
+    node.systemctl("daemon-reload")
+
+
 # ---- on the host: bad input changes nothing; the per-container lock ----------------------------
 
 

@@ -25,7 +25,8 @@ Substitution follows :class:`string.Template`: ``$VAR`` and ``${VAR}``, ``$$`` f
 :class:`UsageError` naming the file and line — never an empty string. Values are escaped for the
 file they land in: JSON string escapes in ``config.json.template``; in the unit and tmpfiles
 files they may hold no control characters (so no newline can start a new directive), may not end
-in a backslash (a line continuation), and ``%`` is doubled (systemd specifiers).
+in a backslash (a line continuation), and ``%`` is doubled (systemd specifiers); on a unit's
+``Exec*=`` command line a value is one argv word (see :func:`unit_escaper`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 
 from bootstrap.errors import UsageError
 from bootstrap.runtime.health import HealthCheck
+from bootstrap.systemd import units
 
 MANIFEST = "manifest.json"
 CONFIG_TEMPLATE = "config.json.template"
@@ -61,6 +63,39 @@ HEALTH_KEYS = ("exec", "interval", "timeout", "retries", "start_period")
 DEFAULT_START_TIMEOUT = 60
 INIT_MODES = ("auto", "always", "never")
 DEFAULT_INIT = "auto"
+
+
+#: Prepares a value for its file: ``(value, variable, line number, text of the line before it)``.
+Escaper = Callable[[str, str, int, str], str]
+
+#: A unit line holding a command line (systemd.service(5) ``ExecStart=`` and friends).
+_EXEC_KEY = re.compile(r"\s*Exec[A-Za-z]*\s*=")
+
+
+def _logical_line_before(text: str, pos: int) -> str:
+    """The text from the start of ``pos``'s logical line (a line ending in a backslash
+    continues on the next) up to ``pos``."""
+    start = text.rfind("\n", 0, pos) + 1
+    while start > 0 and text[: start - 1].endswith("\\"):
+        start = text.rfind("\n", 0, start - 1) + 1
+    return text[start:pos]
+
+
+def _quote_state(command: str) -> str | None:
+    """The quote (``'`` or ``"``) open at the end of the command line text ``command``, or
+    None (systemd.syntax(7): quotes may start anywhere in a word; backslash escapes)."""
+    quote: str | None = None
+    escaped = False
+    for ch in command:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quote is None and ch in "'\"":
+            quote = ch
+        elif ch == quote:
+            quote = None
+    return quote
 
 
 @dataclass(frozen=True)
@@ -88,9 +123,11 @@ class TemplateFile:
                 found.append((name, line))
         return found
 
-    def render(self, values: Mapping[str, str], escape: Callable[[str, str, int], str]) -> str:
-        """Substitute ``values`` into the text; ``escape(value, variable, line)`` prepares each
-        value for this file's syntax (and raises for a value it cannot hold).
+    def render(self, values: Mapping[str, str], escape: Escaper) -> str:
+        """Substitute ``values`` into the text; ``escape(value, variable, line, before)``
+        prepares each value for this file's syntax (and raises for a value it cannot hold);
+        ``before`` is the text of the placeholder's logical line before it (continuation lines
+        joined).
 
         Raises :class:`UsageError` naming the file and line of the first unknown variable."""
         for name, line in self.placeholders():
@@ -106,7 +143,7 @@ class TemplateFile:
                 return "$"
             name = m.group("named") or m.group("braced")
             line = self.text.count("\n", 0, m.start()) + 1
-            return escape(values[name], name, line)
+            return escape(values[name], name, line, _logical_line_before(self.text, m.start()))
 
         return string.Template.pattern.sub(_sub, self.text)
 
@@ -394,17 +431,25 @@ def _read_text(path: Path, where: str) -> str | None:
 # ---- escaping per target file ------------------------------------------------------------------
 
 
-def escape_json(value: str, name: str, line: int) -> str:
+def escape_json(value: str, name: str, line: int, before: str = "") -> str:
     """A value for a JSON template: escaped as the inside of a JSON string."""
     return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
-def unit_escaper(where: str, raw: frozenset[str] = frozenset()) -> Callable[[str, str, int], str]:
+def unit_escaper(
+    where: str, raw: frozenset[str] = frozenset(), *, commands: bool = False
+) -> Escaper:
     """An escaper for a systemd unit or tmpfiles file named ``where`` in errors: rejects control
     characters and a trailing backslash, doubles ``%``. Variables named in ``raw`` already hold
-    unit syntax (e.g. ``EXEC_START``, quoted by bootstrap): they are checked, not escaped."""
+    unit syntax (e.g. ``EXEC_START``, quoted by bootstrap): they are checked, not escaped.
 
-    def _escape(value: str, name: str, line: int) -> str:
+    With ``commands`` (a unit file), a value on an ``Exec*=`` line is one argv word, quoted as
+    :func:`bootstrap.systemd.units.quote_word` quotes bootstrap's own (``$`` and ``%``
+    doubled; whitespace, quotes or backslashes put it in double quotes); inside a quoted string
+    of the template it is escaped for that string instead. Either way systemd reads back
+    exactly the value, never several words."""
+
+    def _escape(value: str, name: str, line: int, before: str = "") -> str:
         if _CONTROL.search(value):
             raise UsageError(
                 f"{where}:{line}: value of ${name} contains a control character or newline",
@@ -415,6 +460,15 @@ def unit_escaper(where: str, raw: frozenset[str] = frozenset()) -> Callable[[str
                 f"{where}:{line}: value of ${name} ends with a backslash",
                 "a trailing backslash would continue the unit line",
             )
-        return value if name in raw else value.replace("%", "%%")
+        if name in raw:
+            return value
+        key = _EXEC_KEY.match(before) if commands else None
+        if key is None:
+            return value.replace("%", "%%")
+        quote = _quote_state(before[key.end() :])
+        if quote is None:
+            return units.quote_word(value)
+        inner = value.replace("\\", "\\\\").replace(quote, "\\" + quote)
+        return inner.replace("%", "%%").replace("$", "$$")
 
     return _escape

@@ -360,7 +360,7 @@ def plan(
         ),
     )
     raw = frozenset(EXEC_VARIABLES - set(set_values))
-    service = service_t.render(values, defn.unit_escaper(service_t.where, raw))
+    service = service_t.render(values, defn.unit_escaper(service_t.where, raw, commands=True))
     tmpfiles: str | None = None
     if definition.tmpfiles_template is not None:
         t = definition.tmpfiles_template
