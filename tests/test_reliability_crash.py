@@ -563,3 +563,40 @@ def test_update_killed_right_after_the_switch_is_completed_by_a_rerun(
     ran = node.bootstrap("update", "sw", ref2, env=env)
     assert ran.rc == 0, ran.stderr
     _assert_running(node, "sw", digest2, args2, "rerun after a kill at the switch")
+
+
+@pytest.mark.node
+def test_auto_update_killed_at_random_points(
+    node: Any, setup: Setup, app_images: dict[str, tuple[str, str, str]]
+) -> None:
+    """A moving tag flips between app:1 and app:2; ``bootstrap auto-update`` is killed at a
+    random point of each run. The link always names a deployment (old, new or the staged one
+    being proven), and a rerun ends with the tag's image running from a real slot."""
+    rng = random.Random(SEED + 5)
+    env = _env_in(node, setup)
+    apps = setup.root / "apps"
+    reg = setup.registry
+    reg.push(apps, "1", "crash/app:live")
+    live = f"{reg.host}/crash/app:live"
+    node.bootstrap("install", "--auto-update", "registry", "au", live, env=env, check=True)
+    link = node.path(f"{NODE_STATE}/containers/au")
+    current = "1"
+    reg.push(apps, "2", "crash/app:live")
+    t_run = _timed(lambda: node.bootstrap("auto-update", env=env, check=True))
+    current = "2"
+    for i in range(NODE_ROUNDS):
+        target = "1" if current == "2" else "2"
+        _ref, digest, args = app_images[target]
+        reg.push(apps, target, "crash/app:live")
+        k = _kill_in_node(node, ["auto-update"], env, rng.uniform(0.05, 1.1) * t_run)
+        row = _record("auto-update", i, "delay", k)
+        assert k.killed or k.rc == 0, f"auto-update round {i} ({row}): {k.stderr}"
+        assert os.readlink(link) in ("au.0", "au.1", "au.new"), f"round {i} ({row})"
+        _node_checks(node, env, f"auto-update round {i} ({row})")
+        ran = node.bootstrap("--json", "auto-update", env=env)
+        assert ran.rc == 0, f"auto-update round {i} ({row}): rerun: {ran.stderr}"
+        assert ran.json()[0]["result"] in ("updated", "unchanged"), ran.stdout
+        _assert_running(node, "au", digest, args, f"auto-update round {i} ({row})")
+        current = target
+    node.bootstrap("uninstall", "au", env=env, check=True)
+    print(f"\n{_summary('auto-update')} (auto-update {t_run:.2f}s)")

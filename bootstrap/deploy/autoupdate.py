@@ -134,10 +134,16 @@ def auto_update(
     wanted = [units.check_name(n) for n in names] or deployer.names()
     deployments = []
     for name in wanted:
-        active = Paths(deployer.state, name).active()
-        if active is None:
+        paths = Paths(deployer.state, name)
+        if paths.active() is None and not paths.link.is_symlink():
             raise UsageError(f"{name} is not installed", "see 'bootstrap list'")
-        deployments.append(Deployment.load(active))
+        # under the container's lock, so what an interrupted update left is repaired first and
+        # an unproven staged deployment is never taken for the deployed one
+        with deployer.locked(paths):
+            active = paths.active()
+            if active is None:
+                raise UsageError(f"{name} is not installed", "see 'bootstrap list'")
+            deployments.append(Deployment.load(active))
     outcomes: list[Outcome] = []
     own = None
     try:
