@@ -73,6 +73,38 @@ def bench_image() -> Path:
     return layout
 
 
+SMALL_IMAGE_VERSION = 1
+
+
+def small_spec(zstd: bool = False) -> ImageSpec:
+    """6 layers, ~52 MB compressed: a busybox base and 5 synthetic layers of 400 small files
+    (2 KiB hex text) and one incompressible 9.5 MiB file each (zstd instead of gzip if asked)."""
+    comp = "zstd" if zstd else "gzip"
+    layers = [busybox_layer(compression=comp)]
+    layers += [
+        synthetic_layer(seed, 400, 2048, 1, 19 * 512 * 1024, compression=comp)
+        for seed in range(1, 6)
+    ]
+    return ImageSpec(layers=layers, cmd=("sh",))
+
+
+def small_image(zstd: bool = False) -> Path:
+    """The OCI layout holding the small benchmark image tagged ``bench`` (built on first use)."""
+    from tests.harness.imagebuilder import build_image
+
+    name = f"small-{'zstd' if zstd else 'gzip'}-v{SMALL_IMAGE_VERSION}"
+    layout = CACHE / name
+    stamp = layout / ".complete"
+    if stamp.exists():
+        return layout
+    if layout.exists():
+        shutil.rmtree(layout)
+    log(f"building the small benchmark image in {layout} (once) ...")
+    build_image(layout, BENCH_TAG, small_spec(zstd))
+    stamp.write_text("{}")
+    return layout
+
+
 def layout_size(layout: Path) -> int:
     return sum(p.stat().st_size for p in (layout / "blobs").rglob("*") if p.is_file())
 

@@ -8,6 +8,8 @@ backoff, only on connection errors and on 429/5xx responses (honouring ``Retry-A
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import requests
@@ -48,6 +50,59 @@ class _TimeoutSession(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
 
+class _ContextAdapter(HTTPAdapter):
+    """An HTTPAdapter that builds one ``ssl.SSLContext`` per (CA bundle, client cert) and hands
+    it to every connection, instead of letting urllib3 load the CA file again for each new
+    connection (~35 ms of CPU per connection for certifi's bundle: most of a small pull's TLS
+    cost). Verification is unchanged: the same CA file, ``CERT_REQUIRED``, urllib3's own
+    hostname check."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._contexts: dict[tuple[str, object], Any] = {}
+        self._contexts_lock = threading.Lock()
+
+    def _context(self, verify: bool | str, cert: Any) -> Any:
+        import ssl
+
+        from requests.utils import DEFAULT_CA_BUNDLE_PATH
+        from urllib3.util.ssl_ import create_urllib3_context
+
+        ca = DEFAULT_CA_BUNDLE_PATH if verify is True else str(verify)
+        key = (ca, cert)
+        with self._contexts_lock:
+            ctx = self._contexts.get(key)
+            if ctx is None:
+                ctx = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+                if os.path.isdir(ca):
+                    ctx.load_verify_locations(capath=ca)
+                else:
+                    ctx.load_verify_locations(cafile=ca)
+                if isinstance(cert, tuple):
+                    ctx.load_cert_chain(cert[0], cert[1])
+                elif cert:
+                    ctx.load_cert_chain(cert)
+                self._contexts[key] = ctx
+            return ctx
+
+    def build_connection_pool_key_attributes(
+        self, request: Any, verify: Any, cert: Any = None
+    ) -> Any:
+        host_params, typed = super().build_connection_pool_key_attributes(request, verify, cert)
+        pool_kwargs: dict[str, Any] = dict(typed)
+        if host_params.get("scheme") == "https" and verify is not False:
+            for name in ("ca_certs", "ca_cert_dir", "cert_file", "key_file"):
+                pool_kwargs.pop(name, None)
+            pool_kwargs["ssl_context"] = self._context(verify, cert)
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+        if url.lower().startswith("https") and verify and conn.conn_kw.get("ssl_context"):
+            # the pool's context already holds the CA and client cert: do not load them again
+            conn.ca_certs = conn.ca_cert_dir = conn.cert_file = conn.key_file = None
+
+
 def make_retry(retries: int = 4, backoff: float = 0.5, connect_retries: int | None = None) -> Retry:
     """The retry policy: connect errors and 429/5xx only, GET/HEAD only, Retry-After honoured.
     ``connect_retries`` (default: ``retries``) bounds the retries of connection errors."""
@@ -85,7 +140,7 @@ def new_session(
     e.g. 0 for a client that would rather try another server at once.
     """
     session = _TimeoutSession((connect_timeout, read_timeout))
-    adapter = HTTPAdapter(
+    adapter = _ContextAdapter(
         max_retries=make_retry(retries, backoff, connect_retries),
         pool_connections=pool_size,
         pool_maxsize=pool_size,

@@ -1220,3 +1220,26 @@ def test_head_digest_all_modes(pushed: tuple[Registry, str, BuiltImage], tmp_pat
     reg.push(layout, "t", f"{name}:v1")
     with _client(reg) as client:
         assert client.head_digest(ref) == other.manifest_digest != image.manifest_digest
+
+
+@pytest.mark.slow
+def test_session_tls_contexts_per_ca(registry_tls: Registry, tmp_path: Path) -> None:
+    """One session keeps one TLS context per CA bundle: the right CA verifies on every new
+    connection, a wrong CA or the default roots still fail, verify=False still skips."""
+    import requests
+
+    from tests.harness.registry import make_ca
+
+    assert registry_tls.ca_cert is not None
+    other_ca, _ = make_ca(tmp_path / "other")
+    url = f"{registry_tls.url}/v2/"
+    with new_session(retries=0) as session:
+        for _ in range(3):
+            assert session.get(url, verify=str(registry_tls.ca_cert)).status_code == 200
+            session.close()  # new connections next round: the cached context is reused
+        with pytest.raises(requests.exceptions.SSLError):
+            session.get(url, verify=str(other_ca))
+        with pytest.raises(requests.exceptions.SSLError):
+            session.get(url)
+        assert session.get(url, verify=str(registry_tls.ca_cert)).status_code == 200
+        assert session.get(url, verify=False).status_code == 200

@@ -109,7 +109,7 @@ def pull_image(
     platform: Platform | None = None,
     client: RegistryClient | None = None,
     progress: Progress | None = None,
-    jobs: int = 4,
+    jobs: int = 8,
     fetched: FetchedManifest | None = None,
 ) -> PullResult:
     """Pull ``reference`` into ``store`` and tag it as ``str(reference)``; return what was pulled.
