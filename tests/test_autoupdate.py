@@ -1,6 +1,6 @@
 """``bootstrap auto-update`` end to end in a systemd node against the real registry: a moving
-tag re-pushed with skopeo, health-checked rollback, policy off, dry run, and the tool's own
-timer and service units."""
+tag re-pushed with skopeo, health-checked rollback, policy off, dry run, the tool's own timer
+and service units, and a CRI daemon update that restarts its dependants once it answers."""
 
 from __future__ import annotations
 
@@ -144,3 +144,109 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
         for name in ("au1", "au-off"):
             node.bootstrap("uninstall", name, env=env)
         node.run("rm", "-f", "/var/lib/bootstrap/.provisioned", drop_in)
+
+
+CRI_SERVER = """
+import os, sys, time
+sys.path.insert(0, "/opt/standin")
+from concurrent import futures
+import grpc, api_pb2, api_pb2_grpc
+
+class Runtime(api_pb2_grpc.RuntimeServiceServicer):
+    def Version(self, request, context):
+        return api_pb2.VersionResponse(
+            version="0.1.0", runtime_name="standin-cri",
+            runtime_version=os.environ.get("CRI_V", "?"), runtime_api_version="v1")
+
+time.sleep(1)  # like a real daemon, it answers a moment after it started
+server = grpc.server(futures.ThreadPoolExecutor(2))
+api_pb2_grpc.add_RuntimeServiceServicer_to_server(Runtime(), server)
+if os.path.exists("/cri/cri.sock"):
+    os.unlink("/cri/cri.sock")
+server.add_insecure_port("unix:///cri/cri.sock")
+server.start()
+server.wait_for_termination()
+"""
+
+
+@pytest.mark.node
+def test_cri_daemon_update_restarts_its_dependants_once_it_answers(
+    shared_node: Node, _registry_plain: Registry, tmp_path: Path
+) -> None:
+    """A stand-in CRI daemon (gRPC Version on a unix socket) and a container ordered after it,
+    provisioned by ``up``; the daemon's tag moves: auto-update updates it, waits until the
+    socket answers again, then restarts the dependant."""
+    import shutil
+    import subprocess
+
+    from tests.harness.cri import cri_version, kubelet_standin_image
+    from tests.harness.imagebuilder import build_image
+
+    node = shared_node
+    reg = _ensure_running(_registry_plain)
+    env = registries_env(node, reg)
+    standin = kubelet_standin_image()
+    layout = tmp_path / "cri"
+    shutil.copytree(standin.layout, layout)
+    for v in ("1", "2"):
+        subprocess.run(
+            [
+                *("umoci", "config", "--image", f"{layout}:{standin.tag}"),
+                *("--tag", f"v{v}", "--config.env", f"CRI_V={v}"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    reg.push(layout, "v1", "au/cri:live")
+    build_image(tmp_path / "kl", "kl", busybox_spec(cmd=("sleep", "3700")))
+    reg.push(tmp_path / "kl", "kl", "au/kl:1")
+    d = "/etc/bootstrap-test/def-aucri"
+    template = {
+        "process": {"args": ["/usr/bin/python3.11", "-u", "-c", CRI_SERVER]},
+        "mounts": [
+            {
+                "destination": "/cri",
+                "type": "bind",
+                "source": "/run/au-cri",
+                "options": ["rbind", "rw"],
+            }
+        ],
+    }
+    node.write_file(f"{d}/config.json.template", json.dumps(template).replace("$", "$$"))
+    node.write_file(f"{d}/tmpfiles.template", "d /run/au-cri 0755 root root -\n")
+    manifest = f"""
+network: {{require_default_route: false, timeout: 5}}
+registries: {{insecure: ["{reg.host}"]}}
+containers:
+  - name: aucri
+    image: {reg.host}/au/cri:live
+    definition: {d}
+    auto_update: registry
+    ready: {{cri_socket: /run/au-cri/cri.sock, timeout: 60}}
+  - name: aukl
+    image: {reg.host}/au/kl:1
+    after: [aucri]
+"""
+    node.write_file("/etc/bootstrap-test/au-node.yaml", manifest)
+    try:
+        node.bootstrap("up", "/etc/bootstrap-test/au-node.yaml", env=env, check=True)
+        assert cri_version(node.path("/run/au-cri/cri.sock"))["runtime_version"] == "1"
+        kl_pid = running_pid(node, "aukl")
+
+        reg.push(layout, "v2", "au/cri:live")
+        ran = node.bootstrap("--json", "auto-update", env=env)
+        assert ran.rc == 0, ran.stderr
+        out = _by_name(ran.json())
+        assert out["aucri"]["result"] == "updated", out
+        assert out["aukl"]["result"] == "unchanged" and out["aukl"]["policy"] == "off"
+        assert [o["name"] for o in ran.json()] == ["aucri", "aukl"]  # dependencies first
+        err = ran.stderr
+        waited, restarted = err.find("waiting for CRI Version"), err.find("restarting aukl")
+        assert 0 <= waited < restarted, err
+        assert cri_version(node.path("/run/au-cri/cri.sock"))["runtime_version"] == "2"
+        assert running_pid(node, "aukl", other_than=kl_pid) != kl_pid
+        assert active(node, "aukl.service") == "active"
+    finally:
+        for name in ("aukl", "aucri"):
+            node.bootstrap("uninstall", name, env=env)
+        node.run("rm", "-f", "/var/lib/bootstrap/.provisioned")
