@@ -5,6 +5,7 @@ and service units, and a CRI daemon update that restarts its dependants once it 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,63 @@ containers:
         for name in ("aukl", "aucri"):
             node.bootstrap("uninstall", name, env=env)
         node.run("rm", "-f", "/var/lib/bootstrap/.provisioned")
+
+
+def _deployment(state: Path, name: str, image: str, source: str, policy: str) -> None:
+    """A deployment record as install writes it (no rootfs: nothing here starts it)."""
+    slot = state / "containers" / f"{name}.0"
+    slot.mkdir(parents=True)
+    info = {
+        "name": name,
+        "image": image,
+        "digest": source,
+        "source_digest": source,
+        "image_id": "sha256:" + "0" * 64,
+        "values": {},
+        "set": {},
+        "definition": {"source": "builtin", "origin": "builtin", "digest": "sha256:" + "0" * 64},
+        "installed": "2026-01-01T00:00:00Z",
+        "unit_dir": str(state / "units"),
+        "auto_update": policy,
+        "auto_update_from": "install",
+        "after": [],
+    }
+    (slot / "info.json").write_text(json.dumps(info))
+    (state / "containers" / name).symlink_to(f"{name}.0")
+
+
+def test_local_policy_dry_run_lock_and_bad_names(_registry_plain: Registry, tmp_path: Path) -> None:
+    """On the host, without systemd: ``local`` compares with the store's tag, a dry run reports
+    ``pending``, policy off is not looked up, a held container lock makes the run wait and exit
+    6, an unknown name is exit 2."""
+    from bootstrap.locks import flocked
+    from tests.harness.cli import bootstrap
+    from tests.harness.crashloop import registries_env as host_env
+    from tests.harness.imagebuilder import build_image
+
+    reg = _ensure_running(_registry_plain)
+    build_image(tmp_path / "oci", "t", busybox_spec(cmd=("sleep", "1")))
+    reg.push(tmp_path / "oci", "t", "au/local:1")
+    env = {**host_env(tmp_path, reg.host), "BOOTSTRAP_LOCK_TIMEOUT": "0.5"}
+    store, state = tmp_path / "store", tmp_path / "state"
+    ref = f"{reg.host}/au/local:1"
+    stored = bootstrap("--json", "pull", ref, store=store, env=env, check=True).json()["digest"]
+    old = "sha256:" + "1" * 64
+    _deployment(state, "loc", ref, old, "local")
+    _deployment(state, "gone", f"{reg.host}/au/nothing:1", old, "off")  # never looked up
+
+    ran = bootstrap("--json", "auto-update", "--dry-run", store=store, state=state, env=env)
+    assert ran.rc == 0, ran.stderr
+    out = _by_name(ran.json())
+    assert out["loc"]["result"] == "pending"
+    assert (out["loc"]["from"], out["loc"]["to"]) == (old, stored)
+    assert out["gone"]["result"] == "unchanged" and out["gone"]["to"] is None
+    assert os.readlink(state / "containers" / "loc") == "loc.0"
+
+    with flocked(state / "locks" / "containers" / "loc.lock"):
+        ran = bootstrap("auto-update", "loc", store=store, state=state, env=env)
+    assert ran.rc == 6, ran.stderr
+    ran = bootstrap("auto-update", "nope", store=store, state=state, env=env)
+    assert ran.rc == 2 and "not installed" in ran.stderr
+    ran = bootstrap("auto-update", "../x", store=store, state=state, env=env)
+    assert ran.rc == 2, ran.stderr
