@@ -175,8 +175,9 @@ def test_cri_daemon_update_restarts_its_dependants_once_it_answers(
     shared_node: Node, _registry_plain: Registry, tmp_path: Path
 ) -> None:
     """A stand-in CRI daemon (gRPC Version on a unix socket) and a container ordered after it,
-    provisioned by ``up``; the daemon's tag moves: auto-update updates it, waits until the
-    socket answers again, then restarts the dependant."""
+    provisioned by ``up`` (which enables the auto-update timer); the daemon's tag moves:
+    auto-update updates it, waits until the socket answers again, then restarts the
+    dependant."""
     import shutil
     import subprocess
 
@@ -215,7 +216,11 @@ def test_cri_daemon_update_restarts_its_dependants_once_it_answers(
     }
     node.write_file(f"{d}/config.json.template", json.dumps(template).replace("$", "$$"))
     node.write_file(f"{d}/tmpfiles.template", "d /run/au-cri 0755 root root -\n")
+    for unit in ("bootstrap-auto-update.service", "bootstrap-auto-update.timer"):
+        node.copy_in(REPO / "units" / unit, f"/etc/systemd/system/{unit}")
+    node.run("systemctl", "daemon-reload")
     manifest = f"""
+auto_update: {{timer: true}}
 network: {{require_default_route: false, timeout: 5}}
 registries: {{insecure: ["{reg.host}"]}}
 containers:
@@ -231,6 +236,9 @@ containers:
     node.write_file("/etc/bootstrap-test/au-node.yaml", manifest)
     try:
         node.bootstrap("up", "/etc/bootstrap-test/au-node.yaml", env=env, check=True)
+        assert active(node, "bootstrap-auto-update.timer") == "active"
+        enabled = node.systemctl("is-enabled", "bootstrap-auto-update.timer").stdout.strip()
+        assert enabled == "enabled"
         assert cri_version(node.path("/run/au-cri/cri.sock"))["runtime_version"] == "1"
         kl_pid = running_pid(node, "aukl")
 
@@ -248,6 +256,7 @@ containers:
         assert running_pid(node, "aukl", other_than=kl_pid) != kl_pid
         assert active(node, "aukl.service") == "active"
     finally:
+        node.systemctl("disable", "--now", "bootstrap-auto-update.timer")
         for name in ("aukl", "aucri"):
             node.bootstrap("uninstall", name, env=env)
         node.run("rm", "-f", "/var/lib/bootstrap/.provisioned")
