@@ -10,6 +10,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -295,3 +296,159 @@ def test_hostile_plain_tar_refused(store: Store, tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match=r"\.\./\.\./etc/evil"):
         import_archive(store, tmp_path / "evil.tar", "example.com/evil:1")
     assert store.images() == []
+
+
+# ---- digests and passes ------------------------------------------------------------------------
+
+
+def _sha512(data: bytes) -> str:
+    return "sha512:" + hashlib.sha512(data).hexdigest()
+
+
+def oci_archive_sha512(path: Path, *, tamper: bool = False) -> str:
+    """A hand-written oci-archive whose every descriptor (layer, config, manifest) is sha512;
+    returns the manifest digest. ``tamper``: the manifest blob differs from its digest."""
+    layer = gzip.compress(LAYER, mtime=0)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/hello"]},
+            "rootfs": {"type": "layers", "diff_ids": [DIFF_ID]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": _sha512(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": _sha512(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    digest = _sha512(manifest)
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": digest,
+                    "size": len(manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": "example.com/s512:1"},
+                }
+            ],
+        }
+    ).encode()
+    stored = manifest[:-1] + b" " if tamper else manifest  # same size, other bytes
+    blobs = [(layer, _sha512(layer)), (config, _sha512(config))]
+    members = [
+        reg("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+        reg("index.json", index),
+        *(reg(f"blobs/sha512/{d.split(':')[1]}", b) for b, d in blobs),
+        reg(f"blobs/sha512/{digest.split(':')[1]}", stored),
+    ]
+    path.write_bytes(_tar(members))
+    return digest
+
+
+def test_oci_archive_with_sha512_descriptors(store: Store, tmp_path: Path) -> None:
+    digest = oci_archive_sha512(tmp_path / "a.tar")
+    result = import_archive(store, tmp_path / "a.tar", None)
+    assert [(i.name, i.digest) for i in result.images] == [("example.com/s512:1", digest)]
+    image = store.image("example.com/s512:1")
+    assert image.manifest.digest == digest and image.config.digest.startswith("sha512:")
+    checkout(store, image, tmp_path / "r")
+    assert (tmp_path / "r/hello").read_bytes() == b"hello\n"
+
+    oci_archive_sha512(tmp_path / "bad.tar", tamper=True)
+    other = Store(tmp_path / "other")
+    other.init()
+    with pytest.raises(IntegrityError, match="does not match its descriptor"):
+        import_archive(other, tmp_path / "bad.tar", None)
+    assert other.images() == []
+
+
+def test_one_digest_helper() -> None:
+    from bootstrap.image import model
+
+    data = b"abc"
+    assert model.digest_of(data) == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert model.digest_of(data, "sha512") == _sha512(data)
+    assert model.matches(data, _sha512(data)) and not model.matches(b"abd", _sha512(data))
+    h = model.new_hasher(_sha512(data))
+    h.update(data)
+    assert "sha512:" + h.hexdigest() == _sha512(data)
+    with pytest.raises(IntegrityError, match="not a supported digest"):
+        model.matches(data, "md5:" + hashlib.md5(data).hexdigest())
+
+
+def test_docker_archive_compressed_layer_read_once(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the archive's listing scan, a compressed layer is read in one pass that checks
+    its diff_id and stores it; a mismatch stores nothing."""
+    from bootstrap.image import archive
+
+    layer = gzip.compress(LAYER, mtime=0)
+    docker_archive(tmp_path / "a.tar", layer=layer)
+    read: dict[str, int] = {}
+    real_open, real_fetch = archive._Members.open_region, archive._Members.fetch
+
+    class Counting:
+        def __init__(self, fh: Any, name: str) -> None:
+            self.fh, self.name = fh, name
+
+        def read(self, n: int = -1) -> bytes:
+            data: bytes = self.fh.read(n)
+            read[self.name] = read.get(self.name, 0) + len(data)
+            return data
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+    def open_region(self: Any, name: str, what: str) -> tuple[Any, int]:
+        fh, size = real_open(self, name, what)
+        return Counting(fh, name), size
+
+    def fetch(self: Any, name: str, what: str) -> Any:
+        inner = real_fetch(self, name, what)
+
+        def counted(write: Any) -> None:
+            def w(chunk: bytes) -> None:
+                read[name] = read.get(name, 0) + len(chunk)
+                write(chunk)
+
+            inner(w)
+
+        return counted
+
+    monkeypatch.setattr(archive._Members, "open_region", open_region)
+    monkeypatch.setattr(archive._Members, "fetch", fetch)
+    import_archive(store, tmp_path / "a.tar", None)
+    head = 8  # the compression sniff
+    assert read["l1/layer.tar"] == len(layer) + head
+    image = store.image("example.com/hand:1")
+    assert image.manifest.layers[0].digest == "sha256:" + hashlib.sha256(layer).hexdigest()
+    checkout(store, image, tmp_path / "r")
+    assert (tmp_path / "r/hello").read_bytes() == b"hello\n"
+
+    other = Store(tmp_path / "other")
+    other.init()
+    docker_archive(tmp_path / "b.tar", layer=layer, diff_id="sha256:" + "3" * 64)
+    with pytest.raises(IntegrityError, match="the config says"):
+        import_archive(other, tmp_path / "b.tar", None)
+    assert [p for p in (other.root / "blobs").rglob("*") if p.is_file()] == []
+    assert not any(other.tmp.iterdir())

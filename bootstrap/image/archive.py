@@ -26,7 +26,6 @@ import leaves at most unreferenced blobs that ``gc`` removes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bootstrap.errors import IntegrityError, UsageError
 from bootstrap.image.model import (
+    DIGEST_ALGORITHMS,
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
     OCI_CONFIG,
@@ -48,6 +48,8 @@ from bootstrap.image.model import (
     Index,
     Platform,
     check_digest,
+    digest_of,
+    matches,
 )
 from bootstrap.image.unpack import TarMember, scan_tar
 
@@ -109,7 +111,7 @@ class _Hashing:
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
-        self.sha = hashlib.sha256()
+        self.sha = DIGEST_ALGORITHMS["sha256"]()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -367,7 +369,7 @@ def _import_docker_image(
     if not isinstance(layer_names, list) or not all(isinstance(x, str) for x in layer_names):
         raise IntegrityError(f"{where}.Layers: expected an array of strings", _HINT)
     config_bytes = reader.read(config_name, "config", MAX_CONFIG_BYTES)
-    config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    config_digest = digest_of(config_bytes)
     config = parse_config(config_bytes, config_digest)
     if len(config.diff_ids) != len(layer_names):
         raise IntegrityError(
@@ -398,19 +400,49 @@ def _docker_layer(store: Store, reader: _Members, layer_name: str, diff_id: str)
                 _HINT,
             ) from exc
         return desc
-    # a compressed layer: its diff_id is that of the decompressed stream
-    fh, size = reader.open_region(layer_name, "layer")
-    with fh:
-        hashing = _Hashing(_Limited(fh, size))  # type: ignore[arg-type]
-        actual = scan_tar(hashing, compression, f"layer {layer_name}", lambda m: None)  # type: ignore[arg-type]
-    if actual != diff_id:
-        raise IntegrityError(
-            f"{reader.path.name}: layer {member.raw_name!r} is {actual}, the config says {diff_id}",
-            _HINT,
-        )
-    desc = Descriptor(_MEDIA[compression], "sha256:" + hashing.sha.hexdigest(), size)
-    store.ensure_blob(desc, reader.fetch(layer_name, "layer"))
-    return desc
+    # a compressed layer: its diff_id is that of the decompressed stream, checked in the same
+    # pass that stores it (nothing is stored when it does not match)
+
+    def produce(write: Callable[[bytes], object]) -> None:
+        region, left = reader.open_region(layer_name, "layer")
+        with region:
+            tee = _Tee(_Limited(region, left), write)
+            actual = scan_tar(tee, compression, f"layer {layer_name}", lambda m: None)  # type: ignore[arg-type]
+            while tee.read(_CHUNK):  # what follows the tar's end (compression trailer, padding)
+                pass
+        if tee.size != left:
+            raise IntegrityError(
+                f"{reader.path.name}: layer {member.raw_name!r} is truncated", _HINT
+            )
+        if actual != diff_id:
+            raise IntegrityError(
+                f"{reader.path.name}: layer {member.raw_name!r} is {actual}, the config says "
+                f"{diff_id}",
+                _HINT,
+            )
+
+    return store.put_stream(_MEDIA[compression], produce)
+
+
+class _Tee:
+    """A read-only stream wrapper passing what is read to ``write`` as well (counted)."""
+
+    def __init__(self, raw: Any, write: Callable[[bytes], object]) -> None:
+        self.raw = raw
+        self.write = write
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.raw.read(n)
+        if data:
+            self.write(data)
+            self.size += len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
 
 class _Limited:
@@ -465,7 +497,7 @@ def _import_oci(store: Store, reader: _Members, name: str | None) -> list[Import
     if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
         raise IntegrityError(f"{reader.path.name}: oci-layout: no imageLayoutVersion", _HINT)
     index_bytes = reader.read("index.json", "index.json", MAX_MANIFEST_BYTES)
-    index_digest = "sha256:" + hashlib.sha256(index_bytes).hexdigest()
+    index_digest = digest_of(index_bytes)
     index = parse_manifest(index_bytes, "", index_digest)
     if not isinstance(index, Index):
         raise IntegrityError(f"{where}: not an image index", _HINT)
@@ -502,7 +534,7 @@ def _copy_tree(store: Store, reader: _Members, desc: Descriptor, depth: int) -> 
         raise IntegrityError(f"{reader.path.name}: indexes nested too deeply", _HINT)
     member = _blob_member(desc.digest)
     data = reader.read(member, "manifest", MAX_MANIFEST_BYTES)
-    if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+    if len(data) != desc.size or not matches(data, desc.digest):
         raise IntegrityError(
             f"{reader.path.name}: {member} does not match its descriptor "
             f"({desc.size} bytes, {desc.digest})",

@@ -7,9 +7,10 @@ that does not parse is content that is not what it claims to be.
 
 from __future__ import annotations
 
+import hashlib
 import platform as _platform
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ LAYER_COMPRESSION: Mapping[str, str] = {
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 _DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+#: The digest algorithms accepted everywhere (registry, store, archives), with their hashlib.
+DIGEST_ALGORITHMS: Mapping[str, Callable[..., Any]] = {
+    "sha256": hashlib.sha256,
+    "sha512": hashlib.sha512,
+}
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # as containers/image: larger manifests are refused
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 
@@ -61,6 +67,29 @@ def check_digest(value: object, where: str = "digest") -> str:
             "only sha256 and sha512 digests in lower-case hex are accepted",
         )
     return value
+
+
+def split_digest(digest: str, where: str = "digest") -> tuple[str, str]:
+    """``(algorithm, hex)`` of a digest checked by :func:`check_digest`."""
+    alg, _, hexpart = check_digest(digest, where).partition(":")
+    return alg, hexpart
+
+
+def new_hasher(digest: str, where: str = "digest") -> Any:
+    """A new hashlib object of ``digest``'s algorithm (sha256 or sha512); a digest string is
+    ``ALG:`` + its ``hexdigest()``. Raises :class:`IntegrityError` for an unsupported digest."""
+    return DIGEST_ALGORITHMS[split_digest(digest, where)[0]]()
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    """The ``ALG:HEX`` digest of ``data`` (``algorithm`` one of :data:`DIGEST_ALGORITHMS`)."""
+    return f"{algorithm}:{DIGEST_ALGORITHMS[algorithm](data).hexdigest()}"
+
+
+def matches(data: bytes, digest: str) -> bool:
+    """True when ``data`` hashes to ``digest`` under its algorithm; :class:`IntegrityError`
+    for an unsupported digest."""
+    return digest_of(data, split_digest(digest)[0]) == digest
 
 
 @dataclass(frozen=True)

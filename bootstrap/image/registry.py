@@ -29,7 +29,6 @@ what it claims :class:`IntegrityError` (exit 4), bad configuration :class:`Usage
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -75,6 +74,8 @@ from bootstrap.image.model import (
     MAX_MANIFEST_BYTES,
     Descriptor,
     check_digest,
+    digest_of,
+    split_digest,
 )
 from bootstrap.image.reference import Reference
 from bootstrap.image.registries import Endpoint, RegistriesConf
@@ -132,10 +133,6 @@ class _HostState:
     challenges: tuple[Challenge, ...] = ()
     down: tuple[str, str] | None = None  # (message, hint) of the last connect failure
     down_until: float = 0.0  # time.monotonic() until which fail-fast uses skip this host
-
-
-def _digest_of(data: bytes, algorithm: str) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 def _is_connect_error(exc: requests.RequestException) -> bool:
@@ -765,8 +762,7 @@ class RegistryClient:
                 ) from exc
         data = bytes(buf)
         if want is not None:
-            algorithm = want.split(":", 1)[0]
-            actual = _digest_of(data, algorithm)
+            actual = digest_of(data, split_digest(want)[0])
             if actual != want:
                 raise IntegrityError(
                     f"{what}: {ep.host} sent bytes with digest {actual}",
@@ -774,7 +770,7 @@ class RegistryClient:
                 )
             digest = want
         else:
-            digest = _digest_of(data, "sha256")
+            digest = digest_of(data, "sha256")
         media_type = ctype
         if ctype not in KNOWN_TYPES:
             try:
@@ -1015,8 +1011,7 @@ class RegistryClient:
         buf = bytearray()
         self.get_blob(ref, desc, buf.extend)
         data = bytes(buf)
-        algorithm = desc.digest.split(":", 1)[0]
-        actual = _digest_of(data, algorithm)
+        actual = digest_of(data, split_digest(desc.digest)[0])
         if actual != desc.digest or len(data) != desc.size:
             raise IntegrityError(
                 f"blob {desc.digest} of {ref.repository}: got {len(data)} bytes with digest "

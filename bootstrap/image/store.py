@@ -36,7 +36,6 @@ leaves a valid store: at worst unreferenced blobs and temp files, which :meth:`S
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from typing import Any, BinaryIO
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
 from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
 from bootstrap.image.model import (
+    DIGEST_ALGORITHMS,
     DOCKER_CONFIG,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -62,6 +62,9 @@ from bootstrap.image.model import (
     Image,
     Platform,
     check_digest,
+    digest_of,
+    new_hasher,
+    split_digest,
 )
 from bootstrap.image.unpack import LayerCheck, repair_layer, verify_layer
 from bootstrap.locks import flocked
@@ -81,7 +84,6 @@ STORE_LOCK_WAIT = 600.0
 BLOB_LOCK_WAIT = 3600.0
 LAYER_LOCK_WAIT = 1800.0
 INDEX_LOCK_WAIT = 60.0
-_HASHES: dict[str, Callable[..., Any]] = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -380,8 +382,7 @@ class Store:
             raise IntegrityError(
                 f"blob {digest} is larger than {limit} bytes", "it cannot be a manifest or config"
             )
-        alg, _ = _split(digest)
-        actual = f"{alg}:{_HASHES[alg](data).hexdigest()}"
+        actual = digest_of(data, _split(digest)[0])
         if actual != digest:
             raise IntegrityError(
                 f"stored blob {digest} is damaged (hashes to {actual})",
@@ -416,7 +417,7 @@ class Store:
         The digest is sha256 of ``data`` unless ``digest`` is given, in which case ``data`` must
         hash to it (under its algorithm) or :class:`IntegrityError` is raised."""
         if digest is None:
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            digest = digest_of(data)
         desc = Descriptor(media_type, check_digest(digest), len(data))
 
         def fetch(write: Callable[[bytes], object]) -> None:
@@ -443,15 +444,69 @@ class Store:
         path.unlink()
         return False
 
+    def put_stream(
+        self, media_type: str, fetch: Callable[[Callable[[bytes], object]], None]
+    ) -> Descriptor:
+        """Store a blob whose digest is learned from its content; return its (sha256)
+        descriptor.
+
+        ``fetch(write)`` streams the content as :meth:`ensure_blob`'s does; it goes to a temp
+        file under ``tmp/`` while being hashed, so it is read once. Then, under the blob's lock,
+        it is renamed into ``blobs/`` unless that blob is already stored. On any failure
+        (including errors raised by ``fetch``, e.g. a check made while streaming) the temp
+        file is removed and nothing is stored."""
+        self.init()
+        hasher = DIGEST_ALGORITHMS["sha256"]()
+        with self.using():
+            tmp, size = self._spool(fetch, hasher, "stream", None)
+            try:
+                desc = Descriptor(media_type, "sha256:" + hasher.hexdigest(), size)
+                path = self.blob_path(desc.digest)
+                with self._blob_lock(desc.digest):
+                    if self._present(desc, path):
+                        tmp.unlink()
+                        return desc
+                    self._commit(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return desc
+
     def _write_blob(
         self, desc: Descriptor, path: Path, fetch: Callable[[Callable[[bytes], object]], None]
     ) -> None:
         alg, hexpart = _split(desc.digest)
-        hasher = _HASHES[alg]()
+        hasher = new_hasher(desc.digest)
+        tmp, written = self._spool(fetch, hasher, hexpart[:16], desc)
+        try:
+            if written != desc.size:
+                raise IntegrityError(
+                    f"blob {desc.digest}: got {written} bytes, expected {desc.size}",
+                    "the download was truncated; try again",
+                )
+            actual = f"{alg}:{hasher.hexdigest()}"
+            if actual != desc.digest:
+                raise IntegrityError(
+                    f"blob {desc.digest}: content hashes to {actual}",
+                    "the registry sent wrong content; try again or another mirror",
+                )
+            self._commit(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _spool(
+        self,
+        fetch: Callable[[Callable[[bytes], object]], None],
+        hasher: Any,
+        label: str,
+        desc: Descriptor | None,
+    ) -> tuple[Path, int]:
+        """Stream ``fetch``'s chunks into a new fsynced temp file under ``tmp/``, hashing them;
+        more bytes than ``desc.size`` raise :class:`IntegrityError` at once. Returns the temp
+        file and the size; removes the file on failure."""
         with self._io("create a temp file"):
-            fd, tmpname = tempfile.mkstemp(
-                dir=self.tmp, prefix=f"blob-{hexpart[:16]}-", suffix=".part"
-            )
+            fd, tmpname = tempfile.mkstemp(dir=self.tmp, prefix=f"blob-{label}-", suffix=".part")
         tmp = Path(tmpname)
         written = 0
         try:
@@ -462,7 +517,7 @@ class Store:
                 def write(chunk: bytes) -> None:
                     nonlocal written
                     written += len(chunk)
-                    if written > desc.size:
+                    if desc is not None and written > desc.size:
                         raise IntegrityError(
                             f"blob {desc.digest}: more than the {desc.size} bytes its "
                             "descriptor announces",
@@ -475,27 +530,20 @@ class Store:
                             view = view[fh.write(view) :]
 
                 fetch(write)
-                if written != desc.size:
-                    raise IntegrityError(
-                        f"blob {desc.digest}: got {written} bytes, expected {desc.size}",
-                        "the download was truncated; try again",
-                    )
-                actual = f"{alg}:{hasher.hexdigest()}"
-                if actual != desc.digest:
-                    raise IntegrityError(
-                        f"blob {desc.digest}: content hashes to {actual}",
-                        "the registry sent wrong content; try again or another mirror",
-                    )
                 with self._io("write a blob"):
                     fh.flush()
                     os.fchmod(fh.fileno(), 0o644)
                     os.fsync(fh.fileno())
-            with self._io("store a blob"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return tmp, written
+
+    def _commit(self, tmp: Path, path: Path) -> None:
+        """Rename the verified temp file ``tmp`` to the blob ``path`` (and fsync the dir)."""
+        with self._io("store a blob"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
         with self._io("store a blob"):
             fsync_dir(path.parent)
 
@@ -767,7 +815,7 @@ class Store:
             layers_removed = 0
             if self.layers.is_dir():
                 for algdir in self.layers.iterdir():
-                    if not algdir.is_dir() or algdir.name not in _HASHES:
+                    if not algdir.is_dir() or algdir.name not in DIGEST_ALGORITHMS:
                         remove_tree(algdir)
                         layers_removed += 1
                         continue
@@ -879,7 +927,7 @@ class Store:
         if not self.layers.is_dir():
             return
         for algdir in sorted(self.layers.iterdir()):
-            if algdir.name not in _HASHES or not algdir.is_dir():
+            if algdir.name not in DIGEST_ALGORITHMS or not algdir.is_dir():
                 continue
             for p in sorted(algdir.iterdir()):
                 if not p.name.startswith("."):
@@ -890,9 +938,7 @@ class Store:
 
 
 def _split(digest: str, where: str = "digest") -> tuple[str, str]:
-    check_digest(digest, where)
-    alg, _, hexpart = digest.partition(":")
-    return alg, hexpart
+    return split_digest(digest, where)
 
 
 def _ref_name(entry: dict[str, Any]) -> str | None:
@@ -911,7 +957,7 @@ def _size(entry: dict[str, Any]) -> int:
 
 def _hash_file(path: Path, digest: str) -> str:
     alg, _ = _split(digest)
-    hasher = _HASHES[alg]()
+    hasher = new_hasher(digest)
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             hasher.update(chunk)
