@@ -317,3 +317,49 @@ def test_stale_temp_dirs_of_killed_checkouts_are_removed(tmp_path: Path) -> None
         "r.tmp-busy",
         "r.tmp-busy.lock",
     ]
+
+
+def _checkout_killed_midway(store_root: str, name: str, dest: str) -> None:
+    """In a forked child: a checkout that is SIGKILLed while composing its temp dir."""
+    import signal
+
+    from bootstrap.image import unpack
+
+    def die(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    unpack._Composer.layer = die  # type: ignore[method-assign]
+    store = Store(Path(store_root))
+    checkout(store, store.image(name), Path(dest))
+
+
+def test_gc_removes_temp_dirs_of_killed_checkouts(tmp_path: Path) -> None:
+    """A checkout killed -9 leaves DEST.tmp-X; gc removes it (the store recorded it), even if
+    no checkout of DEST ever runs again. A record naming anything else is not followed."""
+    store = Store(tmp_path / "store")
+    store.init()
+    layer = _tar({"a": b"a"})
+    _store_plain(store, "example.com/k:1", layer, "sha256:" + hashlib.sha256(layer).hexdigest())
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(
+        target=_checkout_killed_midway,
+        args=(str(store.root), "example.com/k:1", str(tmp_path / "dest" / "r")),
+    )
+    (tmp_path / "dest").mkdir()
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    left = sorted(p.name for p in (tmp_path / "dest").iterdir())
+    assert len(left) == 2 and left[0].startswith("r.tmp-") and left[1] == left[0] + ".lock"
+    # a forged record: gc must not follow it outside a checkout temp
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (store.tmp / "checkout-forged.path").write_bytes(os.fsencode(str(victim)))
+    report = store.gc()
+    assert report.checkouts_removed == 1
+    assert list((tmp_path / "dest").iterdir()) == []
+    assert victim.is_dir()
+    assert not list(store.tmp.glob("checkout-*"))
+    # a checkout that completes leaves no record behind
+    checkout(store, store.image("example.com/k:1"), tmp_path / "dest" / "r")
+    assert not list(store.tmp.glob("checkout-*")) and store.gc().checkouts_removed == 0

@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -84,6 +85,10 @@ STORE_LOCK_WAIT = 600.0
 BLOB_LOCK_WAIT = 3600.0
 LAYER_LOCK_WAIT = 1800.0
 INDEX_LOCK_WAIT = 60.0
+#: Prefix of the files under ``tmp/`` recording a running checkout's temp directory.
+CHECKOUT_RECORD = "checkout-"
+#: The name of a checkout's temp directory (see :func:`bootstrap.image.unpack.checkout`).
+_CHECKOUT_TEMP = re.compile(r".+\.tmp-[A-Za-z0-9_]+")
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -123,9 +128,11 @@ class GcReport:
     temp_removed: int = 0
     locks_removed: int = 0
     blobs_kept: int = 0
+    checkouts_removed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "checkouts_removed": self.checkouts_removed,
             "blobs_removed": self.blobs_removed,
             "bytes_freed": self.bytes_freed,
             "layers_removed": self.layers_removed,
@@ -137,8 +144,8 @@ class GcReport:
     def to_text(self) -> str:
         return (
             f"removed {self.blobs_removed} blobs ({human_size(self.bytes_freed)}), "
-            f"{self.layers_removed} cached layers, {self.temp_removed} temp files; "
-            f"{self.blobs_kept} blobs kept"
+            f"{self.layers_removed} cached layers, {self.temp_removed} temp files, "
+            f"{self.checkouts_removed} interrupted checkouts; {self.blobs_kept} blobs kept"
         )
 
 
@@ -789,10 +796,46 @@ class Store:
             for p in sorted(algdir.iterdir()):
                 yield f"{algdir.name}:{p.name}", p
 
+    def record_checkout_temp(self, temp: Path) -> Path:
+        """Record that a checkout is about to build ``temp`` (a ``DEST.tmp-*`` directory beside
+        its destination); return the record file, which the checkout removes when done. The
+        caller holds :meth:`using`, so a record :meth:`gc` finds belongs to a checkout that was
+        killed. Written durably before ``temp`` exists."""
+        with self._io("record a checkout"):
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.tmp, prefix=CHECKOUT_RECORD, suffix=".path")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.fsencode(os.path.abspath(temp)))
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(self.tmp)
+        return Path(name)
+
+    def _remove_recorded_checkouts(self) -> int:
+        """Remove the ``DEST.tmp-*`` directories (and their ``.lock`` files) that records of
+        killed checkouts name; a record naming anything else is dropped, never followed."""
+        removed = 0
+        for record in sorted(self.tmp.glob(f"{CHECKOUT_RECORD}*.path")):
+            try:
+                temp = Path(os.fsdecode(record.read_bytes()))
+            except OSError:
+                continue
+            if temp.is_absolute() and _CHECKOUT_TEMP.fullmatch(temp.name) and temp.parent.is_dir():
+                if os.path.lexists(temp):
+                    log.info("removing %s, left by a checkout that was killed", temp)
+                    remove_tree(temp)
+                    removed += 1
+                temp.with_name(temp.name + ".lock").unlink(missing_ok=True)
+            else:
+                log.warning("ignoring checkout record %s: %s is no checkout temp", record, temp)
+            record.unlink(missing_ok=True)
+        return removed
+
     def gc(self, timeout: float | None = STORE_LOCK_WAIT) -> GcReport:
         """Under :meth:`exclusive`: remove blobs not reachable from index.json, cached layers
-        whose diff_id no stored image lists, every temp file and the per-blob/per-layer lock
-        files. Returns counts and bytes freed."""
+        whose diff_id no stored image lists, every temp file, the per-blob/per-layer lock
+        files and the ``DEST.tmp-*`` directories of killed checkouts (as recorded by
+        :meth:`record_checkout_temp`). Returns counts and bytes freed."""
         if not self.root.exists():
             return GcReport()
         self.init()
@@ -824,7 +867,9 @@ class Store:
                             remove_tree(entry)
                             layers_removed += 1
             temp_removed = 0
+            checkouts_removed = 0
             if self.tmp.is_dir():
+                checkouts_removed = self._remove_recorded_checkouts()
                 for entry in self.tmp.iterdir():
                     remove_tree(entry)
                     temp_removed += 1
@@ -842,7 +887,13 @@ class Store:
                         entry.unlink(missing_ok=True)
                         locks_removed += 1
             return GcReport(
-                blobs_removed, bytes_freed, layers_removed, temp_removed, locks_removed, kept
+                blobs_removed,
+                bytes_freed,
+                layers_removed,
+                temp_removed,
+                locks_removed,
+                kept,
+                checkouts_removed,
             )
 
     def fsck(self, *, repair: bool = False) -> FsckReport:

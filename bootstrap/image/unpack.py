@@ -1726,6 +1726,7 @@ def checkout(
         os.close(fd)
         lock = Path(lockname)
         tmp = lock.with_name(lock.name[: -len(".lock")])
+        record = store.record_checkout_temp(tmp)  # so gc removes it if this process is killed
         try:
             with flocked(lock, what=str(tmp)):
                 try:
@@ -1755,6 +1756,7 @@ def checkout(
                     lock.unlink(missing_ok=True)
         finally:
             lock.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
     return CheckoutResult(
         dest,
         image.name,
