@@ -147,6 +147,80 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
         node.run("rm", "-f", "/var/lib/bootstrap/.provisioned", drop_in)
 
 
+@pytest.fixture(scope="module")
+def standin_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kubelet stand-in image (Python 3.11 with grpcio) as tags v1 and v2, differing only
+    in the environment variable ``CRI_V``."""
+    import shutil
+    import subprocess
+
+    from tests.harness.cri import kubelet_standin_image
+
+    standin = kubelet_standin_image()
+    layout = tmp_path_factory.mktemp("standin") / "oci"
+    shutil.copytree(standin.layout, layout)
+    for v in ("1", "2"):
+        subprocess.run(
+            [
+                *("umoci", "config", "--image", f"{layout}:{standin.tag}"),
+                *("--tag", f"v{v}", "--config.env", f"CRI_V={v}"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return layout
+
+
+NOTIFIER = """
+import os, socket, time
+if os.environ.get("CRI_V") == "1":  # v1 says READY=1, v2 never does
+    path = os.environ["NOTIFY_SOCKET"]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect("\\0" + path[1:] if path.startswith("@") else path)
+    s.send(b"READY=1")
+time.sleep(3600)
+"""
+
+
+@pytest.mark.node
+def test_notify_unit_must_be_ready_within_the_start_period(
+    shared_node: Node, _registry_plain: Registry, standin_layout: Path
+) -> None:
+    """A ``Type=notify`` container with a health check whose start period is 3 s: an image
+    that never sends READY=1 is rolled back after about that, not after the unit's start
+    timeout."""
+    import time
+
+    node = shared_node
+    reg = _ensure_running(_registry_plain)
+    env = registries_env(node, reg)
+    reg.push(standin_layout, "v1", "au/notify:live")
+    d = "/etc/bootstrap-test/def-aunotify"
+    health = {"exec": ["/usr/bin/python3.11", "-c", "pass"], "start_period": 3}
+    node.write_file(f"{d}/manifest.json", json.dumps({"readiness": "notify", "health": health}))
+    template = {"process": {"args": ["/usr/bin/python3.11", "-u", "-c", NOTIFIER]}}
+    node.write_file(f"{d}/config.json.template", json.dumps(template).replace("$", "$$"))
+    ref = f"{reg.host}/au/notify:live"
+    try:
+        node.bootstrap(
+            "install", "--auto-update", "registry", "--definition", d, "aunotify", ref,
+            env=env, check=True,
+        )  # fmt: skip
+        assert active(node, "aunotify.service") == "active"
+        reg.push(standin_layout, "v2", "au/notify:live")
+        started = time.monotonic()
+        ran = node.bootstrap("--json", "auto-update", "aunotify", env=env)
+        took = time.monotonic() - started
+        assert ran.rc == 5, ran.stderr
+        assert ran.json()[0]["result"] == "rolled-back", ran.stdout
+        assert "timeout" in ran.json()[0]["message"], ran.stdout
+        assert took < 60, f"rolled back after {took:.1f}s"  # the job timeout is 120 s
+        assert active(node, "aunotify.service") == "active"
+        assert link_target(node, "aunotify") == "aunotify.0"
+    finally:
+        node.bootstrap("uninstall", "aunotify", env=env)
+
+
 CRI_SERVER = """
 import os, sys, time
 sys.path.insert(0, "/opt/standin")
@@ -172,33 +246,19 @@ server.wait_for_termination()
 
 @pytest.mark.node
 def test_cri_daemon_update_restarts_its_dependants_once_it_answers(
-    shared_node: Node, _registry_plain: Registry, tmp_path: Path
+    shared_node: Node, _registry_plain: Registry, standin_layout: Path, tmp_path: Path
 ) -> None:
     """A stand-in CRI daemon (gRPC Version on a unix socket) and a container ordered after it,
     provisioned by ``up`` (which enables the auto-update timer); the daemon's tag moves:
     auto-update updates it, waits until the socket answers again, then restarts the
     dependant."""
-    import shutil
-    import subprocess
-
-    from tests.harness.cri import cri_version, kubelet_standin_image
+    from tests.harness.cri import cri_version
     from tests.harness.imagebuilder import build_image
 
     node = shared_node
     reg = _ensure_running(_registry_plain)
     env = registries_env(node, reg)
-    standin = kubelet_standin_image()
-    layout = tmp_path / "cri"
-    shutil.copytree(standin.layout, layout)
-    for v in ("1", "2"):
-        subprocess.run(
-            [
-                *("umoci", "config", "--image", f"{layout}:{standin.tag}"),
-                *("--tag", f"v{v}", "--config.env", f"CRI_V={v}"),
-            ],
-            check=True,
-            capture_output=True,
-        )
+    layout = standin_layout
     reg.push(layout, "v1", "au/cri:live")
     build_image(tmp_path / "kl", "kl", busybox_spec(cmd=("sleep", "3700")))
     reg.push(tmp_path / "kl", "kl", "au/kl:1")
@@ -320,3 +380,20 @@ def test_local_policy_dry_run_lock_and_bad_names(_registry_plain: Registry, tmp_
     assert ran.rc == 2 and "not installed" in ran.stderr
     ran = bootstrap("auto-update", "../x", store=store, state=state, env=env)
     assert ran.rc == 2, ran.stderr
+
+
+def test_order_dependencies_first_then_by_name(tmp_path: Path) -> None:
+    from bootstrap.deploy.autoupdate import order
+    from bootstrap.deploy.deploy import Deployment
+
+    def dep(name: str, *after: str) -> Deployment:
+        return Deployment(
+            name, tmp_path, "img", "d", "i", {}, {}, "builtin", "builtin", "d", "t", "u",
+            after=after,
+        )  # fmt: skip
+
+    got = order([dep("kubelet", "ocid"), dep("ocid"), dep("agent", "kubelet"), dep("zz")])
+    assert [d.name for d in got] == ["ocid", "kubelet", "agent", "zz"]
+    # a dependency not among those looked at is ignored; a cycle falls back to name order
+    assert [d.name for d in order([dep("b", "gone"), dep("a")])] == ["a", "b"]
+    assert [d.name for d in order([dep("b", "a"), dep("a", "b")])] == ["a", "b"]

@@ -854,8 +854,8 @@ class Deployer:
             )
             health = staged.definition.health
             job_timeout: dict[str, float] = {"timeout": start_job_timeout(staged)}
-            if health is not None and staged.definition.readiness == "notify":
-                job_timeout["timeout"] = max(health.start_period, 1.0)  # READY=1 within it
+            if health and health.start_period > 0 and staged.definition.readiness == "notify":
+                job_timeout["timeout"] = health.start_period  # READY=1 within it
             was_running = self.manager.state(paths.unit).running
             write_atomic(paths.staged / PREVIOUS, active.name)
             _flip(paths, paths.staged)

@@ -27,7 +27,7 @@ class HealthCheck:
     ``--health-cmd``: exit 0 is healthy. It is tried every ``interval`` seconds, each try
     killed after ``timeout``; failures within ``start_period`` seconds of the start do not
     count, and ``retries`` counted failures in a row make the container unhealthy. For a
-    ``Type=notify`` unit, ``start_period`` also bounds the wait for READY=1."""
+    ``Type=notify`` unit, a non-zero ``start_period`` also bounds the wait for READY=1."""
 
     argv: tuple[str, ...]
     interval: float = 1.0
