@@ -189,6 +189,7 @@ def test_never_ready_notify_unit_fails_in_start_timeout_and_update_rolls_back(
     took = time.monotonic() - started
     assert ran.rc == 5, ran.stderr
     assert "mute.service" in ran.stderr and "timeout" in ran.stderr, ran.stderr
+    assert "raise startTimeout" in ran.stderr, ran.stderr
     assert 3.0 <= took < 3.0 + 30, took
     assert not node.path(f"{CONTAINERS}/mute").exists()
     assert node.systemctl("is-enabled", "mute.service").stdout.strip() in ("", "not-found")

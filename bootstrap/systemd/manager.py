@@ -280,7 +280,18 @@ class Manager:
         lines = journal_tail(unit)
         if lines:
             detail += "; last journal lines: " + " | ".join(lines)
+        if st.result == "timeout":
+            return UnitTimeoutError(
+                detail,
+                f"journalctl -u {unit}; a container that needs longer to get ready: raise "
+                "startTimeout in its manifest.json",
+            )
         return SystemdError(detail, f"journalctl -u {unit}")
+
+
+class UnitTimeoutError(SystemdError):
+    """A unit failed with result ``timeout``: it did not start (a ``notify`` unit: send
+    READY=1) within ``TimeoutStartSec=``, or did not stop within ``TimeoutStopSec=``."""
 
 
 def _gerror(exc: BaseException) -> str:
