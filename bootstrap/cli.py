@@ -96,6 +96,25 @@ def add_global_options(p: argparse.ArgumentParser, *, in_command: bool = False) 
         default=default(False),
         help="no progress or log lines",
     )
+    p.add_argument(
+        "--signature-policy",
+        metavar="PATH",
+        default=default(None),
+        help="containers-policy.json(5) to verify images against (/etc/containers/policy.json)",
+    )
+    p.add_argument(
+        "--registries.d",
+        dest="registries_d",
+        metavar="DIR",
+        default=default(None),
+        help="registries.d(5) directory: where signatures are (/etc/containers/registries.d)",
+    )
+    p.add_argument(
+        "--insecure-policy",
+        action="store_true",
+        default=default(False),
+        help="do not verify image signatures (says so on stderr)",
+    )
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -122,8 +141,9 @@ def _parse_set(values: Sequence[str] | None) -> dict[str, str]:
 
 def _pull(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import api
+    from bootstrap.trust.verify import Verifier
 
-    return api.pull(s, a.ref, platform=a.platform)
+    return api.pull(s, a.ref, platform=a.platform, verifier=Verifier.from_settings(s))
 
 
 def _import(s: Settings, a: argparse.Namespace) -> Result:
@@ -483,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             json=args.json,
             verbosity=level,
             progress=sys.stderr.isatty() and level >= 0 and not args.json,
+            signature_policy=args.signature_policy,
+            registries_d=args.registries_d,
+            insecure_policy=args.insecure_policy,
         )
         if "set" in args:
             args.set = _parse_set(args.set)

@@ -20,6 +20,7 @@ class ExitCode(enum.IntEnum):
     INTEGRITY = 4
     SYSTEMD = 5
     BUSY = 6
+    TRUST = 7
 
 
 class BootstrapError(Exception):
@@ -76,6 +77,13 @@ class BusyError(BootstrapError):
     """A lock is held by another process and waiting was not allowed or timed out."""
 
     exit_code = ExitCode.BUSY
+
+
+class TrustError(BootstrapError):
+    """The signature policy refused an image: no signature, unknown key, a signature for another
+    identity or manifest, or a ``reject`` requirement. Nothing of the image is tagged."""
+
+    exit_code = ExitCode.TRUST
 
 
 def _one_line(text: str) -> str:

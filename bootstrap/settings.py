@@ -8,6 +8,8 @@ from pathlib import Path
 
 DEFAULT_ROOT = Path("/var/lib/bootstrap")
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+DEFAULT_SIGNATURE_POLICY = Path("/etc/containers/policy.json")
+DEFAULT_REGISTRIES_D = Path("/etc/containers/registries.d")
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,9 @@ class Settings:
     ``state``: deployments root (``$STATE``; system containers under ``state / "containers"``).
     ``json``: results as one JSON document on stdout. ``verbosity``: -1 quiet, 0 normal, 1+ debug.
     ``progress``: draw progress bars (only when stderr is a TTY and not quiet).
+    ``signature_policy``: the containers-policy.json(5) file every image brought in is checked
+    against; ``registries_d``: the registries.d(5) directory saying where signatures are;
+    ``insecure_policy``: skip signature verification altogether.
     """
 
     store: Path = DEFAULT_ROOT
@@ -25,6 +30,9 @@ class Settings:
     json: bool = False
     verbosity: int = 0
     progress: bool = False
+    signature_policy: Path = DEFAULT_SIGNATURE_POLICY
+    registries_d: Path = DEFAULT_REGISTRIES_D
+    insecure_policy: bool = False
 
     @classmethod
     def resolve(
@@ -35,9 +43,22 @@ class Settings:
         json: bool = False,
         verbosity: int = 0,
         progress: bool = False,
+        signature_policy: str | None = None,
+        registries_d: str | None = None,
+        insecure_policy: bool = False,
     ) -> Settings:
         """Build settings: explicit arguments win over ``BOOTSTRAP_STORE``/``BOOTSTRAP_STATE``,
-        which win over ``/var/lib/bootstrap``. Paths are made absolute."""
+        which win over ``/var/lib/bootstrap``; the policy file and registries.d directory
+        likewise over ``BOOTSTRAP_SIGNATURE_POLICY``/``BOOTSTRAP_REGISTRIES_D``, then
+        ``/etc/containers``. Paths are made absolute."""
         store_path = Path(store or os.environ.get("BOOTSTRAP_STORE") or DEFAULT_ROOT).absolute()
         state_path = Path(state or os.environ.get("BOOTSTRAP_STATE") or DEFAULT_ROOT).absolute()
-        return cls(store_path, state_path, json, verbosity, progress)
+        policy = Path(
+            signature_policy
+            or os.environ.get("BOOTSTRAP_SIGNATURE_POLICY")
+            or DEFAULT_SIGNATURE_POLICY
+        ).absolute()
+        regd = Path(
+            registries_d or os.environ.get("BOOTSTRAP_REGISTRIES_D") or DEFAULT_REGISTRIES_D
+        ).absolute()
+        return cls(store_path, state_path, json, verbosity, progress, policy, regd, insecure_policy)

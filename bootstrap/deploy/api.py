@@ -22,7 +22,18 @@ def _deployer(settings: Settings) -> Iterator[Deployer]:
     from bootstrap.progress import make_progress
 
     with make_progress(settings) as progress:
-        yield Deployer(settings.state, Store(settings.store), progress=progress)
+        yield Deployer(
+            settings.state,
+            Store(settings.store),
+            progress=progress,
+            verifier=lambda: _verifier(settings),
+        )
+
+
+def _verifier(settings: Settings) -> object:
+    from bootstrap.trust.verify import Verifier
+
+    return Verifier.from_settings(settings)
 
 
 def install(

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,8 @@ class Deployment:
     #: A CRI socket that must answer ``Version`` before the container counts as ready.
     cri_socket: str = ""
     ready_timeout: float = 300.0
+    #: The signature-policy requirement that admitted the image ("" when none was recorded).
+    admitted: str = ""
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
@@ -193,6 +195,7 @@ class Deployment:
                 after=tuple(str(a) for a in doc.get("after", ())),
                 cri_socket=str(doc.get("cri_socket") or ""),
                 ready_timeout=float(doc.get("ready_timeout", 300.0)),
+                admitted=str(doc.get("admitted", "")),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BootstrapError(
@@ -218,6 +221,7 @@ class Deployment:
             "installed": self.installed,
             "unit_dir": self.unit_dir,
             **self.extra(),
+            "admitted": self.admitted,
         }
 
     def extra(self) -> dict[str, Any]:
@@ -440,6 +444,8 @@ class ContainerStatus:
             lines.append(f"  installed {self.active.installed}")
             a = self.active
             lines.append(f"  update:   {a.auto_update} ({a.auto_update_from})")
+            if self.active.admitted:
+                lines.append(f"  trust:    {self.active.admitted}")
         if self.previous:
             lines.append(f"  rollback: {self.previous.image} ({self.previous.digest[:19]})")
         if self.unit:
@@ -506,11 +512,14 @@ class Deployer:
         *,
         manager: Manager | None = None,
         progress: Any = None,
+        verifier: Callable[[], Any] | None = None,
     ) -> None:
         self.state = Path(state)
         self.store = store
         self._manager = manager
         self.progress = progress
+        self._verifier_factory = verifier
+        self._verifier: Any = None
 
     @property
     def manager(self) -> Manager:
@@ -574,9 +583,18 @@ class Deployer:
             kwargs: dict[str, Any] = {}
             if self.progress is not None:
                 kwargs["progress"] = self.progress
+            if self._verifier_factory is not None:
+                if self._verifier is None:  # loaded on first pull: list/rollback need no policy
+                    self._verifier = self._verifier_factory()
+                kwargs["verifier"] = self._verifier
             return pull_image(self.store, ref, **kwargs).image
         image: Image = self.store.image(name)
         return image
+
+    def _admitted(self, name: str) -> str:
+        """The signature-policy requirement that admitted stored image ``name`` ("" if none
+        was recorded)."""
+        return next((r.admitted for r in self.store.images() if r.name == name), "")
 
     def _checkout(self, image: Image, dest: Path) -> None:
         """The rootfs: files of its own (reflinks or copies), nothing shared with the cache."""
@@ -636,6 +654,7 @@ class Deployer:
                     write_atomic(staged / DEFINITION_COPY / fname, text)
             info = the_plan.info(_now())
             info.update(self._extra(image, the_plan.definition, options))
+            info["admitted"] = self._admitted(the_plan.image.name)
             write_atomic(staged / INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
             fsync_dir(staged)
             return the_plan

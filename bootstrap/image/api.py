@@ -14,7 +14,7 @@ from typing import Any
 
 from bootstrap.errors import IntegrityError, UsageError
 from bootstrap.image.model import Platform
-from bootstrap.image.pull import PullResult, pull_image
+from bootstrap.image.pull import ImageVerifier, PullResult, pull_image
 from bootstrap.image.store import FsckReport, GcReport, Store, StoredRef
 from bootstrap.progress import human_size, make_progress
 from bootstrap.settings import Settings
@@ -35,10 +35,11 @@ class ImagesResult:
         if not self.images:
             return "no images stored (add one with 'bootstrap pull REF' or 'bootstrap import FILE')"
         width = max(len("REFERENCE"), *(len(r.name) for r in self.images))
-        lines = [f"{'REFERENCE':<{width}}  {'DIGEST':<19}  TYPE"]
+        lines = [f"{'REFERENCE':<{width}}  {'DIGEST':<19}  {'TYPE':<8}  ADMITTED BY"]
         for r in self.images:
             kind = "index" if "index" in r.media_type or "list" in r.media_type else "manifest"
-            lines.append(f"{r.name:<{width}}  {r.digest[:19]:<19}  {kind}")
+            by = r.admitted or "-"
+            lines.append(f"{r.name:<{width}}  {r.digest[:19]:<19}  {kind:<8}  {by}")
         return "\n".join(lines)
 
 
@@ -93,12 +94,19 @@ def stored_name(store: Store, text: str) -> str:
     return next((str(c) for c in candidates if str(c) in known), name)
 
 
-def pull(settings: Settings, ref: str, *, platform: str | None = None) -> PullResult:
+def pull(
+    settings: Settings,
+    ref: str,
+    *,
+    platform: str | None = None,
+    verifier: ImageVerifier | None = None,
+) -> PullResult:
     """Pull ``ref`` into the store; the result's text is the digest the tag points at.
 
     A short name (no registry) is tried against registries.conf's aliases and
-    ``unqualified-search-registries`` in order, else normalized as Docker does. Raises
-    UsageError (bad reference/platform), RegistryError, IntegrityError, BusyError."""
+    ``unqualified-search-registries`` in order, else normalized as Docker does. ``verifier``
+    checks signatures before anything is stored. Raises UsageError (bad reference/platform),
+    RegistryError, IntegrityError, BusyError, TrustError (refused by the policy)."""
     from bootstrap.image.reference import Reference
     from bootstrap.image.registry import RegistryClient
 
@@ -114,7 +122,13 @@ def pull(settings: Settings, ref: str, *, platform: str | None = None) -> PullRe
             reference = candidates[0]
         with make_progress(settings) as progress:
             result = pull_image(
-                store, reference, platform=plat, client=client, progress=progress, fetched=fetched
+                store,
+                reference,
+                platform=plat,
+                client=client,
+                progress=progress,
+                fetched=fetched,
+                verifier=verifier,
             )
     # logged after the bars are gone, so the line is not drawn over
     log.info(

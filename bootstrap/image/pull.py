@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bootstrap.errors import BootstrapError, IntegrityError
 from bootstrap.image.model import (
@@ -37,7 +37,7 @@ from bootstrap.image.model import (
     Manifest,
     Platform,
 )
-from bootstrap.image.store import SOURCE_DIGEST_ANNOTATION, Store
+from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store
 from bootstrap.progress import Progress
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class PullResult:
     size: int
     downloaded: int
     elapsed: float
+    admitted: str = ""
 
     def to_json(self) -> dict[str, Any]:
         cfg = self.image.config
@@ -92,10 +93,22 @@ class PullResult:
             "size": self.size,
             "downloaded": self.downloaded,
             "elapsed": round(self.elapsed, 3),
+            "admitted": self.admitted,
         }
 
     def to_text(self) -> str:
         return self.digest
+
+
+class ImageVerifier(Protocol):
+    """What the pull path needs of signature verification (``bootstrap.trust.verify.Verifier``
+    implements it): given the reference, the manifest bytes exactly as fetched and their
+    digest, and the registry client (for signatures stored in the registry), return what
+    admitted the image (its ``str()`` is recorded) or raise ``TrustError`` (exit 7)."""
+
+    def check_pull(
+        self, reference: Reference, manifest: bytes, digest: str, client: RegistryClient
+    ) -> object: ...
 
 
 class _Cancelled(Exception):
@@ -111,6 +124,7 @@ def pull_image(
     progress: Progress | None = None,
     jobs: int = 8,
     fetched: FetchedManifest | None = None,
+    verifier: ImageVerifier | None = None,
 ) -> PullResult:
     """Pull ``reference`` into ``store`` and tag it as ``str(reference)``; return what was pulled.
 
@@ -126,11 +140,16 @@ def pull_image(
     reference for another ``platform`` re-points the tag at that platform's manifest.
     ``fetched``: the manifest of ``reference`` when the caller already has it from ``client``
     (e.g. :meth:`RegistryClient.resolve`), so it is not fetched again.
+    ``verifier``: the signature policy, consulted with the manifest as fetched (an index
+    itself, when one is served) before any config or layer is downloaded; what it returns is
+    recorded on the tag (``io.bootstrap.trust.admitted``). Every command that brings an image
+    in passes one; None skips verification (library use and tests).
 
     Raises :class:`RegistryError` (exit 3) for registry/network failures,
     :class:`IntegrityError` (exit 4) for content that does not match its digest or size (nothing
     of it is stored), :class:`UsageError` (exit 2) when no manifest matches the platform. Every
-    blob is stored before the tag is written.
+    blob is stored before the tag is written. A refusal by ``verifier`` raises its
+    ``TrustError`` (exit 7) before anything of the image is stored.
     """
     if client is None:
         from bootstrap.image.registry import RegistryClient
@@ -144,6 +163,7 @@ def pull_image(
                 progress=progress,
                 jobs=jobs,
                 fetched=fetched,
+                verifier=verifier,
             )
     from bootstrap.image import manifest as mf
 
@@ -159,6 +179,9 @@ def pull_image(
                 f"{name}: the registry served manifest {fetched.digest}",
                 "the registry or a mirror is serving wrong content",
             )
+        admitted = ""
+        if verifier is not None:
+            admitted = str(verifier.check_pull(reference, fetched.data, fetched.digest, client))
         top = mf.parse_manifest(fetched.data, fetched.media_type, fetched.digest)
         selected: Platform | None = None
         if isinstance(top, Index):
@@ -236,6 +259,8 @@ def pull_image(
             desc = store.put_blob(manifest_data, served.media_type, digest=served.digest)
             stored = served
         source = {SOURCE_DIGEST_ANNOTATION: fetched.digest} if fetched.digest != desc.digest else {}
+        if admitted:
+            source[ADMITTED_ANNOTATION] = admitted
         target = Descriptor(desc.media_type, desc.digest, desc.size, annotations=source)
         store.tag(name, target)
     size = cfg_desc.size + sum(layer.size for layer in served.layers)
@@ -250,6 +275,7 @@ def pull_image(
         size=size,
         downloaded=counter.value,
         elapsed=time.monotonic() - started,
+        admitted=admitted,
     )
 
 

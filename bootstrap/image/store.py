@@ -77,6 +77,9 @@ OCI_LAYOUT_VERSION = "1.0.0"
 SOURCE_DIGEST_ANNOTATION = "io.bootstrap.source.digest"
 """On an index.json entry whose manifest was converted (Docker v2s2 -> OCI) when pulled: the
 digest the registry served (what ``pull`` printed and what ``REF@DIGEST`` pins)."""
+ADMITTED_ANNOTATION = "io.bootstrap.trust.admitted"
+"""On an index.json entry: the signature-policy requirement (and its scope) that admitted the
+image when it was pulled or imported."""
 _CHUNK = 1024 * 1024
 # How long to wait for a lock before BusyError (exit 6). The store lock waits out a running gc
 # (or, for gc, running pulls/checkouts); a blob lock waits while another process downloads that
@@ -98,13 +101,15 @@ _CHECKOUT_TEMP = re.compile(r".+\.tmp-[A-Za-z0-9_]+")
 class StoredRef:
     """One index.json entry: the normalized reference and the descriptor it names.
     ``source_digest``: the digest the registry served when the stored manifest is a conversion
-    of it (annotation ``io.bootstrap.source.digest``), else ""."""
+    of it (annotation ``io.bootstrap.source.digest``), else "". ``admitted``: the policy
+    requirement that admitted it (annotation ``io.bootstrap.trust.admitted``), else ""."""
 
     name: str
     digest: str
     media_type: str
     size: int
     source_digest: str = ""
+    admitted: str = ""
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -115,6 +120,8 @@ class StoredRef:
         }
         if self.source_digest:
             doc["source_digest"] = self.source_digest
+        if self.admitted:
+            doc["admitted"] = self.admitted
         return doc
 
 
@@ -651,6 +658,7 @@ class Store:
                     str(m.get("mediaType", "")),
                     _size(m),
                     str(ann.get(SOURCE_DIGEST_ANNOTATION, "")),
+                    str(ann.get(ADMITTED_ANNOTATION, "")),
                 )
             )
         return sorted(out, key=lambda r: r.name)

@@ -30,11 +30,19 @@ format is documented in docs/node-manifest.md, with an example in examples/node.
       timer: true                    # enable bootstrap-auto-update.timer (daily auto-update)
     # a container may also say when it is ready beyond its unit being active:
     #   ready: {cri_socket: /run/crio/crio.sock, timeout: 300}   # answers CRI Version
+    trust:                           # optional; written before the first pull (docs/trust.md)
+      policy: {default: [{type: reject}], transports: {docker: {...}}}  # or a path to a file
+      files:                         # keys the policy names, written first
+        - {path: /etc/pki/containers/ops.gpg, from: ops.gpg}   # or base64: ... or data: ...
+      registries.d: {ops.yaml: {docker: {registry.example.com: {lookaside: https://...}}}}
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -154,6 +162,24 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class TrustFile:
+    """A file the ``trust:`` section writes (a key): absolute ``path`` and its bytes."""
+
+    path: Path
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The ``trust:`` section: ``policy`` (containers-policy.json bytes, validated),
+    ``files`` (keys) and ``registries_d`` (file name -> YAML text for registries.d)."""
+
+    policy: bytes
+    files: tuple[TrustFile, ...] = ()
+    registries_d: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeManifest:
     """A validated node manifest. ``digest`` is ``sha256:`` of the file's bytes."""
 
@@ -163,6 +189,7 @@ class NodeManifest:
     network: NetworkWait
     containers: tuple[ContainerSpec, ...]
     auto_update_timer: bool = False
+    trust: Trust | None = None
 
     def container(self, name: str) -> ContainerSpec:
         """The container called ``name``; KeyError when there is none."""
@@ -303,7 +330,7 @@ class _Validator:
         if doc is None:
             raise UsageError("the node manifest is empty", "it needs at least 'containers:'")
         top = self.mapping(
-            doc, "", {"version", "registries", "network", "containers", "auto_update"}
+            doc, "", {"version", "registries", "network", "containers", "auto_update", "trust"}
         )
         if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
             raise UsageError(f"version: unsupported {top['version']!r} (only 1 is known)", _HINT)
@@ -318,7 +345,70 @@ class _Validator:
             timer = au.get("timer", False)
             if type(timer) is not bool:
                 raise UsageError("auto_update.timer: expected true or false", _HINT)
-        return NodeManifest(path, digest, registries, network, containers, timer)
+        trust = self.trust(top.get("trust"), "trust")
+        return NodeManifest(path, digest, registries, network, containers, timer, trust)
+
+    def trust(self, value: Any, at: str) -> Trust | None:
+        from bootstrap.trust.policy import parse_policy
+        from bootstrap.trust.registries_d import parse_registries_d_doc
+
+        if value is None:
+            return None
+        m = self.mapping(value, at, {"policy", "files", "registries.d"})
+        if "policy" not in m:
+            raise UsageError(f"{at}.policy: required", _HINT)
+        raw = m["policy"]
+        if isinstance(raw, str):
+            src = self.path(raw, f"{at}.policy")
+            try:
+                policy = src.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"{at}.policy: {src}: {exc.strerror or exc}", _HINT) from exc
+        else:
+            policy = json.dumps(self.mapping(raw, f"{at}.policy", None), indent=2).encode()
+        try:
+            parse_policy(policy, Path(f"{at}.policy"))
+        except UsageError as err:
+            raise UsageError(f"{at}.policy: {err.message}", _HINT) from err
+        files: list[TrustFile] = []
+        for i, item in enumerate(self.sequence(m.get("files", []), f"{at}.files")):
+            where = f"{at}.files[{i}]"
+            f = self.mapping(item, where, {"path", "from", "base64", "data"})
+            if "path" not in f or not str(f["path"]).startswith("/"):
+                raise UsageError(f"{where}.path: required, an absolute path", _HINT)
+            sources = [k for k in ("from", "base64", "data") if k in f]
+            if len(sources) != 1:
+                raise UsageError(f"{where}: exactly one of from, base64, data", _HINT)
+            kind = sources[0]
+            if kind == "from":
+                src = self.path(f["from"], f"{where}.from")
+                try:
+                    data = src.read_bytes()
+                except OSError as exc:
+                    raise UsageError(f"{where}.from: {src}: {exc.strerror or exc}", _HINT) from exc
+            elif kind == "base64":
+                try:
+                    data = base64.b64decode(str(f["base64"]), validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise UsageError(f"{where}.base64: not valid base64", _HINT) from exc
+            else:
+                if not isinstance(f["data"], str):
+                    raise UsageError(f"{where}.data: expected text", _HINT)
+                data = f["data"].encode()
+            files.append(TrustFile(self.path(f["path"], f"{where}.path"), data))
+        regd: list[tuple[str, str]] = []
+        for name, doc in self.mapping(
+            m.get("registries.d", {}), f"{at}.registries.d", None
+        ).items():
+            where = f"{at}.registries.d.{name}"
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.yaml", name):
+                raise UsageError(f"{where}: a file name ending in .yaml", _HINT)
+            try:
+                parse_registries_d_doc(doc, Path(where))
+            except UsageError as err:
+                raise UsageError(err.message, _HINT) from err
+            regd.append((name, yaml.safe_dump(doc, default_flow_style=False)))
+        return Trust(policy, tuple(files), tuple(regd))
 
     # -- sections --
 

@@ -42,6 +42,7 @@ from bootstrap.settings import Settings
 if TYPE_CHECKING:
     from bootstrap.deploy.deploy import Deployer
     from bootstrap.image.store import Store
+    from bootstrap.trust.verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def _provision(
     net = wait_for_network(
         wait.timeout, require_default_route=wait.require_default_route, resolve=wait.resolve
     )
+    settings = _apply_trust(settings, manifest)
     pulled = _pull_all(settings, manifest)
     deployer = _deployer(settings)
     outcomes = [_bring_up(deployer, spec) for spec in order]
@@ -231,6 +233,16 @@ def _provision(
     )
 
 
+def _apply_trust(settings: Settings, manifest: NodeManifest) -> Settings:
+    """Settings for the pulls: unchanged without a ``trust:`` section; with one, its policy,
+    keys and registries.d files are written first (see :mod:`bootstrap.node.trust`)."""
+    if manifest.trust is None:
+        return settings
+    from bootstrap.node.trust import write_trust
+
+    return write_trust(settings, manifest.trust)
+
+
 # ---- pulls -------------------------------------------------------------------------------------
 
 
@@ -252,10 +264,13 @@ def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
     if not missing:
         log.info("up: all %d images are stored already", len(manifest.containers))
         return []
+    from bootstrap.trust.verify import Verifier
+
+    verifier = Verifier.from_settings(settings)
     log.info("up: pulling %s", ", ".join(missing))
     with _registry_env(settings, manifest.registries):
         with ThreadPoolExecutor(max_workers=min(PULL_WORKERS, len(missing))) as pool:
-            futures = [pool.submit(_pull_one, store, name) for name in missing]
+            futures = [pool.submit(_pull_one, store, name, verifier) for name in missing]
         errors = [f.exception() for f in futures]
     for err in errors:
         if err is not None:
@@ -263,18 +278,20 @@ def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
     return missing
 
 
-def _pull_one(store: Store, name: str) -> None:
+def _pull_one(store: Store, name: str, verifier: Verifier) -> None:
     from bootstrap.image.pull import pull_image
     from bootstrap.image.reference import Reference
 
     started = time.monotonic()
-    result = pull_image(store, Reference.parse(name))  # its own client, from the environment
+    # its own client, from the environment
+    result = pull_image(store, Reference.parse(name), verifier=verifier)
     log.info(
-        "up: pulled %s (%s): %d bytes in %.1fs",
+        "up: pulled %s (%s): %d bytes in %.1fs, admitted by %s",
         name,
         result.digest[:19],
         result.downloaded,
         time.monotonic() - started,
+        result.admitted,
     )
 
 
@@ -311,8 +328,11 @@ def _deployer(settings: Settings) -> Deployer:
     is shared by the installs, state reads and starts instead of one per container."""
     from bootstrap.deploy.deploy import Deployer
     from bootstrap.image.store import Store
+    from bootstrap.trust.verify import Verifier
 
-    return Deployer(settings.state, Store(settings.store))
+    return Deployer(
+        settings.state, Store(settings.store), verifier=lambda: Verifier.from_settings(settings)
+    )
 
 
 def _enable_timer(deployer: Deployer) -> None:
