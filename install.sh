@@ -27,6 +27,8 @@ trap 'fail "step failed at line $LINENO: $BASH_COMMAND"' ERR
 # gcc + headers + gi/cairo development files to build PyGObject (pydbus imports gi).
 runtime_pkgs=(ca-certificates runc catatonit dbus iproute2 python3 python3-venv python3-dev gcc
   pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar
+  # signature verification: gpgv checks simple signatures, gpg dearmors ASCII-armored keys
+  gpgv gpg
   # `bootstrap demo`: a systemd machine (debootstrap, systemd-nspawn, zstd cache) and its images
   debootstrap systemd-container zstd busybox-static)
 # Tests: a real registry, reference tools to compare with, a systemd node, an offline CRI daemon.
@@ -61,6 +63,17 @@ target="$here"
 [ "$dev" -eq 1 ] && target="$here[dev]"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$target" \
   || fail "pip install of the project failed (PyGObject needs libgirepository1.0-dev and libcairo2-dev)"
+
+policy=/etc/containers/policy.json
+if [ ! -e "$policy" ]; then
+  # containers-common's default: accept anything. Lock it down with docs/trust.md.
+  install -d -m 0755 /etc/containers
+  printf '{\n    "default": [\n        {\n            "type": "insecureAcceptAnything"\n        }\n    ]\n}\n' \
+    > "$policy"
+  step "wrote $policy (accepts any image; see docs/trust.md to require signatures)"
+else
+  step "keeping the existing $policy"
+fi
 
 ln -sfn "$venv/bin/bootstrap" /usr/local/bin/bootstrap
 step "linked /usr/local/bin/bootstrap -> $venv/bin/bootstrap"

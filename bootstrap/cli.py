@@ -148,8 +148,10 @@ def _pull(s: Settings, a: argparse.Namespace) -> Result:
 
 def _import(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import archive
+    from bootstrap.trust.verify import Verifier
 
-    return archive.import_command(s, a.path, name=a.name)
+    verifier = Verifier.from_settings(s)
+    return archive.import_command(s, a.path, name=a.name, admit=verifier.check_archive)
 
 
 def _images(s: Settings, a: argparse.Namespace) -> Result:

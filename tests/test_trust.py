@@ -474,3 +474,37 @@ def test_sigstore_attachments(world: World, tmp_path: Path) -> None:
     ran = world.bootstrap_pull(policy, f"{host}/trust/ns/deep:1", tmp_path / "s7", regd)
     assert ran.rc == 7 and "another identity" in ran.stderr
     assert re.search(r"hint: .*default", ran.stderr)
+
+
+def test_import_refused_unless_the_policy_accepts_archives(
+    world: World, busybox_image: Path, tmp_path: Path
+) -> None:
+    archive = tmp_path / "img.tar"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", busybox_image.ref,  # type: ignore[attr-defined]
+         f"docker-archive:{archive}:example.com/app:1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    store = tmp_path / "s"
+    strict = world.policy({"default": [signed_by(world.good)]}, "imp.json")
+    ran = bootstrap("--signature-policy", strict, "import", archive, store=store, env=world.env)
+    assert ran.rc == 7, ran.stderr
+    assert "carries no signatures" in ran.stderr and "hint" in ran.stderr
+    assert Store(store).images() == [] and Store(store).fsck().ok
+    rejected = world.policy({"default": [{"type": "reject"}]}, "imp-rej.json")
+    ran = bootstrap("--signature-policy", rejected, "import", archive, store=store, env=world.env)
+    assert ran.rc == 7 and "rejected" in ran.stderr
+    open_archives = world.policy(
+        {
+            "default": [signed_by(world.good)],
+            "transports": {"docker-archive": {"": [{"type": "insecureAcceptAnything"}]}},
+        },
+        "imp-ok.json",
+    )
+    ran = bootstrap(
+        "--signature-policy", open_archives, "import", archive, store=store, env=world.env
+    )
+    assert ran.rc == 0, ran.stderr
+    [stored] = Store(store).images()
+    assert stored.name == "example.com/app:1"
+    assert stored.admitted == 'insecureAcceptAnything [transports.docker-archive[""]]'

@@ -8,6 +8,7 @@ stand-in (in its own system container) must report the CRI version it got over t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -379,3 +380,88 @@ def test_first_boot_killed_midway_is_finished_by_the_next_run(
     assert marker["containers"][0]["action"] == "unchanged"  # kept from the killed run
     assert _wait_status_file(node, t0)["runtime_name"] == "containerd"
     assert sorted(node.run("runc", "list", "-q").stdout.split()) == ["kubelet", "ocid"]
+
+
+@pytest.mark.slow
+@pytest.mark.node
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_first_boot_trust_admits_signed_images_refuses_unsigned(
+    node: Node, _registry_plain: Registry, node_images: dict[str, str], tmp_path: Path
+) -> None:
+    import functools
+    import http.server
+    import subprocess
+    import threading
+
+    reg = _registry_plain
+    gnupg = tmp_path / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    genv = {**os.environ, "GNUPGHOME": str(gnupg)}
+    subprocess.run(
+        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "Node Ops <ops@example.test>",
+         "ed25519", "sign", "never"], env=genv, check=True, capture_output=True,
+    )  # fmt: skip
+    listing = subprocess.run(
+        ["gpg", "--list-keys", "--with-colons"], env=genv, check=True, capture_output=True,
+        text=True,
+    ).stdout  # fmt: skip
+    fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr"))
+    key = subprocess.run(["gpg", "--export", fpr], env=genv, check=True, capture_output=True)
+    stage = tmp_path / "sigstore"
+    sign_d = tmp_path / "sign.d"
+    sign_d.mkdir()
+    (sign_d / "s.yaml").write_text(f"default-docker:\n  lookaside-staging: file://{stage}\n")
+    for ref in (node_images["ocid"], node_images["kubelet"]):  # sign in place: same digest
+        subprocess.run(
+            ["skopeo", "--registries.d", str(sign_d), "copy", "--quiet", "--sign-by", fpr,
+             "--src-tls-verify=false", "--dest-tls-verify=false", f"docker://{ref}",
+             f"docker://{ref}"], env=genv, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    unsigned = f"{reg.host}/bootstrap/unsigned:1"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+         f"docker://{node_images['kubelet']}", f"docker://{unsigned}"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(stage)),
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        trust = f"""\
+trust:
+  policy:
+    default: [{{type: reject}}]
+    transports:
+      docker:
+        "{reg.host}/bootstrap":
+          - {{type: signedBy, keyType: GPGKeys, keyPath: /etc/pki/containers/ops.gpg}}
+  files:
+    - {{path: /etc/pki/containers/ops.gpg, base64: "{base64.b64encode(key.stdout).decode()}"}}
+  registries.d:
+    ops.yaml:
+      docker:
+        "{reg.host}": {{lookaside: "http://127.0.0.1:{server.server_address[1]}"}}
+"""
+        extra = f"  - name: third\n    image: {unsigned}\n    after: [kubelet]\n"
+        node.write_file(MANIFEST, _manifest(reg, node_images, extra) + trust)
+        ran = node.bootstrap("up", MANIFEST)
+        assert ran.rc == 7, ran.stderr
+        errors = [line for line in ran.stderr.splitlines() if line.startswith("bootstrap: error")]
+        assert len(errors) == 1 and unsigned in errors[0] and "no signature" in errors[0]
+        assert f'transports.docker["{reg.host}/bootstrap"]' in ran.stderr
+        # the policy, key and registries.d file are in place for every later command
+        assert '"reject"' in node.read_file("/etc/containers/policy.json")
+        assert node.path("/etc/pki/containers/ops.gpg").read_bytes() == key.stdout
+        assert "lookaside" in node.read_file("/etc/containers/registries.d/ops.yaml")
+        # the signed CRI daemon and kubelet images were admitted; nothing was installed
+        images = {i["name"]: i for i in node.bootstrap("--json", "images", check=True).json()}
+        assert set(images) == {node_images["ocid"], node_images["kubelet"]}
+        assert all("signedBy" in i["admitted"] for i in images.values())
+        assert not node.path(f"{STATE}/containers/ocid").exists()
+        assert not node.path(f"{STATE}/.provisioned").exists()
+        node.bootstrap("fsck", check=True)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -51,6 +51,7 @@ from bootstrap.image.model import (
     digest_of,
     matches,
 )
+from bootstrap.image.store import ADMITTED_ANNOTATION
 from bootstrap.image.unpack import TarMember, scan_tar
 
 if TYPE_CHECKING:
@@ -132,22 +133,35 @@ def _normalize(name: str) -> str:
     return str(Reference.parse(name))
 
 
-def import_command(settings: Settings, path: str, *, name: str | None) -> ImportResult:
+ArchiveAdmitter = Callable[[str, Path, str], object]
+"""Signature policy for archives: called with the transport (``docker-archive``,
+``oci-archive``, ``tarball``), the archive path and the name to be tagged, before anything is
+stored; returns what admitted it (recorded on the tag) or raises ``TrustError`` (exit 7)."""
+
+
+def import_command(
+    settings: Settings, path: str, *, name: str | None, admit: ArchiveAdmitter | None = None
+) -> ImportResult:
     """CLI entry: ``bootstrap import PATH [--name REF]``."""
     from bootstrap.image.store import Store
 
     normalized = _normalize(name) if name else None
     store = Store(settings.store)
     store.init()
-    return import_archive(store, Path(path), normalized)
+    return import_archive(store, Path(path), normalized, admit=admit)
 
 
-def import_archive(store: Store, path: Path, name: str | None) -> ImportResult:
+def import_archive(
+    store: Store, path: Path, name: str | None, *, admit: ArchiveAdmitter | None = None
+) -> ImportResult:
     """Import the archive at ``path`` (kind detected by content, see the module docstring) and
-    tag it ``name`` (a reference; normalized here) or the archive's own names.
+    tag it ``name`` (a reference; normalized here) or the archive's own names. ``admit``: the
+    signature policy, asked once the kind is known and before any blob is stored (archives
+    carry no signatures); None: no policy check.
 
     Raises UsageError (exit 2) for a missing/unreadable file, a missing name, or ``name`` with a
-    multi-image archive; IntegrityError (exit 4) for hostile or inconsistent content."""
+    multi-image archive; IntegrityError (exit 4) for hostile or inconsistent content;
+    TrustError (exit 7) when ``admit`` refuses."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file", "give the path of a docker save, oci or tar file")
@@ -168,6 +182,10 @@ def import_archive(store: Store, path: Path, name: str | None) -> ImportResult:
 
             diff_id = scan_tar(hashing, compression, path.name, add)  # type: ignore[arg-type]
         kind = _kind(members)
+        admitted = ""
+        if admit is not None:
+            transport = "tarball" if kind == "rootfs-tar" else kind
+            admitted = str(admit(transport, path.absolute(), name or str(path)))
         if kind == "rootfs-tar":
             images = [
                 _import_rootfs(store, path, name, compression, diff_id, hashing.sha, hashing.size)
@@ -183,6 +201,9 @@ def import_archive(store: Store, path: Path, name: str | None) -> ImportResult:
                 images = _import_docker(store, reader, name)
             else:
                 images = _import_oci(store, reader, name)
+        if admitted:
+            for image in images:
+                store.annotate(image.name, {ADMITTED_ANNOTATION: admitted})
     for image in images:
         log.info("imported %s as %s", image.digest, image.name)
     return ImportResult(path, kind, tuple(images))

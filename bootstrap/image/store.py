@@ -42,7 +42,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -615,6 +615,21 @@ class Store:
             doc["annotations"] = {**dict(desc.annotations), REF_NAME_ANNOTATION: name}
             doc.pop("platform", None)
             entries.append(doc)
+            self._write_index(entries)
+
+    def annotate(self, name: str, annotations: Mapping[str, str]) -> None:
+        """Add ``annotations`` to the index.json entry of ``name``; a missing name:
+        :class:`UsageError`."""
+        with (
+            self.using(),
+            flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
+        ):
+            entries = self._read_index()
+            found = [m for m in entries if _ref_name(m) == name]
+            if not found:
+                raise self._not_found(name)
+            for m in found:
+                m["annotations"] = {**(m.get("annotations") or {}), **annotations}
             self._write_index(entries)
 
     def untag(self, name: str) -> Descriptor:
