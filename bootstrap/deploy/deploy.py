@@ -857,6 +857,9 @@ class Deployer:
                 and (definition is None or definition.digest == current.definition_digest)
             )
             if same:
+                source = self.source_digest(image)
+                if source != current.source_digest:  # an info.json older than source digests
+                    current = self._record_source(active, source)
                 return DeployResult(
                     "update",
                     name,
@@ -934,6 +937,13 @@ class Deployer:
         doc["after"] = list(options.after)
         doc["cri_socket"] = options.cri_socket
         doc["ready_timeout"] = options.ready_timeout
+        write_atomic(slot / INFO, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        return Deployment.load(slot)
+
+    def _record_source(self, slot: Path, source: str) -> Deployment:
+        """Rewrite ``slot``'s info.json with the registry digest ``source`` of its image."""
+        doc = json.loads((slot / INFO).read_text(encoding="utf-8"))
+        doc["source_digest"] = source
         write_atomic(slot / INFO, json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return Deployment.load(slot)
 
