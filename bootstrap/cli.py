@@ -19,6 +19,7 @@ from typing import Any, NoReturn, Protocol
 
 from bootstrap import __version__
 from bootstrap.errors import BootstrapError, ExitCode, UsageError
+from bootstrap.progress import StderrHandler
 from bootstrap.settings import Settings
 
 log = logging.getLogger("bootstrap")
@@ -462,15 +463,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(verbosity: int) -> None:
+class _NoUrllib3Retries(logging.Filter):
+    """urllib3's "Retrying (...)" warnings: bootstrap reports retries itself (bootstrap/http.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying")
+
+
+def _setup_logging(verbosity: int, tty: bool) -> StderrHandler:
+    """Log records to stderr: warnings with -q, INFO normally, DEBUG with -vv. Transient
+    records (retries) show as a status line on a TTY, as lines with -v, else not at all."""
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    mode = "line" if verbosity > 0 else "status" if tty and verbosity == 0 else "hide"
+    handler = StderrHandler(mode)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for noisy in ("urllib3", "pyroute2", "asyncio"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.getLogger("urllib3.connectionpool").addFilter(_NoUrllib3Retries())
+    return handler
+
+
+def _erase_status() -> None:
+    """Erase a retry status line before the result or the error is printed."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, StderrHandler):
+            handler.clear()
 
 
 def _report_error(err: BootstrapError, as_json: bool) -> None:
@@ -493,12 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the command, print its result; return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args_list
-    verbose = False
+    verbose = debug = False
     try:
         args = build_parser().parse_args(args_list)
         level = verbosity(args)
-        verbose = level > 0
-        _setup_logging(level)
+        verbose, debug = level > 0, level > 1
+        _setup_logging(level, sys.stderr.isatty())
         settings = Settings.resolve(
             args.store,
             args.state,
@@ -514,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, "init", None):  # --init MODE is --set INIT=MODE
                 args.set["INIT"] = args.init
         result = COMMANDS[args.command](settings, args)
+        _erase_status()
         if args.json:
             json.dump(result.to_json(), sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
@@ -524,14 +545,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a report may carry a failure it also describes (auto-update's rolled-back/failed)
         return int(getattr(result, "exit_code", ExitCode.OK))
     except BootstrapError as err:
-        if verbose:
+        _erase_status()
+        if debug:  # a deliberate error's message says it all; its stack is for debugging
             traceback.print_exc()
         _report_error(err, as_json)
         return int(err.exit_code)
     except KeyboardInterrupt:
+        _erase_status()
         print("bootstrap: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the stages did not expect to fail: name it, one line
+        _erase_status()
+        if verbose:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        _report_error(
+            BootstrapError(
+                f"{exc.strerror or type(exc).__name__}{where}",
+                "check that path, its permissions and free space (rerun with -v for details)",
+            ),
+            as_json,
+        )
+        return int(ExitCode.FAILURE)
     except Exception as exc:  # the last resort: one line, details behind -v
+        _erase_status()
         if verbose:
             traceback.print_exc()
         print(
@@ -539,6 +576,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             " (rerun with -v for details)",
             file=sys.stderr,
         )
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "error": f"unexpected error: {type(exc).__name__}: {exc}",
+                        "hint": "rerun with -v for details",
+                        "exit_code": int(ExitCode.FAILURE),
+                    }
+                )
+            )
         return int(ExitCode.FAILURE)
 
 

@@ -4,10 +4,16 @@ Sessions apply a default (connect, read) timeout to every request and retry, wit
 backoff, only on connection errors and on 429/5xx responses (honouring ``Retry-After`` up to
 :data:`MAX_RETRY_AFTER`). Reads that stall or break mid-body are not retried here: the caller
 (e.g. the blob downloader, with ``Range``) decides how to resume.
+
+Each retry is reported as one INFO record on the :data:`RETRY_LOG` logger ("127.0.0.1:5000:
+connection refused; retry 2 in 1.0s"), marked transient (``record.transient``): the CLI shows
+it as a status line on a TTY, as a log line with ``-v``, and not at all otherwise. urllib3's
+own "Retrying (...)" warnings are never shown.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -24,6 +30,8 @@ MAX_RETRY_AFTER = 60.0
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = f"bootstrap/{__version__}"
 
+RETRY_LOG = logging.getLogger("bootstrap.retry")
+
 
 class _CappedRetry(Retry):
     """urllib3 Retry whose Retry-After sleeps are capped, so a hostile server cannot park us."""
@@ -33,6 +41,35 @@ class _CappedRetry(Retry):
         if value is None:
             return None
         return float(min(value, MAX_RETRY_AFTER))
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> Any:
+        """urllib3's increment (raises MaxRetryError when the budget is spent), plus one
+        transient record saying what failed and when the next try is."""
+        new = super().increment(method, url, response, error, _pool, _stacktrace)
+        host = f"{_pool.host}:{_pool.port}" if _pool is not None else "server"
+        if response is not None and getattr(response, "status", None):
+            reason = f"HTTP {response.status}"
+            delay = self.get_retry_after(response) or new.get_backoff_time()
+        else:
+            reason = describe_connect_error(error)
+            delay = new.get_backoff_time()
+        RETRY_LOG.info(
+            "%s: %s; retry %d in %.1fs",
+            host,
+            reason,
+            len(new.history),
+            delay,
+            extra={"transient": True},
+        )
+        return new
 
 
 class _TimeoutSession(requests.Session):
@@ -101,6 +138,30 @@ class _ContextAdapter(HTTPAdapter):
         if url.lower().startswith("https") and verify and conn.conn_kw.get("ssl_context"):
             # the pool's context already holds the CA and client cert: do not load them again
             conn.ca_certs = conn.ca_cert_dir = conn.cert_file = conn.key_file = None
+
+
+def describe_connect_error(error: BaseException | None) -> str:
+    """A short reason for a failed connection, without urllib3's object reprs:
+    "connection refused", "timed out", "name does not resolve", or the innermost OS message."""
+    seen: set[int] = set()
+    inner = error
+    while inner is not None and id(inner) not in seen:  # walk to the root cause
+        seen.add(id(inner))
+        nxt = inner.__cause__ or inner.__context__
+        if nxt is None:
+            reason = getattr(inner, "reason", None)
+            nxt = reason if isinstance(reason, BaseException) else None
+        if nxt is None:
+            break
+        inner = nxt
+    if isinstance(inner, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(inner, TimeoutError) or "timed out" in str(inner).lower():
+        return "timed out"
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror[0].lower() + inner.strerror[1:]
+    text = str(inner) if inner is not None else "connection failed"
+    return text.rsplit(": ", 1)[-1] if text else type(inner).__name__
 
 
 def make_retry(retries: int = 4, backoff: float = 0.5, connect_retries: int | None = None) -> Retry:

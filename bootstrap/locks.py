@@ -27,10 +27,17 @@ def flocked(
     ``shared`` takes a shared (reader) lock, otherwise exclusive. ``timeout`` None waits forever,
     0 fails at once, otherwise polls until the deadline. Raises :class:`BusyError` (exit 6) naming
     ``what`` (or the path) when the lock cannot be had in time. Yields the open descriptor.
+    A lock file that exists but cannot be opened for writing (a read-only filesystem) is
+    locked through a read-only descriptor. Other failures to open it raise the OSError.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # flock needs no write access
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if timeout is None:

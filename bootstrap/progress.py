@@ -10,6 +10,7 @@ log lines at INFO, one per finished task.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -147,6 +148,58 @@ class RichProgress(Progress):
             if self._started and not self._closed:
                 self._bars.stop()
             self._closed = True
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The CLI's log handler: one line per record on stderr, except transient records
+    (``extra={"transient": True}``: retries, waits), which are shown by ``transient_mode``:
+
+    - ``"line"``: as ordinary lines (``-v``);
+    - ``"status"``: as one status line redrawn in place (a TTY at normal verbosity), erased
+      before the next ordinary line and by :meth:`clear`;
+    - ``"hide"``: not at all (pipes and files at normal verbosity, ``-q``).
+    """
+
+    def __init__(self, transient_mode: str = "hide") -> None:
+        super().__init__(sys.stderr)
+        self.transient_mode = transient_mode
+        self._status_shown = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        transient = bool(getattr(record, "transient", False))
+        if transient and self.transient_mode == "hide":
+            return
+        try:
+            text = self.format(record)
+            with self._status_lock:
+                if transient and self.transient_mode == "status":
+                    width = shutil.get_terminal_size((80, 24)).columns - 1
+                    self.stream.write("\r\x1b[K" + " ".join(text.split())[:width])
+                    self._status_shown = True
+                else:
+                    self._erase()
+                    self.stream.write(text + self.terminator)
+                self.flush()
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+    def clear(self) -> None:
+        """Erase the status line, if one is shown."""
+        with self._status_lock:
+            self._erase()
+            self.flush()
+
+    @property
+    def _status_lock(self) -> threading.RLock:
+        return self.lock or _FALLBACK_LOCK
+
+    def _erase(self) -> None:
+        if self._status_shown:
+            self.stream.write("\r\x1b[K")
+            self._status_shown = False
+
+
+_FALLBACK_LOCK = threading.RLock()
 
 
 def make_progress(settings: Settings) -> Progress:

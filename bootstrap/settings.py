@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootstrap.errors import UsageError
+
 DEFAULT_ROOT = Path("/var/lib/bootstrap")
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 DEFAULT_SIGNATURE_POLICY = Path("/etc/containers/policy.json")
@@ -50,9 +52,16 @@ class Settings:
         """Build settings: explicit arguments win over ``BOOTSTRAP_STORE``/``BOOTSTRAP_STATE``,
         which win over ``/var/lib/bootstrap``; the policy file and registries.d directory
         likewise over ``BOOTSTRAP_SIGNATURE_POLICY``/``BOOTSTRAP_REGISTRIES_D``, then
-        ``/etc/containers``. Paths are made absolute."""
+        ``/etc/containers``. Paths are made absolute. A state path that exists but is not a
+        directory: :class:`UsageError` (the store checks its own root)."""
         store_path = Path(store or os.environ.get("BOOTSTRAP_STORE") or DEFAULT_ROOT).absolute()
         state_path = Path(state or os.environ.get("BOOTSTRAP_STATE") or DEFAULT_ROOT).absolute()
+        if state_path.exists() and not state_path.is_dir():
+            raise UsageError(
+                f"the state directory {state_path} is not a directory",
+                "point --state (or $BOOTSTRAP_STATE) at a directory, or at a path that does "
+                "not exist yet",
+            )
         policy = Path(
             signature_policy
             or os.environ.get("BOOTSTRAP_SIGNATURE_POLICY")

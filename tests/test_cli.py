@@ -4,6 +4,7 @@ examples, and messages for empty results. Error cases assert the exact number of
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,186 @@ def test_empty_images_says_so(tmp_path: Path) -> None:
     ran = bootstrap("images", store=tmp_path / "s", check=True)
     assert "no images" in ran.stdout
     assert bootstrap("--json", "images", store=tmp_path / "s", check=True).json() == []
+
+
+# ---- retries: one error line and one hint; retry lines only with -v, a status line on a TTY --
+
+
+def _refused_ref() -> str:
+    return "127.0.0.1:1/foo/bar:1"  # port 1: connection refused at once
+
+
+def test_unreachable_registry_is_two_lines_at_any_verbosity(tmp_path: Path) -> None:
+    for flags in ([], ["-q"]):
+        ran = bootstrap(*flags, "pull", _refused_ref(), store=tmp_path / "s")
+        assert ran.rc == ExitCode.REGISTRY
+        lines = ran.stderr.splitlines()
+        assert len(lines) == 2, ran.stderr
+        assert lines[0].startswith("bootstrap: error: 127.0.0.1:1: cannot reach")
+        assert lines[1].startswith("bootstrap: hint: ")
+        assert "Retrying" not in ran.stderr and "urllib3" not in ran.stderr
+    ran = bootstrap("-v", "pull", _refused_ref(), store=tmp_path / "s")
+    lines = ran.stderr.splitlines()
+    retries = [line for line in lines if line.startswith("127.0.0.1:1: connection refused; retry")]
+    assert len(retries) == len(lines) - 2 >= 1, ran.stderr
+    assert lines[-2].startswith("bootstrap: error: ") and lines[-1].startswith("bootstrap: hint:")
+    assert "Retrying" not in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_retries_draw_one_status_line_on_a_tty(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.harness.cli import BOOTSTRAP
+
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [str(BOOTSTRAP), "--store", str(tmp_path / "s"), "pull", _refused_ref()],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=60) == ExitCode.REGISTRY
+    finally:
+        os.close(master)
+    out = b"".join(chunks).decode()
+    assert out.count("\r\x1b[K127.0.0.1:1: connection refused; retry") >= 2
+    # what stays on screen once the status line is erased: the error and the hint
+    rows = out.replace("\r\n", "\n").split("\n")  # a terminal keeps what follows the last CR
+    screen = [row.rsplit("\r", 1)[-1].removeprefix("\x1b[K") for row in rows]
+    screen = [row for row in screen if row]
+    assert len(screen) == 2, screen
+    assert screen[0].startswith("bootstrap: error: ") and screen[1].startswith("bootstrap: hint:")
+
+
+# ---- stores that cannot be used as they are -------------------------------------------------
+
+
+def _rootfs_tar(tmp_path: Path) -> Path:
+    import tarfile
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True, exist_ok=True)
+    (tree / "etc" / "hello").write_text("hi\n")
+    tar = tmp_path / "rootfs.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(tree, arcname=".")
+    return tar
+
+
+def _two_lines(ran: object, rc: int, *words: str) -> None:
+    from tests.harness.cli import Ran
+
+    assert isinstance(ran, Ran)
+    assert ran.rc == rc, (ran.rc, ran.stderr)
+    lines = ran.stderr.splitlines()
+    assert len(lines) == 2, ran.stderr
+    assert lines[0].startswith("bootstrap: error: ") and lines[1].startswith("bootstrap: hint: ")
+    for word in words:
+        assert word in ran.stderr, (word, ran.stderr)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["images"], ["fsck"], ["gc"], ["rmi", "a/b:1"], ["pull", "127.0.0.1:1/a:1"], ["list"]],
+)
+def test_store_naming_a_file(tmp_path: Path, argv: list[str]) -> None:
+    bogus = tmp_path / "file"
+    bogus.write_text("x")
+    env = {"BOOTSTRAP_STATE": str(tmp_path / "state")} if argv != ["list"] else {}
+    if argv == ["list"]:  # the state directory gets the same treatment
+        ran = bootstrap("--state", str(bogus), "list")
+        _two_lines(ran, ExitCode.USAGE, f"the state directory {bogus} is not a directory")
+        return
+    ran = bootstrap(*argv, store=bogus, env=env)
+    _two_lines(ran, ExitCode.USAGE, f"the store {bogus} is not a directory", "--store")
+    ran = bootstrap("--json", *argv, store=bogus / "below", env=env)
+    _two_lines(ran, ExitCode.USAGE, "is not a directory")
+    assert ran.json()["exit_code"] == ExitCode.USAGE
+    assert bogus.read_text() == "x"
+
+
+def test_read_only_commands_create_no_store(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()  # e.g. /var/lib/bootstrap holding deployments only
+    for argv in (["images"], ["fsck"], ["--json", "fsck"], ["list"], ["gc"]):
+        bootstrap(*argv, store=empty, state=empty, check=True)
+        bootstrap(*argv, store=tmp_path / "none", state=tmp_path / "none2", check=True)
+    assert list(empty.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.fixture
+def read_only_store(tmp_path: Path) -> Iterator[Path]:
+    """A store holding one image (a/b:1), bind-mounted read-only onto itself."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to bind-mount read-only")
+    root = tmp_path / "ro"
+    store = root / "store"
+    bootstrap("import", "--name", "a/b:1", _rootfs_tar(tmp_path), store=store, check=True)
+    subprocess.run(["mount", "--bind", root, root], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", root], check=True)
+        yield store
+    finally:
+        subprocess.run(["umount", root], check=True)
+
+
+def test_read_only_store(read_only_store: Path, tmp_path: Path) -> None:
+    store = read_only_store
+    state = store.parent / "state"  # on the same read-only filesystem, never created
+    ran = bootstrap("images", store=store, state=state, check=True)
+    assert "docker.io/a/b:1" in ran.stdout and ran.stderr == ""
+    assert bootstrap("--json", "images", store=store, check=True).json()[0]["name"] == (
+        "docker.io/a/b:1"
+    )
+    assert bootstrap("fsck", store=store, check=True).stdout.startswith("checked 3 blobs")
+    assert bootstrap("fsck", "--json", store=store, check=True).json()["ok"] is True
+    assert bootstrap("list", store=store, state=state, check=True).stderr == ""
+    _two_lines(bootstrap("status", "x", store=store, state=state), ExitCode.USAGE)
+    for argv in (
+        ["gc"],
+        ["rmi", "a/b:1"],
+        ["pull", "127.0.0.1:1/a:1"],
+        ["import", "--name", "c/d:1", _rootfs_tar(tmp_path)],
+        ["checkout", "a/b:1", tmp_path / "co"],
+    ):
+        ran = bootstrap(*argv, store=store, state=state)
+        _two_lines(ran, ExitCode.FAILURE, f"the store {store} is on a read-only filesystem")
+        ran = bootstrap("--json", *argv, store=store, state=state)
+        assert ran.json()["exit_code"] == ExitCode.FAILURE
+    ran = bootstrap("images", store=store.parent / "new")
+    assert ran.rc == 0 and "no images" in ran.stdout
+    assert bootstrap("fsck", "--json", store=store.parent / "new", check=True).json()["ok"]
+    assert not (tmp_path / "co").exists()
+
+
+# ---- arguments naming the wrong kind of path ------------------------------------------------
+
+
+def test_import_of_a_directory_and_checkout_below_a_missing_parent(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    ran = bootstrap("import", tmp_path, store=store)
+    _two_lines(ran, ExitCode.USAGE, f"{tmp_path} is a directory")
+    _two_lines(bootstrap("import", tmp_path / "nope.tar", store=store), 2, "no such file")
+    bootstrap("import", "--name", "a/b:1", _rootfs_tar(tmp_path), store=store, check=True)
+    dest = tmp_path / "missing" / "root"
+    ran = bootstrap("checkout", "a/b:1", dest, store=store)
+    _two_lines(ran, ExitCode.USAGE, f"the parent directory {dest.parent} does not exist")
+    assert not dest.parent.exists()
+    bootstrap("checkout", "a/b:1", tmp_path / "root", store=store, check=True)
+    assert (tmp_path / "root" / "etc" / "hello").read_text() == "hi\n"

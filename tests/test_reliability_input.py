@@ -606,7 +606,7 @@ BAD_DESTS = {
     "existing file": ("file", "exists"),
     "existing dir": ("dir", "exists"),
     "dangling symlink": ("dangling", "exists"),
-    "parent missing": ("no/such/parent/d", "not a directory"),
+    "parent missing": ("no/such/parent/d", "does not exist"),
     "inside the store's blobs": ("store/oci/blobs/sha256/zz", "inside the store"),
     "the store's layer cache": ("store/layers/sha256/abc", "inside the store"),
     "the store's tmp": ("store/tmp/x", "inside the store"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +164,15 @@ def import_archive(
     multi-image archive; IntegrityError (exit 4) for hostile or inconsistent content;
     TrustError (exit 7) when ``admit`` refuses."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(
+            f"{path} is a directory, not an archive",
+            f"give a tar file (e.g. tar -C {path} -cf rootfs.tar . then "
+            "bootstrap import --name REF rootfs.tar)",
+        )
     if not path.is_file():
-        raise UsageError(f"{path}: no such file", "give the path of a docker save, oci or tar file")
+        what = "no such file" if not os.path.lexists(path) else "not a regular file"
+        raise UsageError(f"{path}: {what}", "give the path of a docker save, oci or tar file")
     name = _normalize(name) if name else None
     with store.using():
         with path.open("rb") as fh:

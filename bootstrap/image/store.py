@@ -36,6 +36,7 @@ leaves a valid store: at worst unreferenced blobs and temp files, which :meth:`S
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -249,6 +250,20 @@ class Store:
         self._store_lock = self.locks / "store.lock"
         self._index_lock = self.locks / "index.lock"
         self._initialized = False
+        self.check_root()
+
+    def check_root(self) -> None:
+        """Raise :class:`UsageError` (exit 2) when ``root``, or a directory above it, exists but
+        is not a directory (``--store`` naming a file). A missing root is fine: writers create
+        it, readers find nothing stored."""
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is None or existing.is_dir():
+            return
+        raise UsageError(
+            f"the store {self.root} is not a directory",
+            "point --store (or $BOOTSTRAP_STORE) at a directory, or at a path that does not "
+            "exist yet",
+        )
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -256,9 +271,16 @@ class Store:
     # -- setup ---------------------------------------------------------------------------------
 
     def init(self) -> None:
-        """Create the layout if missing (idempotent; safe to race with other processes)."""
+        """Create the layout if missing (idempotent; safe to race with other processes).
+        Every command that writes to the store calls this first, so a store on a read-only
+        filesystem fails here, before any work, with :func:`store_os_error`'s hint."""
         if self._initialized:
             return
+        self.check_root()
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is not None and os.statvfs(existing).f_flag & os.ST_RDONLY:
+            err = store_os_error(self.root, "write", OSError(errno.EROFS, "read-only"))
+            raise type(err)(f"the store {self.root} is on a read-only filesystem", err.hint)
         with self._io("create directories"):
             for d in (self.blobs / "sha256", self.tmp, self.locks, self.layers):
                 d.mkdir(parents=True, exist_ok=True)
@@ -283,6 +305,18 @@ class Store:
         Re-entrant within a thread (and a no-op inside :meth:`exclusive`). Waits for a
         running gc (``timeout`` None: forever; else :class:`BusyError` after it)."""
         with self._hold(shared=True, timeout=timeout):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self, timeout: float | None = STORE_LOCK_WAIT) -> Iterator[None]:
+        """:meth:`using` for commands that only read (fsck), creating nothing: on a store that
+        does not exist yet, or whose lock file does not exist and cannot be created (a
+        read-only filesystem: nobody can write it), the block runs without a lock."""
+        lock_dir_writable = self.locks.is_dir() and os.access(self.locks, os.W_OK)
+        if not self._store_lock.exists() and not lock_dir_writable:
+            yield
+            return
+        with self.using(timeout):
             yield
 
     @contextlib.contextmanager
@@ -315,20 +349,21 @@ class Store:
         else:
             hold = _Hold(shared=shared, count=1)
             what = f"the store {self.root}"
-            try:
-                hold.stack.enter_context(
-                    flocked(self._store_lock, shared=shared, timeout=0, what=what)
-                )
-            except BusyError:
-                log.info(
-                    "waiting for %s",
-                    "a running 'bootstrap gc'"
-                    if shared
-                    else "other bootstrap commands using the store",
-                )
-                hold.stack.enter_context(
-                    flocked(self._store_lock, shared=shared, timeout=timeout, what=what)
-                )
+            with self._io("lock"):
+                try:
+                    hold.stack.enter_context(
+                        flocked(self._store_lock, shared=shared, timeout=0, what=what)
+                    )
+                except BusyError:
+                    log.info(
+                        "waiting for %s",
+                        "a running 'bootstrap gc'"
+                        if shared
+                        else "other bootstrap commands using the store",
+                    )
+                    hold.stack.enter_context(
+                        flocked(self._store_lock, shared=shared, timeout=timeout, what=what)
+                    )
             holds[key] = hold
         try:
             yield
@@ -567,10 +602,7 @@ class Store:
         try:
             yield
         except OSError as exc:
-            raise BootstrapError(
-                f"cannot {what} in the store {self.root}: {exc.strerror or exc}",
-                "check free space and permissions of the store (--store / $BOOTSTRAP_STORE)",
-            ) from exc
+            raise store_os_error(self.root, what, exc) from exc
 
     # -- refs ----------------------------------------------------------------------------------
 
@@ -859,8 +891,8 @@ class Store:
         whose diff_id no stored image lists, every temp file, the per-blob/per-layer lock
         files and the ``DEST.tmp-*`` directories of killed checkouts (as recorded by
         :meth:`record_checkout_temp`). Returns counts and bytes freed."""
-        if not self.root.exists():
-            return GcReport()
+        if not self.oci.is_dir():
+            return GcReport()  # no store here (init creates oci/ first): nothing to collect
         self.init()
         with self.exclusive(timeout=timeout):
             reachable, diff_ids, _ = self._walk()
@@ -923,16 +955,19 @@ class Store:
         """Re-hash every blob (streamed), check index.json, the oci-layout file and that every
         blob reachable from index.json is present and parses; check every layer-cache entry
         against its record (every path, type, mode, owner, size, mtime and file content). Holds
-        :meth:`using` (pulls may run meanwhile; gc may not). Without ``repair`` it never changes
+        :meth:`reading` (pulls may run meanwhile; gc may not; a read-only store can be checked).
+        Without ``repair`` it never changes
         anything; with ``repair`` each damaged cache entry whose blob is intact is extracted
         again from it (one whose blob is gone is removed), and the report describes the store
         after that."""
-        if not self.root.exists():
+        if not self.oci.exists():
             return FsckReport()  # no store yet: nothing stored, nothing damaged
         repaired: list[str] = []
         if repair:
             before = self.fsck()
             bad = [c for c in before.layers if not c.ok]
+            if bad:
+                self.init()  # a writer from here on: a read-only store fails clearly
             with self.using():
                 for check in bad:
                     if check.blob in before.damaged or check.blob in before.missing:
@@ -945,7 +980,7 @@ class Store:
         damaged: list[str] = []
         missing: list[str] = []
         problems: list[str] = []
-        with self.using():
+        with self.reading():
             layout = self.oci / "oci-layout"
             try:
                 version = json.loads(layout.read_bytes()).get("imageLayoutVersion")
@@ -1009,6 +1044,27 @@ class Store:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def store_os_error(root: Path, what: str, exc: OSError) -> BootstrapError:
+    """The one-line error for an OSError on the store's own files: "cannot WHAT in the store
+    ROOT: REASON", with a hint fitting the reason (read-only filesystem, no space,
+    permissions, not a directory)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EROFS:
+        hint = (
+            "the store is on a read-only filesystem: images and fsck read it as it is; to "
+            "change it, remount it read-write or use --store DIR on a writable filesystem"
+        )
+    elif exc.errno == errno.ENOSPC:
+        hint = "free space on the store's filesystem ('bootstrap gc' removes what is unused)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = "run as root, or use --store DIR (or $BOOTSTRAP_STORE) in a directory you own"
+    elif exc.errno == errno.ENOTDIR:
+        hint = "point --store (or $BOOTSTRAP_STORE) at a directory"
+    else:
+        hint = "check free space and permissions of the store (--store / $BOOTSTRAP_STORE)"
+    return BootstrapError(f"cannot {what} in the store {root}: {reason}", hint)
 
 
 def _split(digest: str, where: str = "digest") -> tuple[str, str]:

@@ -1666,9 +1666,14 @@ class CheckoutResult:
 def _check_dest(dest: Path) -> None:
     if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists", "checkout needs a new destination path")
+    if not dest.parent.exists():
+        raise UsageError(
+            f"{dest}: the parent directory {dest.parent} does not exist",
+            f"create it first (mkdir -p {dest.parent}) or choose another DEST",
+        )
     if not dest.parent.is_dir():
         raise UsageError(
-            f"{dest.parent} is not a directory", "create the parent directory of DEST first"
+            f"{dest}: {dest.parent} is not a directory", "choose a DEST inside a directory"
         )
 
 
