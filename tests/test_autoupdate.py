@@ -61,6 +61,23 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
     reg.push(layout, "svc-1", "au/frozen:live")
     node.bootstrap("install", "--auto-update", "registry", "au1", live, env=env, check=True)
     node.bootstrap("install", "au-off", frozen, env=env, check=True)
+    # a Docker v2s2 manifest (stored converted to OCI) and a multi-platform index (stored as
+    # the host's manifest): the source digest, not the stored one, is what HEAD answers
+    from tests.harness.imagebuilder import build_image, build_index
+
+    odd = layout.parent / "odd"
+    build_image(odd, "dk", busybox_spec(cmd=("sleep", "3603")), docker=True)
+    other = "arm64" if busybox_spec().architecture != "arm64" else "amd64"
+    arm = busybox_spec(cmd=("sleep", "3604"), architecture=other)
+    build_index(odd, "ix", [busybox_spec(cmd=("sleep", "3604")), arm])
+    for tag in ("dk", "ix"):
+        reg.push_layout(odd, tag, f"au/{tag}:live")
+        ref = f"{reg.host}/au/{tag}:live"
+        node.bootstrap(
+            "install", "--auto-update", "registry", f"au-{tag}", ref, env=env, check=True
+        )
+        info = json.loads(node.path(f"{CONTAINERS}/au-{tag}.0/info.json").read_text())
+        assert info["source_digest"] != info["digest"], info
     listed = _by_name(node.bootstrap("--json", "list", env=env, check=True).json())
     assert listed["au1"]["auto_update"] == "registry" and listed["au-off"]["auto_update"] == "off"
     assert "registry (install)" in node.bootstrap("status", "au1", env=env, check=True).stdout
@@ -71,6 +88,7 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
     out = _by_name(ran.json())
     assert out["au1"]["result"] == "unchanged" and out["au1"]["from"] == out["au1"]["to"]
     assert out["au-off"]["result"] == "unchanged" and out["au-off"]["to"] is None
+    assert out["au-dk"]["result"] == out["au-ix"]["result"] == "unchanged", out
     assert set(ran.json()[0]) >= {"name", "image", "policy", "from", "to", "result"}
 
     # the tags move to svc-2; a dry run reports it and changes nothing
@@ -142,7 +160,7 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
         assert active(node, "bootstrap-auto-update.timer") == "active"
     finally:
         node.systemctl("disable", "--now", "bootstrap-auto-update.timer")
-        for name in ("au1", "au-off"):
+        for name in ("au1", "au-off", "au-dk", "au-ix"):
             node.bootstrap("uninstall", name, env=env)
         node.run("rm", "-f", "/var/lib/bootstrap/.provisioned", drop_in)
 
