@@ -380,6 +380,18 @@ def test_global_options_with_every_command(world: World, tmp_path: Path) -> None
     assert "signedBy" in ran.json()[0]["admitted"]
     bootstrap(*opts, "fsck", store=store, env=world.env, check=True)
     bootstrap("--insecure-policy", "images", store=store, env=world.env, check=True)
+    # after the command too, and with commands that never consult the policy
+    ran = bootstrap("images", *opts, store=store, env=world.env, check=True)
+    assert "signedBy" in ran.stdout
+    missing = ["--signature-policy", str(tmp_path / "none.json")]
+    for cmd in (["list"], ["fsck"], ["gc"], ["images"]):
+        bootstrap(*cmd, *missing, store=store, state=tmp_path / "st", env=world.env, check=True)
+    ran = bootstrap(
+        "status", "nothing", *missing, store=store, state=tmp_path / "st", env=world.env
+    )
+    assert ran.rc == 2 and "not installed" in ran.stderr
+    ran = bootstrap("pull", ref, *missing, store=store, env=world.env)
+    assert ran.rc == 2 and "none.json" in ran.stderr
 
 
 # ---- sigstore ----------------------------------------------------------------------------------
