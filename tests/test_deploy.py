@@ -196,7 +196,11 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     ran = node.bootstrap("--json", "list", env=env)
     listed = {c["name"]: c for c in ran.json()}
     assert listed["c1"]["active_state"] == "active" and listed["c1"]["slot"] == "c1.0"
-    assert node.bootstrap("status", "c1", env=env).stdout.startswith("c1:")
+    text = node.bootstrap("status", "c1", env=env).stdout
+    assert text.startswith("c1:")
+    # which policy requirement admitted the image (the node's permissive default policy)
+    assert st["active"]["admitted"] == "insecureAcceptAnything [default]"
+    assert "trust:    insecureAcceptAnything [default]" in text
 
     # a pid 1 that ignores SIGTERM (busybox sleep) stops in seconds, cleanly
     started = time.monotonic()
