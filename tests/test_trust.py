@@ -520,3 +520,12 @@ def test_import_refused_unless_the_policy_accepts_archives(
     [stored] = Store(store).images()
     assert stored.name == "example.com/app:1"
     assert stored.admitted == 'insecureAcceptAnything [transports.docker-archive[""]]'
+    # an oci-archive looks up its own transport: the docker-archive scope does not admit it
+    oci = tmp_path / "img-oci.tar"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", busybox_image.ref, f"oci-archive:{oci}:x"],  # type: ignore[attr-defined]
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ran = bootstrap("--signature-policy", open_archives, "import", oci, "--name", "example.com/o:1",
+                    store=store, env=world.env)  # fmt: skip
+    assert ran.rc == 7 and "oci-archive" in ran.stderr, ran.stderr
