@@ -45,6 +45,9 @@ from bench.common import (
 from tests.harness.registry import Registry, client_env
 
 PULL_TARGET = 0.8
+IMPORTS = (
+    "import bootstrap.cli, bootstrap.image.api, bootstrap.image.registry, bootstrap.image.pull"
+)
 LINES = ("small/plain", "small/token", "large/plain", "large/token", "zstd/plain")
 
 
@@ -80,28 +83,34 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
                 run = check(timed(argv), "skopeo copy")
             return run.seconds, run.max_rss
 
+        def floor() -> tuple[float, int]:
+            run = check(timed([sys.executable, "-c", IMPORTS]), "imports")
+            return run.seconds, run.max_rss
+
         ours()  # warm-up (registry caches), not counted
         skopeo()
-        res: dict[str, list[tuple[float, int]]] = {"ours": [], "skopeo": []}
+        res: dict[str, list[tuple[float, int]]] = {"ours": [], "skopeo": [], "floor": []}
         print(f"{'round':>5}  {'bootstrap pull':>14}  {'skopeo copy':>11}")
         for i in range(rounds):
-            order = (("ours", ours), ("skopeo", skopeo))
+            order = (("ours", ours), ("skopeo", skopeo), ("floor", floor))
             for name, fn in order if i % 2 == 0 else reversed(order):
                 res[name].append(fn())
             print(f"{i + 1:>5}  {res['ours'][-1][0]:>13.2f}s  {res['skopeo'][-1][0]:>10.2f}s")
+    mf = median([t for t, _ in res["floor"]])
     mo = median([t for t, _ in res["ours"]])
     ms = median([t for t, _ in res["skopeo"]])
     peak = max(r for _, r in res["ours"])
     ratio = mo / ms
     verdict = "ok" if ratio <= PULL_TARGET else "MISSED"
     print(f"median  {mo:>13.2f}s  {ms:>10.2f}s")
+    print(f"start-up floor (interpreter + pull-path imports): {mf:.3f}s = {mf / ms:.2f}x skopeo")
     print(f"ratio bootstrap/skopeo: {ratio:.2f} (target <= {PULL_TARGET}: {verdict})")
     print(
         f"peak RSS: bootstrap {human(peak)} "
         f"(target < {human(RSS_TARGET)}: {'ok' if peak < RSS_TARGET else 'MISSED'}), "
         f"skopeo {human(max(r for _, r in res['skopeo']))}"
     )
-    return {"ours": mo, "skopeo": ms, "ratio": ratio, "rss": peak}
+    return {"ours": mo, "skopeo": ms, "ratio": ratio, "rss": peak, "floor": mf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in args.lines.split(","):
         summary[line] = run_line(line, args.rounds)
         log(f"{line} done")
-    print(f"\n{'line':<12} {'ours':>6} {'skopeo':>7} {'ratio':>6} {'RSS':>8}")
+    print(f"\n{'line':<12} {'ours':>6} {'skopeo':>7} {'ratio':>6} {'RSS':>8} {'floor':>6}")
     for line, r in summary.items():
         print(
             f"{line:<12} {r['ours']:>5.2f}s {r['skopeo']:>6.2f}s {r['ratio']:>6.2f} "
-            f"{human(r['rss']):>8}"
+            f"{human(r['rss']):>8} {r['floor']:>5.2f}s"
         )
     print(machine_note().replace("at start", "at end"))
     return 0

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             tar.add(root, arcname=".")
         base = [str(BOOTSTRAP), "-q", "--store", str(store), "--state", str(state)]
         subprocess.run(
-            [*base, "import", str(d / "rootfs.tar"), "--name", "bench/startup:1"], check=True
+            [*base, "import", str(d / "rootfs.tar"), "--name", "bench/startup:1"],
+            check=True,
+            capture_output=True,
         )
         floor_t: list[float] = []
         times: dict[tuple[str, ...], list[float]] = {c: [] for c in COMMANDS}
