@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +55,14 @@ class Admission:
 
 
 class Verifier:
-    """Checks images against one policy; ``policy`` None means ``--insecure-policy``."""
+    """Checks images against one policy; ``policy`` None means ``--insecure-policy``. Safe to
+    call from several threads (each check uses its own throwaway GnuPG home)."""
 
     def __init__(self, policy: Policy | None, registries_d: RegistriesD) -> None:
         self.policy = policy
         self.registries_d = registries_d
         self._session: requests.Session | None = None
+        self._lock = threading.Lock()  # up verifies its pulls from several threads
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Verifier:
@@ -74,11 +77,12 @@ class Verifier:
         return cls(load_policy(settings.signature_policy), load_registries_d(settings.registries_d))
 
     def _http(self) -> requests.Session:
-        if self._session is None:
-            from bootstrap.http import new_session
+        with self._lock:
+            if self._session is None:
+                from bootstrap.http import new_session
 
-            self._session = new_session()
-        return self._session
+                self._session = new_session()
+            return self._session
 
     def check_pull(
         self, reference: Reference, manifest: bytes, digest: str, client: AttachmentClient
