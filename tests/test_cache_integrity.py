@@ -106,3 +106,25 @@ def test_record_lists_every_path_with_digest(store: Store, tmp_path: Path) -> No
             files = [r for r in doc["entries"] if r[1] == "f"]
             assert all(len(r[7]) == 64 for r in files)
             assert verify_layer(entry, f"sha256:{entry.name}").ok
+
+
+def test_gc_keeps_what_a_deployment_holds(store: Store, tmp_path: Path) -> None:
+    from bootstrap.image.unpack import image_tree
+
+    image = store.image(NAME)
+    with store.using():
+        tree, _ = image_tree(store, image)
+        slot = tmp_path / "dep.0"
+        slot.mkdir()
+        store.hold([slot, tmp_path / "dep.1"], image.manifest.digest, image.config.diff_ids)
+        os.symlink(tree, slot / "lower")
+    assert image_tree(store, image) == (tree, 0)  # warm: reused as is
+    store.untag(NAME)
+    store.gc()
+    assert tree.is_dir()
+    assert all(store.layer_cache_dir(d).is_dir() for d in image.config.diff_ids)
+    assert store.fsck().ok
+    (slot / "lower").unlink()  # the deployment is gone: its hold is stale
+    store.gc()
+    assert not tree.exists() and not list(store.holds.iterdir())
+    assert not any(store.layer_cache_dir(d).exists() for d in image.config.diff_ids)

@@ -119,6 +119,13 @@ def link_target(node: Node, name: str) -> str:
     return os.readlink(node.path(f"{CONTAINERS}/{name}"))
 
 
+def overlay_mounts(node: Node) -> list[str]:
+    """Mount points of overlay file systems in the node, relative to CONTAINERS when inside."""
+    out = node.run("cat", "/proc/self/mountinfo").stdout
+    points = [line.split()[4] for line in out.splitlines() if " - overlay " in line]
+    return sorted(p[len(CONTAINERS) + 1 :] if p.startswith(CONTAINERS + "/") else p for p in points)
+
+
 def digest_of(node: Node, slot: str) -> str:
     info = json.loads(node.path(f"{CONTAINERS}/{slot}/info.json").read_text())
     return str(info["digest"])
@@ -146,6 +153,18 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert config["root"]["readonly"] is True
     assert config["process"]["args"] == ["/run/.bootstrap-init", "--", "sleep", "3600"]  # init
     first = digest_of(node, "c1.0")
+    # the rootfs is an overlay over the image's tree in the store; writes land in upper/ only
+    assert overlay_mounts(node) == ["c1.0/rootfs"]
+    lower = os.readlink(node.path(f"{CONTAINERS}/c1.0/lower"))
+    assert lower.startswith(f"{STATE}/trees/sha256/")
+    mode = node.path(f"{lower}/bin/busybox").stat().st_mode
+    node.run("chmod", "0700", f"{CONTAINERS}/c1.0/rootfs/bin/busybox")  # copied up (busy: no write)
+    node.run("sh", "-c", f"echo written > {CONTAINERS}/c1.0/rootfs/bin/new")
+    assert node.path(f"{CONTAINERS}/c1.0/upper/bin/new").read_bytes() == b"written\n"
+    assert node.path(f"{CONTAINERS}/c1.0/upper/bin/busybox").stat().st_mode & 0o777 == 0o700
+    assert node.path(f"{lower}/bin/busybox").stat().st_mode == mode
+    assert not node.path(f"{lower}/bin/new").exists()
+    assert node.bootstrap("fsck", env=env).rc == 0
 
     # the same install again changes nothing
     ran = node.bootstrap("--json", "install", "c1", images["app:1"], env=env)
@@ -164,6 +183,7 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert link_target(node, "c1") == "c1.1"
     second = digest_of(node, "c1.1")
     assert second != first
+    assert overlay_mounts(node) == ["c1.1/rootfs"]
     assert active(node, unit) == "active"
     verify_unit(node, f"/etc/systemd/system/{unit}")
 
@@ -185,6 +205,7 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert link_target(node, "c1") == "c1.0"
     assert ran.json()["deployment"]["digest"] == first
     assert active(node, unit) == "active"
+    assert overlay_mounts(node) == ["c1.0/rootfs"]
     assert "3600" in node.run("cat", f"/proc/{running_pid(node, 'c1')}/cmdline").stdout
 
     # status and list
@@ -210,6 +231,7 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert took < 12, f"stop took {took:.1f}s"
     assert active(node, unit) == "inactive"
     assert "c1" not in runc_list(node)
+    assert overlay_mounts(node) == []
     # the same install while stopped changes nothing either: it does not start it (as
     # `atomic install --system` on a present container; `bootstrap up` starts what it needs)
     ran = node.bootstrap("install", "c1", images["app:1"], env=env)
@@ -243,6 +265,10 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert node.systemctl("is-enabled", unit).stdout.strip() in ("", "not-found")
     assert active(node, unit) in ("inactive", "unknown")
     assert node.bootstrap("uninstall", "c1", env=env).rc == 2
+    assert overlay_mounts(node) == []
+    # gc keeps nothing for it any more (no hold is live), and never trees of installed ones
+    assert node.bootstrap("gc", env=env).rc == 0
+    assert not any(node.path(f"{STATE}/holds").iterdir())
 
     # an install whose unit does not stay up is undone: exit 5, nothing left behind
     ran = node.bootstrap("install", "c1bad", images["bad:1"], env=env)
@@ -251,6 +277,7 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert not node.path("/etc/systemd/system/c1bad.service").exists()
     assert not [p for p in node.path(CONTAINERS).iterdir() if p.name.startswith("c1bad")]
     assert "c1bad" not in runc_list(node)
+    assert overlay_mounts(node) == []
 
 
 @pytest.mark.node

@@ -264,6 +264,10 @@ def test_checkout_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
                 or treediff.diff(setup.reference_tree, treediff.snapshot(dest)) == []
             ), f"round {i}: a partial checkout at DEST"
         _after_kill(store, {}, f"checkout round {i} ({row})")
+        # every cache entry left behind (a kill mid-extraction leaves only a dot temp dir)
+        # matches its record, path by path
+        damaged = [c.findings() for c in Store(store).fsck().layers if not c.ok]
+        assert damaged == [], f"round {i} ({row}): cache entries damaged: {damaged}"
         # DEST.tmp-* beside DEST (outside the store: gc cannot see it) is removed by the rerun
         leaks = [n for n in dest_leftovers(dest) if n != dest.name]
         sibling_leaks += bool(leaks)

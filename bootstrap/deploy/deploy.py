@@ -323,10 +323,10 @@ def plan(
         "HOST_UID": str(os.getuid()),
         "HOST_GID": str(os.getgid()),
         "RUNTIME": runtime,
-        "EXEC_START_PRE": units.exec_command([runtime, "delete", "--force", name], prefix="-"),
+        "EXEC_START_PRE": units.exec_command(units.start_pre_script(runtime, name, bundle)),
         "EXEC_START": units.exec_command([runtime, "run", "--bundle", bundle, name]),
         "EXEC_STOP": units.exec_command(units.stop_script(runtime, name, stop_timeout)),
-        "EXEC_STOP_POST": units.exec_command([runtime, "delete", "--force", name], prefix="-"),
+        "EXEC_STOP_POST": units.exec_command(units.stop_post_script(runtime, name, bundle)),
         "PIDFILE": f"/run/container-{name}.pid",
         "UUID": uuid_value or str(uuid.uuid4()),
         "TIMEOUT_STOP_SEC": str(stop_timeout + 30),
@@ -562,7 +562,7 @@ class Deployer:
         for stale in (paths.staged, paths.trash):
             if os.path.lexists(stale) and paths.active() != stale:
                 log.info("removing stale %s", stale)
-                remove_tree(stale)
+                _remove_slot(stale)
 
     def image(self, reference: str, *, pull: str = "missing") -> Image:
         """The stored image for ``reference``; ``pull`` is ``"missing"`` (pull only when not
@@ -596,11 +596,31 @@ class Deployer:
         was recorded)."""
         return next((r.admitted for r in self.store.images() if r.name == name), "")
 
-    def _checkout(self, image: Image, dest: Path) -> None:
-        """The rootfs: files of its own (reflinks or copies), nothing shared with the cache."""
-        from bootstrap.image.unpack import checkout
+    def _rootfs(self, paths: Paths, image: Image, staged: Path) -> Path:
+        """Prepare the rootfs of the deployment being staged; returns the directory holding the
+        image's files as they will be seen (to read /exports and users from).
 
-        checkout(self.store, image, dest)
+        With overlayfs (root, kernel support, and paths that fit mount options): ``lower`` links
+        to the image's composed tree in the store (held for gc), ``upper/`` and ``work/`` are
+        the slot's own, ``rootfs/`` the empty mount point the unit mounts the overlay on before
+        runc starts. Otherwise ``rootfs/`` is a checkout with files of its own (reflinks or
+        copies); nothing is shared with the cache either way."""
+        from bootstrap.image.unpack import checkout, image_tree, overlay_supported
+
+        if overlay_supported() and _fits_mount_options(paths.root, self.store.root):
+            with self.store.using():
+                tree, _ = image_tree(self.store, image)
+                self.store.hold(
+                    [paths.slot(0), paths.slot(1), paths.staged],
+                    image.manifest.digest,
+                    image.config.diff_ids,
+                )
+                for sub in ("rootfs", "upper", "work"):
+                    (staged / sub).mkdir(mode=0o755)
+                os.symlink(tree, staged / "lower")
+            return tree
+        checkout(self.store, image, staged / "rootfs")
+        return staged / "rootfs"
 
     def _stage(
         self,
@@ -621,13 +641,13 @@ class Deployer:
         if definition is not None:
             early = plan(paths, image, definition, set_values, unit_dir, uuid_value=uuid_value)
         staged = paths.staged
-        remove_tree(staged)
+        _remove_slot(staged)
         staged.mkdir(parents=True)
         try:
-            self._checkout(image, staged / "rootfs")
+            tree = self._rootfs(paths, image, staged)
             the_plan = early
             if the_plan is None:
-                exports = staged / "rootfs" / "exports"
+                exports = tree / "exports"
                 found = None
                 if (
                     exports.is_dir()
@@ -643,7 +663,7 @@ class Deployer:
                     unit_dir,
                     uuid_value=uuid_value,
                 )
-            doc = rtconfig.finalize(the_plan.config, staged / "rootfs")
+            doc = rtconfig.finalize(the_plan.config, tree)
             write_atomic(staged / CONFIG, rtconfig.dumps(doc))
             write_atomic(staged / paths.unit, the_plan.service)
             if the_plan.tmpfiles is not None:
@@ -659,7 +679,7 @@ class Deployer:
             fsync_dir(staged)
             return the_plan
         except BaseException:
-            remove_tree(staged)
+            _remove_slot(staged)
             raise
 
     def source_digest(self, image: Image) -> str:
@@ -787,7 +807,7 @@ class Deployer:
             staged_plan = self._stage(paths, image, definition, set_values, udir, None, options)
             slot = paths.slot(0)
             for leftover in (paths.slot(0), paths.slot(1)):
-                remove_tree(leftover)
+                _remove_slot(leftover)
             os.rename(paths.staged, slot)
             _flip(paths, slot)
             try:
@@ -892,7 +912,7 @@ class Deployer:
             except BaseException as exc:
                 err = exc if isinstance(exc, BootstrapError) else BootstrapError(str(exc))
                 self._restore(paths, active, udir, was_running, err)
-                remove_tree(paths.staged)
+                _remove_slot(paths.staged)
                 if not isinstance(exc, BootstrapError):
                     raise
                 raise RolledBackError(
@@ -906,7 +926,7 @@ class Deployer:
             os.rename(paths.staged, older)
             _flip(paths, older)
             (older / PREVIOUS).unlink()
-            remove_tree(paths.trash)
+            _remove_slot(paths.trash)
             deployment = Deployment.load(older)
             how = "restarted and active" if was_running else "not running, not started"
             return DeployResult(
@@ -1051,7 +1071,7 @@ class Deployer:
         runc.delete(paths.name)
         paths.link.unlink(missing_ok=True)
         for p in (paths.slot(0), paths.slot(1), paths.staged, paths.trash):
-            remove_tree(p)
+            _remove_slot(p)
         if paths.root.exists():
             fsync_dir(paths.root)
 
@@ -1144,6 +1164,34 @@ def start_job_timeout(the_plan: Plan) -> float:
     systemd's own stop and start timeouts, so systemd's verdict (and message) comes first."""
     d = the_plan.definition
     return float(max(DEFAULT_JOB_TIMEOUT, d.start_timeout + d.stop_timeout + 60))
+
+
+def _fits_mount_options(*dirs: Path) -> bool:
+    """Paths usable in overlay mount options (no separators ``,`` ``:`` ``\\``, no spaces)."""
+    return not any(c in str(d) for d in dirs for c in ",:\\ \t\n=")
+
+
+def unmount_below(path: Path) -> None:
+    """Unmount every mount at or below ``path`` (deepest first), e.g. a slot's overlay rootfs
+    left mounted by a stop that never ran. Raises SystemdError when one cannot be unmounted."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            points = [
+                line.split()[4].encode().decode("unicode_escape") for line in fh if line.strip()
+            ]
+    except OSError:
+        return
+    inside = [p for p in points if p == real or p.startswith(real + "/")]
+    for point in sorted(set(inside), key=len, reverse=True):
+        run(["umount", point], error=SystemdError, hint=f"something still uses {point}", timeout=60)
+
+
+def _remove_slot(path: Path) -> None:
+    """Remove a deployment directory, unmounting its rootfs first if it is mounted."""
+    if os.path.lexists(path):
+        unmount_below(path)
+    remove_tree(path)
 
 
 def _require_active(paths: Paths) -> Path:

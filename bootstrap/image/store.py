@@ -9,6 +9,8 @@ Layout under ``root`` (``Settings.store``)::
     tmp/                 temp files of blobs being written (stale ones are removed by gc)
     locks/               store.lock (using/exclusive), index.lock, blobs/*.lock, layers/*.lock
     layers/<alg>/<hex>   extracted-layer cache dirs keyed by diff_id (written by the unpack module)
+    trees/<alg>/<hex>    composed read-only lower trees of images, keyed by manifest digest
+    holds/<key>.json     what deployments use (gc keeps those trees and layers)
 
 Lock discipline (``fcntl.flock`` via :func:`bootstrap.locks.flocked` only):
 
@@ -43,7 +45,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -246,6 +248,8 @@ class Store:
         self.tmp = self.root / "tmp"
         self.locks = self.root / "locks"
         self.layers = self.root / "layers"
+        self.trees = self.root / "trees"
+        self.holds = self.root / "holds"
         self._index_path = self.oci / "index.json"
         self._store_lock = self.locks / "store.lock"
         self._index_lock = self.locks / "index.lock"
@@ -282,7 +286,14 @@ class Store:
             err = store_os_error(self.root, "write", OSError(errno.EROFS, "read-only"))
             raise type(err)(f"the store {self.root} is on a read-only filesystem", err.hint)
         with self._io("create directories"):
-            for d in (self.blobs / "sha256", self.tmp, self.locks, self.layers):
+            for d in (
+                self.blobs / "sha256",
+                self.tmp,
+                self.locks,
+                self.layers,
+                self.trees,
+                self.holds,
+            ):
                 d.mkdir(parents=True, exist_ok=True)
         layout = self.oci / "oci-layout"
         if not layout.exists():
@@ -385,6 +396,21 @@ class Store:
                 self.locks / "layers" / f"{alg}-{hexpart}.lock",
                 timeout=LAYER_LOCK_WAIT,
                 what=f"layer {diff_id}",
+            ),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def tree_lock(self, manifest_digest: str) -> Iterator[None]:
+        """Hold the store shared and the lock of one image tree exclusively (whoever builds
+        :meth:`tree_dir` does it inside this block)."""
+        alg, hexpart = _split(manifest_digest)
+        with (
+            self.using(),
+            flocked(
+                self.locks / "trees" / f"{alg}-{hexpart}.lock",
+                timeout=LAYER_LOCK_WAIT,
+                what=f"image tree {manifest_digest}",
             ),
         ):
             yield
@@ -753,6 +779,48 @@ class Store:
             )
             return Image(name, doc, config)
 
+    def tree_dir(self, manifest_digest: str) -> Path:
+        """``trees/<alg>/<hex>``: the composed, read-only lower tree of an image (overlay
+        mounts of deployments use it as their lowerdir)."""
+        alg, hexpart = _split(manifest_digest)
+        return self.trees / alg / hexpart
+
+    def hold(self, users: Sequence[Path], manifest_digest: str, diff_ids: Sequence[str]) -> Path:
+        """Record that the tree of ``manifest_digest`` and the cached layers ``diff_ids`` are in
+        use: gc keeps them while one of ``users`` (paths, e.g. the slots of one deployment) has a
+        symlink ``lower`` that resolves to that tree, and drops the hold once none has. The
+        caller holds :meth:`using` and creates the ``lower`` link before releasing it (gc is
+        exclusive, so it never sees the hold without the link). Returns the hold file."""
+        names = [os.path.abspath(u) for u in users]
+        key = hashlib.sha256(os.fsencode("\0".join([manifest_digest, *names]))).hexdigest()[:32]
+        path = self.holds / f"{key}.json"
+        self.holds.mkdir(parents=True, exist_ok=True)
+        doc = {"users": names, "image": manifest_digest, "layers": list(diff_ids)}
+        write_atomic(path, json.dumps(doc))
+        return path
+
+    def _live_holds(self, *, drop_stale: bool) -> tuple[set[str], set[str]]:
+        """(manifest digests, diff_ids) held by users whose ``lower`` still resolves to the held
+        tree; with ``drop_stale`` the other hold files are removed (their user is gone)."""
+        images: set[str] = set()
+        layers: set[str] = set()
+        if not self.holds.is_dir():
+            return images, layers
+        for hold in self.holds.iterdir():
+            try:
+                doc = json.loads(hold.read_text())
+                image = str(doc["image"])
+                want = os.path.realpath(self.tree_dir(image))
+                live = any(os.path.realpath(Path(u) / "lower") == want for u in doc["users"])
+            except (OSError, ValueError, KeyError, TypeError, IntegrityError):
+                live = False
+            if live:
+                images.add(image)
+                layers.update(str(d) for d in doc.get("layers") or ())
+            elif drop_stale:
+                hold.unlink(missing_ok=True)
+        return images, layers
+
     def layer_cache_dir(self, diff_id: str) -> Path:
         """``layers/<alg>/<hex>``: where the extracted layer with this diff_id is cached."""
         alg, hexpart = _split(diff_id, "diff_id")
@@ -896,6 +964,8 @@ class Store:
         self.init()
         with self.exclusive(timeout=timeout):
             reachable, diff_ids, _ = self._walk()
+            held_images, held_layers = self._live_holds(drop_stale=True)
+            diff_ids |= held_layers
             blobs_removed = bytes_freed = kept = 0
             for digest, path in self._stored_blobs():
                 if digest in reachable:
@@ -921,6 +991,15 @@ class Store:
                         if f"{algdir.name}:{entry.name}" not in diff_ids:
                             remove_tree(entry)
                             layers_removed += 1
+            if self.trees.is_dir():
+                for algdir in self.trees.iterdir():
+                    for entry in list(algdir.iterdir()) if algdir.is_dir() else [algdir]:
+                        digest = f"{algdir.name}:{entry.name}"
+                        if entry.name.startswith(".") or (
+                            digest not in reachable and digest not in held_images
+                        ):
+                            remove_tree(entry)
+                            layers_removed += 1
             temp_removed = 0
             checkouts_removed = 0
             if self.tmp.is_dir():
@@ -935,7 +1014,7 @@ class Store:
                     entry.unlink(missing_ok=True)
                     temp_removed += 1
             locks_removed = 0
-            for sub in ("blobs", "layers"):
+            for sub in ("blobs", "layers", "trees"):
                 d = self.locks / sub
                 if d.is_dir():
                     for entry in d.iterdir():
@@ -977,6 +1056,15 @@ class Store:
                     repaired.append(check.diff_id)
             if not repaired:
                 return before
+            # image trees are hardlinked from the cache: they still hold the damaged inodes.
+            # Those no deployment uses are dropped (composed again when needed); held ones are
+            # kept until their deployments are updated or removed.
+            with self.exclusive():
+                held, _ = self._live_holds(drop_stale=False)
+                for algdir in self.trees.iterdir() if self.trees.is_dir() else ():
+                    for entry in list(algdir.iterdir()):
+                        if f"{algdir.name}:{entry.name}" not in held:
+                            remove_tree(entry)
         damaged: list[str] = []
         missing: list[str] = []
         problems: list[str] = []

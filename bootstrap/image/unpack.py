@@ -1830,3 +1830,62 @@ def checkout_command(
     store.init()
     image = store.image(stored_name(store, ref))
     return checkout(store, image, Path(dest), hardlink=hardlink, devices=devices)
+
+
+# ---- overlay lower trees -----------------------------------------------------------------------
+
+
+def image_tree(store: Store, image: Image) -> tuple[Path, int]:
+    """The composed rootfs of ``image`` in the store (``store.tree_dir(manifest digest)``),
+    built once from the layer cache and reused: the lower dir of overlay mounts. Its files are
+    hardlinks into the layer cache; it is never written (overlay writes go to the mount's upper
+    dir), so the shared inodes are never exposed to a writer. Returns (tree, layers extracted
+    now). The caller holds ``store.using()`` (and keeps a :meth:`Store.hold` for as long as it
+    uses the tree). Raises as :func:`checkout`."""
+    tree = store.tree_dir(image.manifest.digest)
+    if os.path.isdir(tree):
+        return tree, 0
+    layers = image.manifest.layers
+    diff_ids = image.config.diff_ids
+    if len(layers) != len(diff_ids):
+        raise IntegrityError(
+            f"{image.name}: manifest has {len(layers)} layers, config {len(diff_ids)} diff_ids",
+            "the image is damaged; remove it and pull it again",
+        )
+    options = UnpackOptions()
+    cached, extracted = _ensure_all(store, layers, diff_ids, options)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    with store.tree_lock(image.manifest.digest):
+        if os.path.isdir(tree):
+            return tree, extracted
+        tmp = Path(tempfile.mkdtemp(dir=tree.parent, prefix=f".{tree.name}.tmp-"))
+        try:
+            os.chmod(tmp, 0o755)
+            composer = _Composer(str(tmp), options, False)
+            for desc, layer in zip(layers, cached, strict=True):
+                composer.layer(layer, desc.digest)
+            composer.finish()
+            _syncfs(tmp)
+            os.rename(tmp, tree)
+        except OSError as exc:
+            remove_tree(tmp)
+            raise BootstrapError(
+                f"composing {image.name} in {tree}: {exc.strerror or exc}",
+                "check free space in the store",
+            ) from exc
+        except BaseException:
+            remove_tree(tmp)
+            raise
+    return tree, extracted
+
+
+def overlay_supported() -> bool:
+    """True when this process can mount overlayfs: root, and the kernel knows ``overlay``.
+    ``$BOOTSTRAP_NO_OVERLAY=1`` forces False (deployments then get copied rootfs trees)."""
+    if os.environ.get("BOOTSTRAP_NO_OVERLAY", "") not in ("", "0") or os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/filesystems") as fh:
+            return any(line.split()[-1:] == ["overlay"] for line in fh)
+    except OSError:
+        return False

@@ -72,6 +72,44 @@ def stop_script(runtime: str, name: str, grace: int) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
+def _slots(bundle: str) -> str:
+    b = shlex.quote(bundle)
+    return f"{b}.0 {b}.1 {b}.new"
+
+
+def start_pre_script(runtime: str, name: str, bundle: str) -> list[str]:
+    """argv of the start-pre command: ``runc delete --force NAME`` (a leftover container), then
+    unmount the rootfs of every slot of ``bundle`` that is not the active one, and mount the
+    active slot's overlay rootfs (``lower`` read-only, ``upper``/``work`` the slot's own) when
+    the slot has a ``lower`` link and its rootfs is not mounted yet. A slot without ``lower``
+    has a plain rootfs directory: nothing to mount. Fails (the unit does not start) when the
+    mount fails."""
+    r, n, b = shlex.quote(runtime), shlex.quote(name), shlex.quote(bundle)
+    script = (
+        f"{r} delete --force {n} >/dev/null 2>&1; "
+        f"a=$(readlink -f {b}) || exit 1; "
+        f'for s in {_slots(bundle)}; do [ "$(readlink -f "$s")" = "$a" ] && continue; '
+        'mountpoint -q "$s/rootfs" 2>/dev/null && umount "$s/rootfs"; done; '
+        '[ -L "$a/lower" ] || exit 0; mountpoint -q "$a/rootfs" && exit 0; '
+        'rm -rf "$a/work/work" "$a/work/index"; '
+        'exec mount -t overlay overlay -o "lowerdir=$(readlink -f "$a/lower"),'
+        'upperdir=$a/upper,workdir=$a/work" "$a/rootfs"'
+    )
+    return ["/bin/sh", "-c", script]
+
+
+def stop_post_script(runtime: str, name: str, bundle: str) -> list[str]:
+    """argv of the stop-post command: ``runc delete --force NAME``, then unmount the rootfs of
+    every slot of ``bundle`` that is mounted. Always succeeds."""
+    r, n = shlex.quote(runtime), shlex.quote(name)
+    script = (
+        f"{r} delete --force {n} >/dev/null 2>&1; "
+        f'for s in {_slots(bundle)}; do mountpoint -q "$s/rootfs" 2>/dev/null && '
+        'umount "$s/rootfs"; done; exit 0'
+    )
+    return ["/bin/sh", "-c", script]
+
+
 def default_service_template(*, host_network: bool, notify: bool) -> str:
     """The unit template of the built-in definition (variables resolved like any template).
 
