@@ -5,8 +5,8 @@
 image's user against the checked-out rootfs (its ``/etc/passwd`` and ``/etc/group``, never the
 host's) once the rootfs exists.
 
-Defaults of the generated config: read-only rootfs (``rootfs/``, a hardlinked checkout that must
-not be written through), the host network (no network namespace; system containers are host
+Defaults of the generated config: read-only rootfs (``rootfs/``, the deployment's overlay mount or
+its own checkout), the host network (no network namespace; system containers are host
 daemons) with the host's ``/etc/resolv.conf`` and ``/etc/hosts`` bound read-only, its own pid,
 ipc, uts and mount namespaces, tmpfs on ``/run`` and ``/tmp``, Docker's default capabilities,
 ``noNewPrivileges``, no ``rlimits`` (limits come from the unit) and no ``cgroupsPath`` (runc's
