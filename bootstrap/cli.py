@@ -209,7 +209,15 @@ def _auto_update(s: Settings, a: argparse.Namespace) -> Result:
 def _update(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.deploy import api
 
-    return api.update(s, a.name, a.ref, values=a.set, definition=a.definition, pull=not a.no_pull)
+    return api.update(
+        s,
+        a.name,
+        a.ref,
+        values=a.set,
+        definition=a.definition,
+        pull=not a.no_pull,
+        auto_update=a.auto_update,
+    )
 
 
 def _rollback(s: Settings, a: argparse.Namespace) -> Result:
@@ -412,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
     c.add_argument("--definition", metavar="DIR", help="a new definition directory")
     c.add_argument("--no-pull", action="store_true", help="use the stored image, do not pull")
+    c.add_argument(
+        "--auto-update",
+        choices=("registry", "local", "off"),
+        help="set the auto-update policy (alone: only that changes)",
+    )
     c.add_argument(
         "--init",
         choices=("auto", "always", "never"),

@@ -158,6 +158,14 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
         assert "3600" in _cmdline(node, "au1")
         assert node.systemctl("enable", "--now", "bootstrap-auto-update.timer").returncode == 0
         assert active(node, "bootstrap-auto-update.timer") == "active"
+        # update --auto-update off only records the policy; the tag moving is then ignored
+        ran = node.bootstrap("--json", "update", "--auto-update", "off", "au1", env=env)
+        assert ran.rc == 0 and ran.json()["changed"] is True, ran.stderr
+        assert ran.json()["deployment"]["auto_update"] == "off"
+        reg.push(layout, "svc-2", "au/svc:live")
+        ran = node.bootstrap("--json", "auto-update", "au1", env=env)
+        assert ran.rc == 0 and ran.json()[0]["result"] == "unchanged", ran.stdout
+        assert "3600" in _cmdline(node, "au1")
     finally:
         node.systemctl("disable", "--now", "bootstrap-auto-update.timer")
         for name in ("au1", "au-off", "au-dk", "au-ix"):

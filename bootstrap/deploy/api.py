@@ -71,11 +71,18 @@ def update(
     values: Mapping[str, str] | None = None,
     definition: str | None = None,
     pull: bool = True,
+    auto_update: str | None = None,
 ) -> DeployResult:
-    """``bootstrap update NAME [REF] [--set K=V]... [--definition DIR] [--no-pull]``."""
+    """``bootstrap update NAME [REF] [--set K=V]... [--definition DIR] [--no-pull]
+    [--auto-update POLICY]``."""
     with _deployer(settings) as d:
         return d.update(
-            name, ref, set_values=dict(values or {}), definition_dir=definition, pull=pull
+            name,
+            ref,
+            set_values=dict(values or {}),
+            definition_dir=definition,
+            pull=pull,
+            auto_update=auto_update,
         )
 
 

@@ -849,18 +849,25 @@ class Deployer:
         set_values: Mapping[str, str],
         definition_dir: str | None,
         pull: bool,
+        auto_update: str | None = None,
     ) -> DeployResult:
-        """Update ``name`` to ``reference`` (default: the image it runs, pulled again).
+        """Update ``name`` to ``reference`` (default: the image it runs, pulled again);
+        ``auto_update`` sets a new policy (alone, it only records it).
 
         The new deployment is staged beside the two slots, made live, restarted (when the unit
         was running) and must stay active; only then does it replace the older slot. On failure
         the staged one is removed, the current one restored and restarted, and
         :class:`SystemdError` (exit 5) says it rolled back."""
         paths = Paths(self.state, units.check_name(name))
+        if auto_update is not None:
+            defn.check_policy(auto_update, "--auto-update")
         new_definition = defn.load(definition_dir) if definition_dir else None
         with self.locked(paths):
             active = _require_active(paths)
             current = Deployment.load(active)
+            options = _carried(current)
+            if auto_update is not None:
+                options = dataclasses.replace(options, auto_update=auto_update)
             udir = Path(current.unit_dir)
             self.manager.state(paths.unit)  # systemd must be reachable before anything changes
             ref = reference or current.image
@@ -880,6 +887,16 @@ class Deployer:
                 source = self.source_digest(image)
                 if source != current.source_digest:  # an info.json older than source digests
                     current = self._record_source(active, source)
+                if _options_differ(current, options):
+                    current = self._record_options(active, current, options)
+                    return DeployResult(
+                        "update",
+                        name,
+                        True,
+                        f"{name}: still runs {image.name}; auto-update is now "
+                        f"{current.auto_update}",
+                        current,
+                    )
                 return DeployResult(
                     "update",
                     name,
@@ -891,9 +908,7 @@ class Deployer:
             if definition is not None:
                 plan(paths, image, definition, values, udir)
             uuid_value = current.values.get("UUID")
-            staged = self._stage(
-                paths, image, definition, values, udir, uuid_value, _carried(current)
-            )
+            staged = self._stage(paths, image, definition, values, udir, uuid_value, options)
             health = staged.definition.health
             job_timeout: dict[str, float] = {"timeout": start_job_timeout(staged)}
             if health and health.start_period > 0 and staged.definition.readiness == "notify":
