@@ -128,3 +128,21 @@ def test_gc_keeps_what_a_deployment_holds(store: Store, tmp_path: Path) -> None:
     store.gc()
     assert not tree.exists() and not list(store.holds.iterdir())
     assert not any(store.layer_cache_dir(d).exists() for d in image.config.diff_ids)
+
+
+def test_checkout_onto_another_file_system(store: Store, tmp_path: Path) -> None:
+    """copy_file_range refuses some cross-file-system copies (EXDEV): plain copies then."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(store.root).st_dev:
+        pytest.skip("needs a second file system")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        checkout(store, store.image(NAME), tmp_path / "here")
+        result = checkout(store, store.image(NAME), other / "there")
+        assert result.mode == "copy"
+        assert snapshot(other / "there") == snapshot(tmp_path / "here")
+    finally:
+        shutil.rmtree(other)

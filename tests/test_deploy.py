@@ -281,6 +281,64 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
 
 
 @pytest.mark.node
+def test_writable_rootfs_writes_stay_in_the_deployment(
+    shared_node: Node, images: dict[str, str], registry: Registry
+) -> None:
+    """A container with ``readonly: false`` writes and deletes in its rootfs: the changes land
+    in its own upper dir only; the store's tree, a second container of the same image and a
+    checkout never see them; nothing stays mounted or behind after uninstall."""
+    node = shared_node
+    env = registries_env(node, registry)
+    d = "/etc/bootstrap-test/def-rw"
+    script = "echo mine > /written; rm /bin/ls; echo done > /out/ok; exec sleep 3600"
+    node.write_file(
+        f"{d}/config.json.template",
+        json.dumps(
+            {
+                "root": {"readonly": False},
+                "process": {"args": ["/bin/sh", "-c", script]},
+                "mounts": [
+                    {
+                        "destination": "/out",
+                        "type": "bind",
+                        "source": "/run/rw-out",
+                        "options": ["rbind", "rw"],
+                    }
+                ],
+            }
+        ),
+    )
+    node.run("mkdir", "-p", "/run/rw-out")
+    node.run("rm", "-f", "/run/rw-out/ok")
+    ran = node.bootstrap("install", "rw1", images["app:1"], "--definition", d, env=env)
+    assert ran.rc == 0, ran.stderr
+    assert wait_for_text(node, "/run/rw-out/ok", "done\n")
+    upper = f"{CONTAINERS}/rw1.0/upper"
+    assert node.path(f"{upper}/written").read_text() == "mine\n"
+    assert node.run("stat", "-c", "%F %t:%T", f"{upper}/bin/ls").stdout.strip() in (
+        "character special file 0:0",
+        "character special file 0:00",
+    )  # overlayfs's whiteout
+    lower = os.readlink(node.path(f"{CONTAINERS}/rw1.0/lower"))
+    assert not node.path(f"{lower}/written").exists() and node.path(f"{lower}/bin/ls").exists()
+    # a second container of the same image and a checkout see the image as it is
+    ran = node.bootstrap("install", "rw2", images["app:1"], env=env)
+    assert ran.rc == 0, ran.stderr
+    assert os.readlink(node.path(f"{CONTAINERS}/rw2.0/lower")) == lower  # one shared tree
+    assert not node.path(f"{CONTAINERS}/rw2.0/rootfs/written").exists()
+    assert node.path(f"{CONTAINERS}/rw2.0/rootfs/bin/ls").exists()
+    assert node.bootstrap("checkout", images["app:1"], "/tmp/rw-co", env=env).rc == 0
+    assert not node.path("/tmp/rw-co/written").exists() and node.path("/tmp/rw-co/bin/ls").exists()
+    node.run("rm", "-rf", "/tmp/rw-co")
+    assert node.bootstrap("fsck", env=env).rc == 0
+    assert sorted(overlay_mounts(node)) == ["rw1.0/rootfs", "rw2.0/rootfs"]
+    for name in ("rw1", "rw2"):
+        assert node.bootstrap("uninstall", name, env=env).rc == 0
+    assert overlay_mounts(node) == []
+    assert not [p for p in node.path(CONTAINERS).iterdir() if p.name.startswith("rw")]
+
+
+@pytest.mark.node
 def test_definition_templates_tmpfiles_and_exports(
     shared_node: Node, images: dict[str, str], registry: Registry, tmp_path: Path
 ) -> None:

@@ -1377,6 +1377,7 @@ class _Composer:
         self.options = options
         self.copy = copy
         self.reflink = True  # until the file system refuses one
+        self.copy_range = True  # copy_file_range, until it refuses (across file systems)
         self.reflinked = 0
         self.dir_src: dict[str, str] = {}  # dest dir -> cache dir whose metadata it gets
         self.inodes: dict[tuple[int, int], str] = {}  # copy mode: cache inode -> dest path
@@ -1525,11 +1526,25 @@ class _Composer:
                             if exc.errno not in _NO_REFLINK:
                                 raise
                             self.reflink = False
-                    while remaining > 0:
-                        n = os.copy_file_range(fin.fileno(), fd, remaining)
+                    while remaining > 0 and self.copy_range:
+                        try:
+                            n = os.copy_file_range(fin.fileno(), fd, remaining)
+                        except OSError as exc:  # across file systems (EXDEV) and the like
+                            if exc.errno not in _NO_REFLINK:
+                                raise
+                            self.copy_range = False
+                            break
                         if n == 0:
                             break
                         remaining -= n
+                    while remaining > 0:
+                        chunk = fin.read(min(remaining, _CHUNK))
+                        if not chunk:
+                            break
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        remaining -= len(chunk)
                     if self.options.same_owner:
                         os.fchown(fd, st.st_uid, st.st_gid)
                     os.fchmod(fd, stat.S_IMODE(mode))
