@@ -6,7 +6,8 @@ docker-registry. Each round, alternating which goes first, in fresh directories 
 
 - ours: ``bootstrap pull REF`` into an empty store, then ``bootstrap checkout REF DEST`` (cold:
   every layer extracted into the layer cache, then composed), then a second ``checkout`` into
-  another DEST (warm: everything cached, hardlinks only);
+  another DEST (warm: everything cached, files copied or reflinked; see bench/checkout.py
+  for the deployment mount);
 - reference: ``skopeo copy docker://REF oci:DIR:t`` then ``umoci unpack --image DIR:t BUNDLE``;
 - floor: ``tar -xzf`` of each layer blob (from the image layout, page-cached) into one dir.
 
