@@ -75,8 +75,28 @@ else
   step "keeping the existing $policy"
 fi
 
-ln -sfn "$venv/bin/bootstrap" /usr/local/bin/bootstrap
-step "linked /usr/local/bin/bootstrap -> $venv/bin/bootstrap"
+# The command goes on PATH through one symlink; the units run /usr/local/bin/bootstrap too.
+link=/usr/local/bin/bootstrap
+want="$venv/bin/bootstrap"
+why="so that 'bootstrap' is on PATH and the units' ExecStart=$link runs this checkout"
+if [ -L "$link" ] && [ "$(readlink "$link")" = "$want" ]; then
+  step "keeping $link -> $want"
+elif [ -L "$link" ]; then
+  old="$(readlink "$link")"
+  ln -sfn "$want" "$link"
+  step "re-pointed $link from $old to $want ($why; rerun that checkout's install.sh to switch back)"
+elif [ -e "$link" ]; then
+  fail "$link exists and is not a symlink: move it away and rerun (install.sh links $want there $why)"
+else
+  ln -s "$want" "$link"
+  step "linked $link -> $want ($why)"
+fi
+
+# The documentation the units' Documentation= lines and the command's help point at.
+doc=/usr/local/share/doc/bootstrap
+install -d -m 0755 "$doc"
+install -m 0644 "$here"/README.md "$here"/docs/*.md "$doc"/
+step "installed the documentation into $doc"
 
 if [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
   if compgen -G "$here/units/*.service" >/dev/null; then

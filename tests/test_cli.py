@@ -269,3 +269,12 @@ def test_import_of_a_directory_and_checkout_below_a_missing_parent(tmp_path: Pat
     assert not dest.parent.exists()
     bootstrap("checkout", "a/b:1", tmp_path / "root", store=store, check=True)
     assert (tmp_path / "root" / "etc" / "hello").read_text() == "hi\n"
+
+
+def test_demo_suggestions_carry_the_state_given() -> None:
+    from bootstrap.demo.demo import demo_command
+    from bootstrap.settings import Settings
+
+    assert demo_command(Settings()) == "bootstrap demo"
+    other = Settings(state=Path("/srv/my state"))
+    assert demo_command(other, "--down") == "bootstrap --state '/srv/my state' demo --down"

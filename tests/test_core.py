@@ -283,3 +283,19 @@ def test_session_connect_error_and_default_timeout() -> None:
     with pytest.raises(requests.ConnectionError):
         session.get("http://127.0.0.1:9/")  # discard port: refused
     assert session.headers["User-Agent"].startswith("bootstrap/")
+
+
+def test_run_hands_stderr_lines_over_as_they_come() -> None:
+    seen: list[tuple[str, float]] = []
+    start = time.monotonic()
+    proc = run(
+        ["sh", "-c", "echo one >&2; sleep 1; echo out; echo two >&2"],
+        on_line=lambda line: seen.append((line, time.monotonic() - start)),
+    )
+    assert [line for line, _ in seen] == ["one", "two"]
+    assert seen[0][1] < seen[1][1] - 0.5  # the first line arrived before the command ended
+    assert proc.stdout == b"out\n" and proc.stderr == b"one\ntwo\n"
+    with pytest.raises(BootstrapError, match="timed out"):
+        run(["sleep", "5"], timeout=0.3, on_line=lambda line: None)
+    with pytest.raises(BootstrapError, match="the reason"):
+        run(["sh", "-c", "echo 'the reason' >&2; exit 3"], on_line=lambda line: None)

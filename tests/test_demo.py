@@ -100,7 +100,12 @@ def test_demo_up_again_and_down(demo_state: Path) -> None:
         line = next(ln for ln in up.stdout.splitlines() if ln.startswith(f"{name} "))
         assert " active " in line, up.stdout
     assert "nsenter --target=" in up.stdout and "system_bus_socket" in up.stdout
-    assert "bootstrap demo --down" in up.stdout
+    # the teardown hint names the --state given, so it works as printed
+    assert f"bootstrap --state {state} demo --down" in up.stdout
+    # the node's output is relayed once per line
+    relayed = [ln for ln in up.stderr.splitlines() if ln.startswith("demo:   ")]
+    assert len(relayed) == len(set(relayed)), up.stderr
+    assert sum("provisioned from" in ln for ln in relayed) == 1, up.stderr
 
     machine = m.Machine.from_record(doc["machine"])
     assert machine.running

@@ -270,3 +270,25 @@ def test_auto_update_policy_and_timer() -> None:
         with pytest.raises(UsageError) as info:
             nm.parse(text)
         assert info.value.message.startswith(where) or where in info.value.message
+
+
+def test_registry_timeout() -> None:
+    base = "containers: [{name: a, image: busybox}]\n"
+    assert nm.parse(base).registries.timeout == nm.DEFAULT_REGISTRY_TIMEOUT == 600
+    m = nm.parse("registries: {timeout: 20}\n" + base)
+    assert m.registries.timeout == 20.0 and m.registries.empty  # no registries.conf needed
+    assert nm.parse("registries: {timeout: 0}\n" + base).registries.timeout == 0
+    for bad in ("-1", "yes", "90000"):
+        msg = _err(f"registries: {{timeout: {bad}}}\n" + base)
+        assert "registries.timeout: expected seconds between 0 and 86400" in msg
+
+
+def test_retry_delay_is_capped_exponential_with_jitter() -> None:
+    from bootstrap.node.up import RETRY_BASE, RETRY_CAP, retry_delay
+
+    for attempt in range(1, 30):
+        ceiling = min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
+        delays = {retry_delay(attempt) for _ in range(20)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1  # jittered
+    assert max(retry_delay(50) for _ in range(50)) <= RETRY_CAP

@@ -100,6 +100,11 @@ def test_firstboot_unit() -> None:
     assert "ConditionPathExists=!/var/lib/bootstrap/.provisioned" in text
     assert "After=network-online.target" in text
     assert "Type=oneshot" in text
+    # a failed run (a registry still down after registries.timeout) is started again, boundedly
+    assert "Restart=on-failure" in text and "RestartPreventExitStatus=2" in text
+    assert "StartLimitBurst=4" in text and "StartLimitIntervalSec=2h" in text
+    doc = next(line for line in text.splitlines() if line.startswith("Documentation="))
+    assert "file:///usr/local/share/doc/bootstrap/node-manifest.md" in doc
 
 
 # ---- up on the host: the paths that end before any container is touched ------------------------
@@ -465,3 +470,45 @@ trust:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.node
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_first_boot_waits_for_a_registry_that_comes_up_late(
+    node: Node, _registry_plain: Registry, node_images: dict[str, str]
+) -> None:
+    """The registry is down when the first-boot unit starts and comes up 20 s later: up keeps
+    retrying (saying what it waits for), then provisions the node in the same run."""
+    reg = _registry_plain
+    node.write_file(MANIFEST, _manifest(reg, node_images).replace(
+        "registries:\n", "registries:\n  timeout: 300\n"))  # fmt: skip
+    node.run("ln", "-sf", str(VENV / "bin" / "bootstrap"), "/usr/local/bin/bootstrap")
+    node.copy_in(
+        REPO / "units" / "bootstrap-firstboot.service",
+        "/etc/systemd/system/bootstrap-firstboot.service",
+    )
+    node.run("systemctl", "daemon-reload")
+    reg.stop()
+    try:
+        node.run("systemctl", "--no-block", "start", "bootstrap-firstboot.service")
+        time.sleep(20)
+        waiting = node.journal("bootstrap-firstboot.service", 60)
+        assert _active(node, "bootstrap-firstboot.service") == "activating", waiting
+        assert "up: waiting for the registry of" in waiting, waiting
+        assert "connection refused" in waiting.lower(), waiting
+        assert "Retrying (" not in waiting, waiting
+    finally:
+        reg.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and _active(node, "bootstrap-firstboot.service") in (
+        "activating",
+        "inactive",
+    ):
+        time.sleep(0.5)
+    journal = node.journal("bootstrap-firstboot.service", 80)
+    assert _active(node, "bootstrap-firstboot.service") == "active", journal
+    assert _active(node, "ocid.service") == "active", journal
+    assert _active(node, "kubelet.service") == "active", journal
+    marker = json.loads(node.read_file(f"{STATE}/.provisioned"))
+    assert [c["name"] for c in marker["containers"]] == ["ocid", "kubelet"]

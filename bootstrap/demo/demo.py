@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,15 @@ def demo(settings: Settings, *, down: bool = False) -> DemoResult:
         return _up(settings, base)
 
 
+def demo_command(settings: Settings, *args: str) -> str:
+    """``bootstrap demo ARGS`` as the user must type it again: with ``--state`` when the demo
+    lives elsewhere than the default (so printed suggestions work as printed)."""
+    from bootstrap.settings import DEFAULT_ROOT
+
+    state = [] if settings.state == DEFAULT_ROOT else ["--state", str(settings.state)]
+    return shlex.join(["bootstrap", *state, "demo", *args])
+
+
 def _step(n: int, text: str) -> None:
     log.info("demo: [%d/%d] %s", n, STEPS, text)
 
@@ -232,7 +241,7 @@ def _up(settings: Settings, base: Path) -> DemoResult:
         if found.running and doc.get("provisioned"):
             log.info("demo: %s is already up (pid %d)", found.name, found.pid)
             workload = Workload(str(doc.get("workload", "")), (), tuple(doc["containers"]), ())
-            return _report(found, inst, workload, "already-up", timings, started)
+            return _report(settings, found, inst, workload, "already-up", timings, started)
         if found.running:
             log.info("demo: %s is up but was not provisioned completely; resuming", found.name)
             machine = found
@@ -287,21 +296,26 @@ def _up(settings: Settings, base: Path) -> DemoResult:
 
         t = time.monotonic()
         _step(5, f"provisioning inside the machine: bootstrap {shlex.join(workload.provision)}")
-        out = _inner(machine, inst, list(workload.provision), timeout=PROVISION_TIMEOUT)
-        inner_output = out.stderr + out.stdout
-        for line in inner_output.decode(errors="replace").splitlines():
+        out = _inner(
+            machine,
+            inst,
+            list(workload.provision),
+            timeout=PROVISION_TIMEOUT,
+            on_line=lambda line: log.info("demo:   %s", line),  # live, as the node logs it
+        )
+        for line in out.stdout.decode(errors="replace").splitlines():
             log.info("demo:   %s", line)
         timings["provision"] = time.monotonic() - t
     except BootstrapError as err:
         details = getattr(err, "details", "")
         raise MachineError(
             f"demo machine {machine.name}: {err.message}",
-            f"{err.hint}; the machine stays up to look around: 'bootstrap demo' resumes, "
-            "'bootstrap demo --down' removes it",
+            f"{err.hint}; the machine stays up to look around: '{demo_command(settings)}' "
+            f"resumes, '{demo_command(settings, '--down')}' removes it",
             details=details,
         ) from err
     _save(base, machine, workload, provisioned=True)
-    return _report(machine, inst, workload, "up", timings, started)
+    return _report(settings, machine, inst, workload, "up", timings, started)
 
 
 def _runtime_dir(base: Path) -> Path:
@@ -329,6 +343,7 @@ def _save(base: Path, machine: Machine, workload: Workload, *, provisioned: bool
 
 
 def _report(
+    settings: Settings,
     machine: Machine,
     inst: Install,
     workload: Workload,
@@ -354,7 +369,7 @@ def _report(
         f"its systemd over D-Bus: busctl --address={machine.bus_address} "
         "tree org.freedesktop.systemd1",
         f"its files:             /proc/{machine.pid}/root (rootfs {machine.rootfs})",
-        "tear it down:          bootstrap demo --down",
+        f"tear it down:          {demo_command(settings, '--down')}",
     )
     if action == "up":
         message = (
@@ -391,10 +406,16 @@ def _report(
 
 
 def _inner(
-    machine: Machine, inst: Install, args: Sequence[str], *, timeout: float
+    machine: Machine,
+    inst: Install,
+    args: Sequence[str],
+    *,
+    timeout: float,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run this installation's ``bootstrap ARGS`` inside the machine; check its exit code."""
-    return machine.run([str(inst.bootstrap), *args], timeout=timeout)
+    """Run this installation's ``bootstrap ARGS`` inside the machine; check its exit code.
+    ``on_line`` gets each line it writes on stderr as it is written."""
+    return machine.run([str(inst.bootstrap), *args], timeout=timeout, on_line=on_line)
 
 
 def _show(machine: Machine, inst: Install, args: Sequence[str]) -> dict[str, Any]:

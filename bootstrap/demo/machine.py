@@ -45,7 +45,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -857,11 +857,14 @@ class Machine:
         env: Mapping[str, str] | None = None,
         input: bytes | None = None,
         join: bool = True,
+        on_line: Callable[[str], None] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` inside the machine with :meth:`exec_env` and capture its output. With
         ``check``, a non-zero exit raises :class:`MachineError` quoting stderr's last lines; a
-        timeout always raises it."""
-        return self._exec(argv, check=check, timeout=timeout, env=env, input=input, join=join)
+        timeout always raises it. ``on_line`` gets each stderr line as it is written."""
+        return self._exec(
+            argv, check=check, timeout=timeout, env=env, input=input, join=join, on_line=on_line
+        )
 
     def _exec(
         self,
@@ -872,6 +875,7 @@ class Machine:
         env: Mapping[str, str] | None = None,
         input: bytes | None = None,
         join: bool = True,
+        on_line: Callable[[str], None] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         proc = process.run(
             self.nsenter_argv(argv, join=join),
@@ -879,6 +883,7 @@ class Machine:
             env=self.exec_env(env),
             input=input,
             timeout=timeout,
+            on_line=on_line,
             error=MachineError,
             hint=f"in machine {self.name}: {shlex.join(argv)}",
         )

@@ -13,6 +13,8 @@ format is documented in docs/node-manifest.md, with an example in examples/node.
       insecure: ["registry.local:5000"]           # plain HTTP / unverified TLS
       mirrors:                                    # tried in order before the registry itself
         docker.io: ["mirror.local:5000"]
+      timeout: 600                   # seconds to keep retrying registries that cannot be
+                                     # reached or answer 5xx (default 600; 0: fail at once)
     network:                         # optional
       timeout: 120                   # seconds to wait for the network (default 120)
       require_default_route: true    # default true
@@ -76,6 +78,7 @@ HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
 _HINT = "fix the node manifest (see docs/node-manifest.md)"
 
 DEFAULT_NETWORK_TIMEOUT = 120.0
+DEFAULT_REGISTRY_TIMEOUT = 600.0
 DEFAULT_READY_TIMEOUT = 300.0
 
 
@@ -89,15 +92,18 @@ class Mirrors:
 
 @dataclass(frozen=True)
 class Registries:
-    """How to reach registries: credentials file, insecure hosts, mirrors."""
+    """How to reach registries: credentials file, insecure hosts, mirrors, and ``timeout``:
+    how long ``up`` keeps retrying registries that cannot be reached (seconds)."""
 
     credentials: Path | None = None
     insecure: tuple[str, ...] = ()
     mirrors: tuple[Mirrors, ...] = ()
+    timeout: float = DEFAULT_REGISTRY_TIMEOUT
 
     @property
     def empty(self) -> bool:
-        """True when the manifest asks for nothing beyond the defaults."""
+        """True when the manifest asks for no registry configuration beyond the defaults
+        (``timeout`` is not registry configuration)."""
         return self.credentials is None and not self.insecure and not self.mirrors
 
     def to_registries_conf(self) -> str:
@@ -415,7 +421,10 @@ class _Validator:
     def registries(self, value: Any, at: str) -> Registries:
         if value is None:
             return Registries()
-        m = self.mapping(value, at, {"credentials", "insecure", "mirrors"})
+        m = self.mapping(value, at, {"credentials", "insecure", "mirrors", "timeout"})
+        timeout = m.get("timeout", DEFAULT_REGISTRY_TIMEOUT)
+        if type(timeout) not in (int, float) or not 0 <= timeout <= 86400:
+            raise UsageError(f"{at}.timeout: expected seconds between 0 and 86400", _HINT)
         credentials = None
         if m.get("credentials") is not None:
             credentials = self.path(m["credentials"], f"{at}.credentials")
@@ -439,7 +448,7 @@ class _Validator:
                     tuple(self.host(h, f"{where}[{i}]") for i, h in enumerate(items)),
                 )
             )
-        return Registries(credentials, insecure, tuple(mirrors))
+        return Registries(credentials, insecure, tuple(mirrors), float(timeout))
 
     def network(self, value: Any, at: str) -> NetworkWait:
         if value is None:

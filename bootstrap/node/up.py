@@ -5,7 +5,10 @@ Steps, each logged as one plain line (journald keeps them; no progress bars off 
 1. read and validate the manifest and its plan (exit 2 on any error, nothing changed);
 2. if ``$STATE/.provisioned`` records this manifest's digest: nothing to do;
 3. wait for the network (:mod:`bootstrap.net.readiness`; exit 3 at the deadline);
-4. pull every image that is not stored yet, in parallel (exit 3/4; nothing installed yet);
+4. pull every image that is not stored yet, in parallel; a registry that cannot be reached (or
+   answers 5xx) is retried with capped, jittered backoff until the manifest's
+   ``registries.timeout`` (default 10 minutes), each wait logged with what it waits for
+   (exit 3/4 after that; nothing installed yet);
 5. in plan order, install each container (an identical installation is left as it is), start
    its unit unless it is already active, wait until it is active (``Type=notify``: ready), and
    when the manifest says ``ready: {cri_socket: ...}``, until that socket answers CRI ``Version``
@@ -24,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,8 +169,7 @@ def _already_done(marker: Path, manifest: NodeManifest) -> UpResult | None:
         f"nothing to do: this node was provisioned from {manifest.path} "
         f"({manifest.digest[:19]}) at {doc.get('time', '?')}"
     )
-    log.info("up: %s", message)
-    return UpResult(
+    return UpResult(  # its text (the message) is printed once, as the result
         manifest=str(manifest.path),
         digest=manifest.digest,
         changed=False,
@@ -218,8 +221,7 @@ def _provision(
         if changed
         else f"nothing to do: everything in {manifest.path} was already in place; marker written"
     )
-    log.info("up: %s", message)
-    return UpResult(
+    return UpResult(  # its text (the message) is printed once, as the result
         manifest=str(manifest.path),
         digest=manifest.digest,
         changed=changed,
@@ -268,14 +270,61 @@ def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
 
     verifier = Verifier.from_settings(settings)
     log.info("up: pulling %s", ", ".join(missing))
+    deadline = time.monotonic() + manifest.registries.timeout
+    todo = list(missing)
+    attempt = 0
     with _registry_env(settings, manifest.registries):
-        with ThreadPoolExecutor(max_workers=min(PULL_WORKERS, len(missing))) as pool:
-            futures = [pool.submit(_pull_one, store, name, verifier) for name in missing]
-        errors = [f.exception() for f in futures]
-    for err in errors:
-        if err is not None:
-            raise err
-    return missing
+        while True:
+            with ThreadPoolExecutor(max_workers=min(PULL_WORKERS, len(todo))) as pool:
+                futures = [pool.submit(_pull_one, store, name, verifier) for name in todo]
+            failed = [(n, f.exception()) for n, f in zip(todo, futures, strict=True)]
+            failed = [(n, e) for n, e in failed if e is not None]
+            if not failed:
+                return missing
+            for _, err in failed:
+                if not _worth_waiting(err):
+                    raise err  # type: ignore[misc]  # not None: filtered above
+            attempt += 1
+            left = deadline - time.monotonic()
+            delay = retry_delay(attempt)
+            err = failed[0][1]
+            if left <= delay:
+                assert isinstance(err, BootstrapError)
+                raise type(err)(
+                    f"{err.message} (still failing after {manifest.registries.timeout:g}s of "
+                    "retries)",
+                    err.hint + "; registries.timeout in the node manifest sets how long up waits",
+                ) from err
+            todo = [n for n, _ in failed]
+            log.info(
+                "up: waiting for the registry of %s: %s; retry %d in %.0fs (giving up in %.0fs)",
+                ", ".join(todo),
+                err,
+                attempt,
+                delay,
+                left,
+            )
+            time.sleep(delay)
+
+
+RETRY_BASE = 2.0
+RETRY_CAP = 30.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): exponential from
+    :data:`RETRY_BASE`, capped at :data:`RETRY_CAP`, with full jitter over its upper half so
+    that nodes booted together do not hit a registry in step."""
+    ceiling = min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+def _worth_waiting(err: BaseException | None) -> bool:
+    """A registry that cannot be reached or answers 5xx/429 may come up later; anything else
+    (not found, unauthorized, a digest mismatch, a refused signature) will not."""
+    from bootstrap.image.registry import TransientError
+
+    return isinstance(err, TransientError)
 
 
 def _pull_one(store: Store, name: str, verifier: Verifier) -> None:
