@@ -436,6 +436,17 @@ def _node_checks(node: Any, env: dict[str, str], what: str) -> None:
     assert left == [], f"{what}: temp files survive gc: {left}"
 
 
+def _overlays(node: Any, name: str) -> list[str]:
+    """Slots of container ``name`` whose rootfs is an overlay mount in the node."""
+    out = node.run("cat", "/proc/self/mountinfo").stdout
+    prefix = f"{NODE_STATE}/containers/{name}."
+    return sorted(
+        Path(line.split()[4]).parent.name
+        for line in out.splitlines()
+        if " - overlay " in line and line.split()[4].startswith(prefix)
+    )
+
+
 def _running_args(node: Any, name: str) -> str:
     out = node.run("runc", "list", "--format", "json", check=False).stdout.strip()
     for c in json.loads(out or "null") or []:
@@ -462,9 +473,14 @@ def _assert_running(node: Any, name: str, digest: str, args: str, what: str) -> 
     info = json.loads((link / "info.json").read_text())
     assert info["digest"] == digest, f"{what}: active deployment is {info['digest']}"
     deadline = time.monotonic() + 10
-    while (running := _running_args(node, name)) != args and time.monotonic() < deadline:
+    # the image's command, after the init bootstrap runs as pid 1 ("INIT -- ARGS")
+    while (
+        running := _running_args(node, name).split(" -- ", 1)[-1]
+    ) != args and time.monotonic() < deadline:
         time.sleep(0.2)
     assert running == args, f"{what}: runc runs {running!r}, expected {args!r}"
+    # exactly the active slot's rootfs is mounted (an overlay), no other slot's
+    assert _overlays(node, name) == [target], f"{what}: overlays {_overlays(node, name)}"
 
 
 @pytest.fixture(scope="module")
@@ -504,6 +520,10 @@ def test_install_and_update_killed_at_random_points(
         ran = node.bootstrap("uninstall", "inst", env=env)
         assert ran.rc == 0, f"install round {i}: uninstall: {ran.stderr}"
         assert not node.path("/etc/systemd/system/inst.service").exists()
+        assert _overlays(node, "inst") == [], f"install round {i}: still mounted"
+        node.bootstrap("gc", env=env, check=True)  # holds of killed installs are gone with them
+        holds = node.path(f"{NODE_STATE}/holds")
+        assert not holds.is_dir() or not any(holds.iterdir()), f"install round {i}: holds left"
     node.bootstrap("install", "upd", ref1, env=env, check=True)
     t_update = _timed(lambda: node.bootstrap("update", "upd", ref2, env=env, check=True))
     current = ref2
@@ -518,6 +538,7 @@ def test_install_and_update_killed_at_random_points(
         _assert_running(node, "upd", digest, args, f"update round {i} ({row})")
         current = target
     node.bootstrap("uninstall", "upd", env=env, check=True)
+    assert _overlays(node, "upd") == []
     print(
         f"\n{_summary('install')}; {_summary('update')} in {time.monotonic() - started:.1f}s "
         f"(install {t_install:.2f}s, update {t_update:.2f}s)"

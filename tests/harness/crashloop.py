@@ -201,15 +201,16 @@ def store_leftovers(store: Path) -> list[str]:
     tmp = store / "tmp"
     if tmp.is_dir():
         out += [f"tmp/{e.name}" for e in os.scandir(tmp)]
-    layers = store / "layers"
-    if layers.is_dir():
-        for algdir in os.scandir(layers):
-            if algdir.is_dir():
-                out += [
-                    f"layers/{algdir.name}/{e.name}"
-                    for e in os.scandir(algdir.path)
-                    if ".tmp-" in e.name
-                ]
+    for sub in ("layers", "trees"):  # cache fills, repairs (.old-) and image trees
+        top = store / sub
+        if top.is_dir():
+            for algdir in os.scandir(top):
+                if algdir.is_dir():
+                    out += [
+                        f"{sub}/{algdir.name}/{e.name}"
+                        for e in os.scandir(algdir.path)
+                        if ".tmp-" in e.name or ".old-" in e.name
+                    ]
     for d in (store / "oci", store / "oci" / "blobs" / "sha256"):
         if d.is_dir():
             out += [
