@@ -512,3 +512,25 @@ def test_first_boot_waits_for_a_registry_that_comes_up_late(
     assert _active(node, "kubelet.service") == "active", journal
     marker = json.loads(node.read_file(f"{STATE}/.provisioned"))
     assert [c["name"] for c in marker["containers"]] == ["ocid", "kubelet"]
+
+
+def test_up_unreachable_registry_retries_until_its_timeout_then_two_lines(tmp_path: Path) -> None:
+    path = _write_manifest(
+        tmp_path,
+        "registries: {timeout: 12}\nnetwork: {timeout: 5, require_default_route: false}\n"
+        "containers: [{name: a, image: '127.0.0.1:1/x/y:1'}]\n",
+    )
+    ran = bootstrap("up", path, store=tmp_path / "store", state=tmp_path / "state", timeout=120)
+    assert ran.rc == 3, ran.stderr
+    lines = ran.stderr.splitlines()
+    assert lines[-2].startswith("bootstrap: error: 127.0.0.1:1: cannot reach"), ran.stderr
+    assert "(still failing after 12s of retries)" in lines[-2]
+    assert lines[-1].startswith("bootstrap: hint: ") and "registries.timeout" in lines[-1]
+    assert sum(line.startswith("bootstrap: ") for line in lines) == 2, ran.stderr
+    assert any(
+        line.startswith("up: waiting for the registry of 127.0.0.1:1/x/y:1") for line in lines
+    )
+    assert "Retrying" not in ran.stderr and "urllib3" not in ran.stderr
+    assert not (tmp_path / "state" / ".provisioned").exists()
+    quiet = bootstrap("-q", "up", path, store=tmp_path / "store", state=tmp_path / "state")
+    assert quiet.rc == 3 and len(quiet.stderr.splitlines()) == 2, quiet.stderr

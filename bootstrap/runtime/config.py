@@ -381,8 +381,12 @@ def _cut_capabilities(doc: dict[str, Any], bounding: Sequence[str]) -> None:
         if isinstance(names, list):
             dropped.update(n for n in names if n not in allowed)
             caps[kind] = [n for n in names if n in allowed]
-    if dropped:
+    if dropped and frozenset(dropped) not in _REPORTED_CUTS:  # said once per process, not per
+        _REPORTED_CUTS.add(frozenset(dropped))  # rendering (install renders to compare, too)
         log.info("capabilities not in the bounding set, left out: %s", " ".join(sorted(dropped)))
+
+
+_REPORTED_CUTS: set[frozenset[str]] = set()
 
 
 # ---- users and groups from the rootfs ----------------------------------------------------------
