@@ -239,6 +239,20 @@ def _list(s: Settings, a: argparse.Namespace) -> Result:
 
 
 def _status(s: Settings, a: argparse.Namespace) -> Result:
+    if a.node:
+        if a.name is not None:
+            raise UsageError(
+                "status: give either NAME or --node, not both",
+                "'bootstrap status NAME' shows a container, 'bootstrap status --node' the node",
+            )
+        from bootstrap.node import up
+
+        return up.node_status(s)
+    if a.name is None:
+        raise UsageError(
+            "status: NAME or --node is required",
+            "'bootstrap list' shows the installed containers",
+        )
     from bootstrap.deploy import api
 
     return api.status(s, a.name)
@@ -454,9 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "status",
         "show a system container's deployments and state",
-        ["status ocid", "status --json kubelet"],
+        ["status ocid", "status --json kubelet", "status --node"],
     )
-    c.add_argument("name", metavar="NAME", help="an installed container, as 'bootstrap list' shows")
+    c.add_argument(
+        "name", metavar="NAME", nargs="?", help="an installed container, as 'bootstrap list' shows"
+    )
+    c.add_argument(
+        "--node",
+        action="store_true",
+        help="the node's last first boot instead: containers and the boot chain with timings",
+    )
     c = _command(
         sub,
         "up",

@@ -153,6 +153,51 @@ def test_up_second_run_says_nothing_to_do(tmp_path: Path) -> None:
     assert sorted(p.name for p in state.iterdir()) == before
 
 
+def test_status_node_shows_the_last_boot_chain(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ran = bootstrap("status", "--node", state=state)
+    assert ran.rc == 2 and "has not been provisioned" in ran.stderr
+    assert bootstrap("status", state=state).rc == 2  # neither NAME nor --node
+    assert bootstrap("status", "ocid", "--node", state=state).rc == 2  # both
+    state.mkdir()
+    chain = [
+        {"what": "network ready", "at": 0.01, "took": 0.01},
+        {"what": "pulled a (10 bytes)", "at": 0.3, "took": 0.29},
+        {"what": "a: installed (checkout, unit, start): active", "at": 0.9, "took": 0.6},
+    ]
+    marker = {
+        "manifest": "/m.yaml",
+        "digest": "sha256:" + "0" * 64,
+        "order": ["a"],
+        "time": "T",
+        "elapsed": 0.95,
+        "containers": [{"name": "a", "action": "installed", "active_state": "active"}],
+        "chain": chain,
+    }
+    (state / ".provisioned").write_text(json.dumps(marker))
+    ran = bootstrap("--json", "status", "--node", state=state)
+    assert ran.rc == 0, ran.stderr
+    doc = ran.json()
+    assert doc["chain"] == chain and doc["elapsed"] == 0.95
+    text = bootstrap("status", "--node", state=state, check=True).stdout
+    assert "boot chain" in text and "+ 0.900s  a: installed" in text, text
+    (state / ".provisioned").write_text('{"chain": [{"what": 1}]}')
+    ran = bootstrap("status", "--node", state=state)
+    assert ran.rc == 2 and "unreadable provisioning marker" in ran.stderr
+
+
+def test_boot_chain_is_ordered_by_end_time() -> None:
+    from bootstrap.node.up import _Chain
+
+    chain = _Chain(time.monotonic())
+    first = time.monotonic()
+    chain.add("b", first)
+    chain.add("a", first)
+    steps = chain.steps()
+    assert [s.what for s in steps] == ["b", "a"]
+    assert steps[0].at <= steps[1].at and all(s.took >= 0 for s in steps)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_up_network_not_ready_exits_3(tmp_path: Path) -> None:
     import subprocess
@@ -276,6 +321,11 @@ def test_first_boot_end_to_end(
     assert _active(node, "kubelet.service") == "active"
     marker = json.loads(node.read_file(f"{STATE}/.provisioned"))
     assert marker["order"] == ["ocid", "kubelet"]
+    print("boot chain:", json.dumps(marker["chain"], indent=1))
+    steps = [s["what"] for s in marker["chain"]]
+    assert steps[0] == "network ready", steps
+    assert any(s.startswith("ocid: CRI answering") for s in steps), steps
+    assert steps[-1].startswith("kubelet: installed"), steps
     ocid_state = marker["containers"][0]
     assert ocid_state["cri_version"].startswith("containerd 1.6")
     status = _wait_status_file(node, t0)

@@ -744,11 +744,14 @@ class Deployer:
         start: bool,
         unit_dir: str | None,
         options: Options | None = None,
+        settle: float | None = None,
     ) -> DeployResult:
         """Install container ``name`` from image ``reference`` (pulled when not stored).
 
         Re-running with the same inputs changes nothing; with the same inputs but other
-        ``options`` (policy, ordering, readiness) only those are recorded anew. Raises
+        ``options`` (policy, ordering, readiness) only those are recorded anew. ``settle``:
+        seconds the started unit must stay active (None: the manager's default; 0 for a caller
+        that checks readiness itself, e.g. ``up`` asking the CRI socket). Raises
         :class:`UsageError` when the name is taken by another installation or a unit file
         bootstrap did not write, :class:`SystemdError` when the unit does not start (the
         installation is undone)."""
@@ -815,7 +818,9 @@ class Deployer:
                 self.manager.reload()
                 self.manager.enable([self._unit_arg(paths, udir)])
                 unit = (
-                    self.manager.start(paths.unit, timeout=start_job_timeout(staged_plan))
+                    self.manager.start(
+                        paths.unit, timeout=start_job_timeout(staged_plan), settle=settle
+                    )
                     if start
                     else self.manager.state(paths.unit)
                 )

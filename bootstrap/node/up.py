@@ -13,7 +13,10 @@ Steps, each logged as one plain line (journald keeps them; no progress bars off 
    its unit unless it is already active, wait until it is active (``Type=notify``: ready), and
    when the manifest says ``ready: {cri_socket: ...}``, until that socket answers CRI ``Version``
    (exit 5);
-6. write ``$STATE/.provisioned`` (JSON; temp + fsync + rename).
+6. write ``$STATE/.provisioned`` (JSON; temp + fsync + rename), with the boot chain: each
+   step (network ready, each pull, each install, each unit active, each CRI answering) with
+   when it ended and how long it took, seconds from the start of ``up``; ``up`` prints it at
+   the end and ``bootstrap status --node`` shows it again.
 
 A run killed anywhere is finished by the next one: stored images are not fetched again,
 installed containers are kept (the deploy stage recovers an interrupted install under its lock)
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +58,47 @@ MARKER = ".provisioned"
 PULL_WORKERS = 4
 LOCK_TIMEOUT = 3600.0
 AUTO_UPDATE_TIMER = "bootstrap-auto-update.timer"
+
+
+@dataclass(frozen=True)
+class BootStep:
+    """One link of the boot chain: ``what`` ended ``at`` seconds after ``up`` started and took
+    ``took`` seconds (its own duration; pulls overlap)."""
+
+    what: str
+    at: float
+    took: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"what": self.what, "at": round(self.at, 3), "took": round(self.took, 3)}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> BootStep:
+        """A step as :meth:`to_json` wrote it; ValueError/TypeError/KeyError when malformed."""
+        return cls(str(doc["what"]), float(doc["at"]), float(doc["took"]))
+
+
+class _Chain:
+    """Collects :class:`BootStep` entries from several threads, relative to ``started``."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self._steps: list[BootStep] = []
+        self._lock = threading.Lock()
+
+    def add(self, what: str, since: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._steps.append(BootStep(what, now - self.started, now - since))
+
+    def steps(self) -> tuple[BootStep, ...]:
+        with self._lock:
+            return tuple(sorted(self._steps, key=lambda s: s.at))
+
+
+def chain_text(steps: tuple[BootStep, ...]) -> list[str]:
+    """The boot chain as aligned lines (``  +1.234s  what (took 0.5s)``)."""
+    return [f"  +{s.at:6.3f}s  {s.what} (took {s.took:.3f}s)" for s in steps]
 
 
 @dataclass(frozen=True)
@@ -94,6 +139,7 @@ class UpResult:
     containers: tuple[ContainerOutcome, ...] = ()
     network: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
+    chain: tuple[BootStep, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +153,7 @@ class UpResult:
             "containers": [c.to_json() for c in self.containers],
             "network": self.network,
             "elapsed": round(self.elapsed, 3),
+            "chain": [s.to_json() for s in self.chain],
         }
 
     def to_text(self) -> str:
@@ -114,7 +161,78 @@ class UpResult:
         for c in self.containers:
             extra = f", CRI {c.cri_version}" if c.cri_version else ""
             lines.append(f"  {c.name}: {c.action}, {c.active_state} ({c.image}{extra})")
+        if self.chain:
+            lines.append("boot chain (seconds from the start of 'bootstrap up'):")
+            lines += chain_text(self.chain)
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """``bootstrap status --node``: the last completed first boot as its marker records it."""
+
+    marker: str
+    manifest: str
+    digest: str
+    time: str
+    elapsed: float | None
+    containers: tuple[dict[str, Any], ...]
+    chain: tuple[BootStep, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "marker": self.marker,
+            "manifest": self.manifest,
+            "digest": self.digest,
+            "time": self.time,
+            "elapsed": self.elapsed,
+            "containers": list(self.containers),
+            "chain": [s.to_json() for s in self.chain],
+        }
+
+    def to_text(self) -> str:
+        took = f" in {self.elapsed:.1f}s" if self.elapsed is not None else ""
+        lines = [f"provisioned from {self.manifest} ({self.digest[:19]}) at {self.time}{took}"]
+        for c in self.containers:
+            lines.append(f"  {c.get('name')}: {c.get('action')}, {c.get('active_state')}")
+        if self.chain:
+            lines.append("boot chain (seconds from the start of 'bootstrap up'):")
+            lines += chain_text(self.chain)
+        else:
+            lines.append("no boot chain recorded (provisioned by an older bootstrap)")
+        return "\n".join(lines)
+
+
+def node_status(settings: Settings) -> NodeStatus:
+    """The last first boot of this node from ``$STATE/.provisioned``. Raises
+    :class:`UsageError` when the node was never provisioned or the marker is unreadable."""
+    marker = settings.state / MARKER
+    try:
+        doc = json.loads(marker.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        chain = tuple(BootStep.from_json(s) for s in doc.get("chain") or ())
+        containers = tuple(c for c in doc.get("containers") or () if isinstance(c, dict))
+        elapsed = doc.get("elapsed")
+        return NodeStatus(
+            marker=str(marker),
+            manifest=str(doc.get("manifest", "?")),
+            digest=str(doc.get("digest", "")),
+            time=str(doc.get("time", "?")),
+            elapsed=float(elapsed) if isinstance(elapsed, (int, float)) else None,
+            containers=containers,
+            chain=chain,
+        )
+    except FileNotFoundError as exc:
+        raise UsageError(
+            f"{marker}: this node has not been provisioned",
+            "run 'bootstrap up MANIFEST' first (or pass --state DIR)",
+        ) from exc
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UsageError(
+            f"{marker}: unreadable provisioning marker: {exc}",
+            f"remove {marker} to provision again",
+        ) from exc
 
 
 def up(settings: Settings, manifest_path: str | Path) -> UpResult:
@@ -195,13 +313,16 @@ def _provision(
         "required" if wait.require_default_route else "not required",
         f", resolving {', '.join(wait.resolve)}" if wait.resolve else "",
     )
+    chain = _Chain(started)
+    since = time.monotonic()
     net = wait_for_network(
         wait.timeout, require_default_route=wait.require_default_route, resolve=wait.resolve
     )
+    chain.add("network ready", since)
     settings = _apply_trust(settings, manifest)
-    pulled = _pull_all(settings, manifest)
+    pulled = _pull_all(settings, manifest, chain)
     deployer = _deployer(settings)
-    outcomes = [_bring_up(deployer, spec) for spec in order]
+    outcomes = [_bring_up(deployer, spec, chain) for spec in order]
     if manifest.auto_update_timer:
         _enable_timer(deployer)
     changed = bool(pulled) or any(o.action != "unchanged" for o in outcomes)
@@ -212,6 +333,8 @@ def _provision(
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "order": [c.name for c in order],
         "containers": [o.to_json() for o in outcomes],
+        "elapsed": round(elapsed, 3),
+        "chain": [s.to_json() for s in chain.steps()],
     }
     settings.state.mkdir(parents=True, exist_ok=True)
     write_atomic(marker, json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -232,6 +355,7 @@ def _provision(
         containers=tuple(outcomes),
         network=net.to_json(),
         elapsed=elapsed,
+        chain=chain.steps(),
     )
 
 
@@ -248,7 +372,7 @@ def _apply_trust(settings: Settings, manifest: NodeManifest) -> Settings:
 # ---- pulls -------------------------------------------------------------------------------------
 
 
-def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
+def _pull_all(settings: Settings, manifest: NodeManifest, chain: _Chain) -> list[str]:
     """Pull every image of the manifest that is not stored, in parallel; return the names
     pulled. All pulls are waited for; the first failure (in manifest order) is raised."""
     from bootstrap.image.store import Store
@@ -276,7 +400,7 @@ def _pull_all(settings: Settings, manifest: NodeManifest) -> list[str]:
     with _registry_env(settings, manifest.registries):
         while True:
             with ThreadPoolExecutor(max_workers=min(PULL_WORKERS, len(todo))) as pool:
-                futures = [pool.submit(_pull_one, store, name, verifier) for name in todo]
+                futures = [pool.submit(_pull_one, store, name, verifier, chain) for name in todo]
             failed = [(n, f.exception()) for n, f in zip(todo, futures, strict=True)]
             failed = [(n, e) for n, e in failed if e is not None]
             if not failed:
@@ -327,13 +451,14 @@ def _worth_waiting(err: BaseException | None) -> bool:
     return isinstance(err, TransientError)
 
 
-def _pull_one(store: Store, name: str, verifier: Verifier) -> None:
+def _pull_one(store: Store, name: str, verifier: Verifier, chain: _Chain) -> None:
     from bootstrap.image.pull import pull_image
     from bootstrap.image.reference import Reference
 
     started = time.monotonic()
     # its own client, from the environment
     result = pull_image(store, Reference.parse(name), verifier=verifier)
+    chain.add(f"pulled {name} ({result.downloaded} bytes)", started)
     log.info(
         "up: pulled %s (%s): %d bytes in %.1fs, admitted by %s",
         name,
@@ -398,10 +523,12 @@ def _enable_timer(deployer: Deployer) -> None:
     manager.start(AUTO_UPDATE_TIMER, settle=0.0)
 
 
-def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
-    """Install ``spec`` (kept when identical), start it unless active, wait until ready."""
+def _bring_up(deployer: Deployer, spec: ContainerSpec, chain: _Chain) -> ContainerOutcome:
+    """Install ``spec`` (kept when identical), start it unless active, wait until ready; each
+    step ends up in ``chain``."""
     from bootstrap.deploy.deploy import Options
 
+    since = time.monotonic()
     log.info("up: %s: installing %s", spec.name, spec.image)
     try:
         result = deployer.install(
@@ -417,6 +544,8 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
                 cri_socket=spec.ready_cri_socket or "",
                 ready_timeout=spec.ready_timeout,
             ),
+            # a CRI socket is asked below: a stronger proof than staying active for a while
+            settle=0.0 if spec.ready_cri_socket else None,
         )
     except BootstrapError as err:
         raise err.with_context(f"containers[{spec.index}] ({spec.name})") from err
@@ -424,9 +553,12 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
     manager = deployer.manager
     action = "installed" if result.changed else "unchanged"
     state = result.unit if result.unit is not None else manager.state(unit)
+    chain.add(f"{spec.name}: {action} (checkout, unit, start): {state.active_state}", since)
     if state.active_state != "active":
         log.info("up: %s: %s is %s; starting it", spec.name, unit, state.active_state)
-        state = manager.start(unit)
+        started = time.monotonic()
+        state = manager.start(unit, settle=0.0 if spec.ready_cri_socket else None)
+        chain.add(f"{unit} {state.active_state}", started)
         if action == "unchanged":
             action = "started"
     log.info("up: %s: %s is %s (%s)", spec.name, unit, state.active_state, action)
@@ -435,9 +567,11 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec) -> ContainerOutcome:
         from bootstrap.net.cri import wait_for_cri
 
         log.info("up: %s: waiting for CRI Version on %s", spec.name, spec.ready_cri_socket)
+        asked = time.monotonic()
         answer = wait_for_cri(
             spec.ready_cri_socket, timeout=spec.ready_timeout, what=f"{spec.name} ({unit})"
         )
+        chain.add(f"{spec.name}: CRI answering on {spec.ready_cri_socket}", asked)
         cri = str(answer)
     digest = result.deployment.digest if result.deployment is not None else ""
     return ContainerOutcome(spec.name, spec.image, digest, action, state.active_state, cri)
