@@ -187,3 +187,13 @@ def test_runc_accepts_generated_config(tmp_path: Path) -> None:
         "gid": 200,
         "additionalGids": [300],
     }
+
+
+def test_root_path_is_the_deployments_rootfs() -> None:
+    """The rootfs a deployment mounts (overlay) or checks out is always ``rootfs/``."""
+    with pytest.raises(UsageError, match="not the deployment's rootfs"):
+        rc.prepare(image_config(cmd=("/x",)), hostname="c", template={"root": {"path": "/srv"}})
+    doc = rc.prepare(
+        image_config(cmd=("/x",)), hostname="c", template={"root": {"readonly": False}}
+    ).document
+    assert doc["root"] == {"path": "rootfs", "readonly": False}

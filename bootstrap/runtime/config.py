@@ -348,6 +348,12 @@ def _validate(doc: Mapping[str, Any], where: str) -> None:
     root = doc.get("root")
     if not isinstance(root, dict) or not isinstance(root.get("path"), str):
         raise bad("root.path must be a string", '"root": {"path": "rootfs", "readonly": true}')
+    if root["path"] != "rootfs":
+        # the deployment's rootfs (an overlay mount or a checkout) is always its rootfs/
+        raise bad(
+            f"root.path {root['path']!r} is not the deployment's rootfs",
+            'leave root.path out of the template (it is "rootfs"); set only root.readonly',
+        )
 
 
 def _has_namespace(doc: Mapping[str, Any], kind: str) -> bool:
