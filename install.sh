@@ -29,10 +29,11 @@ runtime_pkgs=(ca-certificates runc catatonit dbus iproute2 python3 python3-venv 
   pkg-config libgirepository1.0-dev libcairo2-dev libdbus-1-dev gir1.2-glib-2.0 tar
   # signature verification: gpgv checks simple signatures, gpg dearmors ASCII-armored keys
   gpgv gpg
-  # `bootstrap demo`: a systemd machine (debootstrap, systemd-nspawn, zstd cache) and its images
-  debootstrap systemd-container zstd busybox-static)
+  # `bootstrap demo`: a systemd machine (debootstrap, systemd-nspawn, zstd cache), its images,
+  # and the registry it serves them from
+  debootstrap systemd-container zstd busybox-static docker-registry)
 # Tests: a real registry, reference tools to compare with, a systemd node, an offline CRI daemon.
-dev_pkgs=(skopeo umoci docker-registry jq openssl apache2-utils containerd tini sudo time)
+dev_pkgs=(skopeo umoci jq openssl apache2-utils containerd tini sudo time)
 
 pkgs=("${runtime_pkgs[@]}")
 [ "$dev" -eq 1 ] && pkgs+=("${dev_pkgs[@]}")

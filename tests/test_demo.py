@@ -106,6 +106,10 @@ def test_demo_up_again_and_down(demo_state: Path) -> None:
     relayed = [ln for ln in up.stderr.splitlines() if ln.startswith("demo:   ")]
     assert len(relayed) == len(set(relayed)), up.stderr
     assert sum("provisioned from" in ln for ln in relayed) == 1, up.stderr
+    if "ocid" in containers:  # the node manifest's workload: pulled from the demo's registry
+        assert "from docker-registry on 127.0.0.1:5000" in up.stderr, up.stderr
+        assert "demo:   up: pulled 127.0.0.1:5000/bootstrap/ocid:containerd" in up.stderr
+        assert "demo:   up: pulled 127.0.0.1:5000/bootstrap/kubelet:standin" in up.stderr
 
     machine = m.Machine.from_record(doc["machine"])
     assert machine.running
@@ -229,3 +233,19 @@ def test_demo_needs_an_editable_install(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "editable" in proc.stderr and "pip install -e" in proc.stderr
     assert not (tmp_path / "state" / "demo" / "node.json").exists()
+
+
+def test_demo_registry_refuses_an_address_in_use(tmp_path: Path) -> None:
+    import socket
+
+    from bootstrap.demo.registry import DemoRegistry
+    from bootstrap.errors import UsageError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        reg = DemoRegistry(tmp_path / "r", addr, os.getpid())
+        with pytest.raises(UsageError, match=f"{addr} is in use"):
+            reg.start()
+    assert not (tmp_path / "r").exists()

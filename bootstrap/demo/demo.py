@@ -1,14 +1,16 @@
 """``bootstrap demo`` / ``bootstrap demo --down``: the main job on an embedded default.
 
 ``demo`` brings up a throwaway systemd machine on this host (:mod:`bootstrap.demo.machine`),
-builds the demo's images offline (:mod:`bootstrap.demo.images`), imports them into the machine's
-own store with ``bootstrap import`` and provisions the machine the way a real node is
-provisioned at first boot, running this installation's ``bootstrap`` inside it:
+builds the demo's images offline (:mod:`bootstrap.demo.images`), serves them from Debian's
+docker-registry on the machine's loopback (:mod:`bootstrap.demo.registry`; started and stopped
+by the demo) and provisions the machine the way a real node is provisioned at first boot,
+running this installation's ``bootstrap`` inside it, which pulls them:
 
 - with the node manifest ``examples/node.yaml`` (``bootstrap up``): the CRI daemon ``ocid``
   (Debian's containerd) and the kubelet stand-in, as runc system containers under the machine's
   systemd; when the CRI images cannot be built here, it falls back to
-- one busybox "hello" system container (``bootstrap install``).
+- one busybox "hello" system container (``bootstrap install``), imported with ``bootstrap
+  import`` instead.
 
 It then shows ``bootstrap list`` and ``bootstrap status NAME`` from inside and leaves the
 machine running, recorded in ``$STATE/demo/node.json`` (written atomically), with the commands to
@@ -29,6 +31,7 @@ run (debootstrap, ``apt-get download``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,6 +68,7 @@ TOOLS = {
     "tar": "tar",
     "zstd": "zstd",
     "setsid": "util-linux",
+    "docker-registry": "docker-registry",
 }
 STANDIN_SRC = Path(__file__).resolve().parent / "kubelet_standin"
 """The kubelet stand-in's program (main.py + CRI stubs): package data, copied into its image."""
@@ -288,24 +292,38 @@ def _up(settings: Settings, base: Path) -> DemoResult:
         log.info("demo:   systemd is up (pid %d) in %.1fs", machine.pid, timings["boot"])
 
     try:
-        t = time.monotonic()
-        _step(4, f"importing {len(workload.images)} image(s) into the machine's store")
-        for ref, path in workload.images:
-            _inner(machine, inst, ["import", str(path), "--name", ref], timeout=600)
-        timings["import"] = time.monotonic() - t
+        with contextlib.ExitStack() as stack:
+            t = time.monotonic()
+            addr = _registry_addr(workload)
+            if addr is not None:
+                from bootstrap.demo.registry import DemoRegistry
 
-        t = time.monotonic()
-        _step(5, f"provisioning inside the machine: bootstrap {shlex.join(workload.provision)}")
-        out = _inner(
-            machine,
-            inst,
-            list(workload.provision),
-            timeout=PROVISION_TIMEOUT,
-            on_line=lambda line: log.info("demo:   %s", line),  # live, as the node logs it
-        )
-        for line in out.stdout.decode(errors="replace").splitlines():
-            log.info("demo:   %s", line)
-        timings["provision"] = time.monotonic() - t
+                _step(
+                    4,
+                    f"serving {len(workload.images)} image(s) from docker-registry on {addr} "
+                    "in the machine's network",
+                )
+                reg = stack.enter_context(DemoRegistry(base / "registry", addr, machine.pid))
+                reg.push(list(workload.images))
+                timings["registry"] = time.monotonic() - t
+            else:
+                _step(4, f"importing {len(workload.images)} image(s) into the machine's store")
+                for ref, path in workload.images:
+                    _inner(machine, inst, ["import", str(path), "--name", ref], timeout=600)
+                timings["import"] = time.monotonic() - t
+
+            t = time.monotonic()
+            _step(5, f"provisioning inside the machine: bootstrap {shlex.join(workload.provision)}")
+            out = _inner(
+                machine,
+                inst,
+                list(workload.provision),
+                timeout=PROVISION_TIMEOUT,
+                on_line=lambda line: log.info("demo:   %s", line),  # live, as the node logs it
+            )
+            for line in out.stdout.decode(errors="replace").splitlines():
+                log.info("demo:   %s", line)
+            timings["provision"] = time.monotonic() - t
     except BootstrapError as err:
         details = getattr(err, "details", "")
         raise MachineError(
@@ -316,6 +334,21 @@ def _up(settings: Settings, base: Path) -> DemoResult:
         ) from err
     _save(base, machine, workload, provisioned=True)
     return _report(settings, machine, inst, workload, "up", timings, started)
+
+
+def _registry_addr(workload: Workload) -> str | None:
+    """The loopback registry (``127.0.0.1:PORT``) all of a ``bootstrap up`` workload's images
+    name, which the demo serves them from; None to import them instead (the busybox
+    fallback, or images named elsewhere)."""
+    from bootstrap.image.reference import Reference
+
+    if not workload.images or workload.provision[:1] != ("up",):
+        return None
+    domains = {Reference.parse(ref).domain for ref, _ in workload.images}
+    if len(domains) != 1:
+        return None
+    (domain,) = domains
+    return domain if domain.startswith("127.0.0.1:") else None
 
 
 def _runtime_dir(base: Path) -> Path:
