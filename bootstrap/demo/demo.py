@@ -292,6 +292,8 @@ def _up(settings: Settings, base: Path) -> DemoResult:
         log.info("demo:   systemd is up (pid %d) in %.1fs", machine.pid, timings["boot"])
 
     try:
+        # `bootstrap` on the machine's PATH, as install.sh puts it on a real node's
+        machine.run(["ln", "-sfn", str(inst.bootstrap), "/usr/local/bin/bootstrap"], timeout=30)
         with contextlib.ExitStack() as stack:
             t = time.monotonic()
             addr = _registry_addr(workload)
@@ -398,7 +400,11 @@ def _report(
         + " ".join(f"{c}.service" for c in workload.containers)
         + "; journalctl -u "
         + (workload.containers[0] if workload.containers else "dbus")
-        + "; runc list",
+        + "; runc list"
+        + (
+            # --no-pull: the demo's registry is stopped once the machine is provisioned
+            f"; bootstrap update --no-pull {workload.containers[0]}" if workload.containers else ""
+        ),
         f"its systemd over D-Bus: busctl --address={machine.bus_address} "
         "tree org.freedesktop.systemd1",
         f"its files:             /proc/{machine.pid}/root (rootfs {machine.rootfs})",
