@@ -14,8 +14,10 @@ Three levels:
   only mean something when layers are composed). The diff_id (sha256 of the uncompressed tar) is
   verified while extracting; a mismatch caches nothing.
 - :func:`checkout`: all layers cached (missing ones extracted in parallel threads), then composed
-  into ``DEST.tmp-*`` beside DEST with hardlinks into the cache (or real copies with ``copy``) and
-  renamed to DEST.
+  into ``DEST.tmp-*`` beside DEST with files of its own (reflinks where supported, else copies;
+  hardlinks into the cache only with ``hardlink``) and renamed to DEST.
+- :func:`image_tree`: an image composed once in the store from hardlinks into the cache, the
+  read-only lower dir of deployments' overlay mounts.
 
 Hostile input: no entry, link target or whiteout may name anything outside the tree; a parent path
 component is never followed through a symlink (each is checked with ``lstat`` before use, and the
