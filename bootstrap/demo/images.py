@@ -38,6 +38,7 @@ import hashlib
 import importlib
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -65,6 +66,8 @@ OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1 << 20
 _GZIP_LEVEL = 1  # isal level 1: fast, about as small as zlib's 6 on these layers
+
+log = logging.getLogger(__name__)
 
 
 class ImageBuildError(BootstrapError):
@@ -388,6 +391,7 @@ def cached_archive(cache: Path, kind: str, key: str, build: Callable[[Path], obj
     cache.mkdir(parents=True, exist_ok=True)
     with flocked(cache / ".lock", timeout=3600, what=f"the demo image cache ({cache})"):
         if not final.is_file():
+            log.info("demo:   building the %s image", kind)
             build(final)
             for old in cache.glob(f"{kind}-*.tar"):
                 if old != final:
@@ -497,6 +501,7 @@ def debs(packages: Sequence[str], debs_dir: Path) -> list[Path]:
             pattern = f"{package}_{version.replace(':', '%3a')}_*.deb"
             found = sorted(debs_dir.glob(pattern))
             if not found:
+                log.info("demo:   apt-get download %s=%s", package, version)
                 process.run(
                     ["apt-get", "download", f"{package}={version}"],
                     cwd=debs_dir,
@@ -581,6 +586,7 @@ class CachedImage:
         if not dest.is_file():
             with flocked(self.layout.parent / ".archive.lock", timeout=1800):
                 if not dest.is_file():
+                    log.info("demo:   packing %s as an oci-archive", self.layout.name)
                     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
                     try:
                         _pack(self.layout, tmp)
@@ -609,6 +615,7 @@ def cached_layout(
     final = cache / f"{kind}-{key}"
     with flocked(cache / f".{kind}.lock", timeout=1800, what=f"building the {kind} image"):
         if not (final / "index.json").is_file():
+            log.info("demo:   building the %s image", kind)
             work = Path(tempfile.mkdtemp(dir=cache, prefix=f".{kind}-"))
             try:
                 build(work / "layout")
