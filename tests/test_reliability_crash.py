@@ -447,11 +447,17 @@ def _overlays(node: Any, name: str) -> list[str]:
     )
 
 
+#: What bootstrap's init as the container's pid 1 puts before the image's command.
+INIT_PREFIX = "/run/.bootstrap-init -- "
+
+
 def _running_args(node: Any, name: str) -> str:
+    """The command line of ``name``'s pid 1, without bootstrap's init in front of it."""
     out = node.run("runc", "list", "--format", "json", check=False).stdout.strip()
     for c in json.loads(out or "null") or []:
         if c["id"] == name and c["status"] == "running":
-            return str(node.run("cat", f"/proc/{c['pid']}/cmdline").stdout.replace("\0", " "))
+            line = node.run("cat", f"/proc/{c['pid']}/cmdline").stdout.replace("\0", " ")
+            return str(line).removeprefix(INIT_PREFIX)
     return ""
 
 
