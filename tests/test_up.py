@@ -43,6 +43,7 @@ BUILTINS = {
     "PIDFILE": "/run/container-x.pid",
     "UUID": "00000000-0000-0000-0000-000000000000",
     "TIMEOUT_STOP_SEC": "60",
+    "TIMEOUT_START_SEC": "60",
 }
 
 
@@ -85,6 +86,10 @@ def test_definition_renders_with_its_defaults(where: str) -> None:
         assert "ro" in mounts["/etc/kubernetes"]["options"]
         assert "After=network-online.target ocid.service" in unit
         assert "Requires=ocid.service" in unit
+        # the kubelet sends READY=1: its start job ends when it is up (no settle wait)
+        assert d.readiness == "notify"
+        assert "Type=notify" in unit and "NotifyAccess=all" in unit
+        assert "TimeoutStartSec=60" in unit and "TimeoutStartFailureMode=kill" in unit
 
 
 def test_definitions_follow_the_socket_variable() -> None:

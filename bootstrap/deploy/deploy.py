@@ -750,8 +750,10 @@ class Deployer:
 
         Re-running with the same inputs changes nothing; with the same inputs but other
         ``options`` (policy, ordering, readiness) only those are recorded anew. ``settle``:
-        seconds the started unit must stay active (None: the manager's default; 0 for a caller
-        that checks readiness itself, e.g. ``up`` asking the CRI socket). Raises
+        seconds the started unit must stay active (None: the manager's default for a
+        ``readiness: "none"`` definition and none for a ``"notify"`` one, whose start job ends
+        only at READY=1; 0 for a caller that checks readiness itself, e.g. ``up`` asking the CRI
+        socket). Raises
         :class:`UsageError` when the name is taken by another installation or a unit file
         bootstrap did not write, :class:`SystemdError` when the unit does not start (the
         installation is undone)."""
@@ -819,7 +821,9 @@ class Deployer:
                 self.manager.enable([self._unit_arg(paths, udir)])
                 unit = (
                     self.manager.start(
-                        paths.unit, timeout=start_job_timeout(staged_plan), settle=settle
+                        paths.unit,
+                        timeout=start_job_timeout(staged_plan),
+                        settle=install_settle(staged_plan, settle),
                     )
                     if start
                     else self.manager.state(paths.unit)
@@ -1177,6 +1181,16 @@ def _options_differ(current: Deployment, options: Options) -> bool:
         or options.cri_socket != current.cri_socket
         or options.ready_timeout != current.ready_timeout
     )
+
+
+def install_settle(the_plan: Plan, settle: float | None) -> float | None:
+    """The settle of an install's first start: ``settle`` when given; else 0 for a
+    ``readiness: "notify"`` definition (its start job ends only once the container sent
+    READY=1, a stronger proof than staying active a while) and None (the manager's default) for
+    others. Updates and rollbacks keep the settle: a new version must also prove it stays up."""
+    if settle is not None:
+        return settle
+    return 0.0 if the_plan.definition.readiness == "notify" else None
 
 
 def start_job_timeout(the_plan: Plan) -> float:

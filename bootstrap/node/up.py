@@ -557,7 +557,9 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec, chain: _Chain) -> Contain
     if state.active_state != "active":
         log.info("up: %s: %s is %s; starting it", spec.name, unit, state.active_state)
         started = time.monotonic()
-        state = manager.start(unit, settle=0.0 if spec.ready_cri_socket else None)
+        # a notify unit's start job ends at READY=1; a CRI socket is asked below
+        ready_by_event = bool(spec.ready_cri_socket) or state.notify
+        state = manager.start(unit, settle=0.0 if ready_by_event else None)
         chain.add(f"{unit} {state.active_state}", started)
         if action == "unchanged":
             action = "started"

@@ -47,6 +47,13 @@ class UnitState:
     n_restarts: int
     result: str
     unit_file_state: str
+    #: the service's ``Type=`` (``simple``, ``notify``, ...); "" for a unit that is not a service
+    service_type: str = ""
+
+    @property
+    def notify(self) -> bool:
+        """True for a ``Type=notify`` service: its start job ends only once it sent READY=1."""
+        return self.service_type in ("notify", "notify-reload")
 
     @property
     def running(self) -> bool:
@@ -154,6 +161,7 @@ class Manager:
                 n_restarts=int(s.get("NRestarts", 0)),
                 result=str(s.get("Result", "")),
                 unit_file_state=str(u["UnitFileState"]),
+                service_type=str(s.get("Type", "")),
             )
 
         return self._call(f"state of {unit}", _get)
@@ -228,14 +236,19 @@ class Manager:
         self._removed[str(job)] = str(result)
 
     def _wait_job(self, job: str, timeout: float) -> str:
-        ctx = self._glib.MainContext.default()
+        """The result of ``job`` from its ``JobRemoved`` signal: blocks in the GLib main loop
+        until a signal arrives (woken at least every 0.5 s to check the deadline and, every 2 s,
+        that the job still exists, so a lost signal cannot hang us); the result string, or
+        ``timeout (...)`` once ``timeout`` seconds have passed."""
+        glib = self._glib
+        ctx = glib.MainContext.default()
         deadline = time.monotonic() + timeout
         last_probe = time.monotonic()
-        while job not in self._removed:
+        while True:
             while ctx.pending():
                 ctx.iteration(False)
             if job in self._removed:
-                break
+                return self._removed[job]
             now = time.monotonic()
             if now >= deadline:
                 return "timeout (bootstrap gave up waiting)"
@@ -245,8 +258,17 @@ class Manager:
                     while ctx.pending():
                         ctx.iteration(False)
                     return self._removed.get(job, "done")
-            time.sleep(0.02)
-        return self._removed[job]
+            fired: list[bool] = []
+
+            def _wake(fired: list[bool] = fired) -> bool:
+                fired.append(True)
+                return False  # one-shot
+
+            wake_ms = max(1, int(min(0.5, deadline - now) * 1000))
+            source = glib.timeout_add(wake_ms, _wake)
+            ctx.iteration(True)  # until the signal (or the wake-up) is dispatched
+            if not fired:
+                glib.source_remove(source)
 
     def _job_exists(self, job: str) -> bool:
         try:

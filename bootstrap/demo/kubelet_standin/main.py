@@ -3,7 +3,9 @@
 ``main.py --container-runtime-endpoint unix:///run/containerd/containerd.sock [--status-file F]``
 
 1. ``Version`` until it answers (a fresh channel per attempt: a gRPC channel whose first connect
-   failed backs off for a second or more), logging ``CRI version: <name> <version> (API <v>)``;
+   failed backs off for a second or more), logging ``CRI version: <name> <version> (API <v>)``,
+   then sends ``READY=1`` to ``$NOTIFY_SOCKET`` when set (sd_notify, as the kubelet does: a
+   ``Type=notify`` unit's start ends here);
 2. ``Status``: logs RuntimeReady/NetworkReady (NetworkReady is false without a CNI config);
 3. ``RunPodSandbox`` with the host network, ``StopPodSandbox``, ``RemovePodSandbox`` (retried for
    a while: the runtime may still be importing its sandbox image);
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,6 +47,24 @@ def channel(endpoint: str) -> grpc.Channel:
             ("grpc.max_reconnect_backoff_ms", 500),
         ],
     )
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to ``$NOTIFY_SOCKET`` as sd_notify(3) does: one
+    datagram on a unix socket (a leading ``@`` names an abstract one). False when the variable is
+    unset (not started by a notify unit); an unreachable socket is logged, not fatal."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log(f"sd_notify {state} to {path}: {exc}")
+        return False
+    return True
 
 
 def retry(what: str, timeout: float, call: Any) -> Any:
@@ -86,6 +107,8 @@ def main() -> int:
         f"CRI version: {v.runtime_name} {v.runtime_version} (API {v.runtime_api_version}) "
         f"after {time.monotonic() - started:.2f}s"
     )
+    if sd_notify("READY=1"):
+        log("sent READY=1")
     with channel(endpoint) as ch:
         rt = api_pb2_grpc.RuntimeServiceStub(ch)
         status = retry(
