@@ -587,7 +587,10 @@ class Deployer:
                 if self._verifier is None:  # loaded on first pull: list/rollback need no policy
                     self._verifier = self._verifier_factory()
                 kwargs["verifier"] = self._verifier
-            return pull_image(self.store, ref, **kwargs).image
+            from bootstrap.image.unpack import UnpackOptions
+
+            # the layer cache is filled as the layers download: the rootfs is built from it next
+            return pull_image(self.store, ref, extract=UnpackOptions(), **kwargs).image
         image: Image = self.store.image(name)
         return image
 

@@ -10,8 +10,11 @@ throughout, so a concurrent ``gc`` waits rather than deleting blobs the pull rel
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from bootstrap.progress import Progress
 if TYPE_CHECKING:
     from bootstrap.image.reference import Reference
     from bootstrap.image.registry import FetchedManifest, RegistryClient
+    from bootstrap.image.unpack import UnpackOptions
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,7 @@ def pull_image(
     jobs: int = 8,
     fetched: FetchedManifest | None = None,
     verifier: ImageVerifier | None = None,
+    extract: UnpackOptions | None = None,
 ) -> PullResult:
     """Pull ``reference`` into ``store`` and tag it as ``str(reference)``; return what was pulled.
 
@@ -144,6 +149,11 @@ def pull_image(
     itself, when one is served) before any config or layer is downloaded; what it returns is
     recorded on the tag (``io.bootstrap.trust.admitted``). Every command that brings an image
     in passes one; None skips verification (library use and tests).
+    ``extract``: also fill the layer cache (:func:`~bootstrap.image.unpack.ensure_layer`) with
+    these options in the same pass: each layer downloaded now is teed into its blob temp file
+    and, through a pipe, into an extractor thread, and neither is committed until the blob's
+    size and digest and the layer's diff_id all match (a mismatch removes both). Layers whose
+    blob is already stored or whose cache entry exists are not extracted here.
 
     Raises :class:`RegistryError` (exit 3) for registry/network failures,
     :class:`IntegrityError` (exit 4) for content that does not match its digest or size (nothing
@@ -164,6 +174,7 @@ def pull_image(
                 jobs=jobs,
                 fetched=fetched,
                 verifier=verifier,
+                extract=extract,
             )
     from bootstrap.image import manifest as mf
 
@@ -204,24 +215,49 @@ def pull_image(
         counter = _Counter()
         endpoint = fetched.endpoint
 
+        diff_of: dict[str, str] = {}
+
         def fetch(desc: Descriptor, label: str, cancel: threading.Event | None = None) -> None:
             called = False
+            streamed: _StreamedLayer | None = None
 
             def download(write: Callable[[bytes], object]) -> None:
-                nonlocal called
+                nonlocal called, streamed
                 called = True
+                diff_id = diff_of.get(desc.digest)
+                if extract is not None and diff_id is not None:
+                    from bootstrap.image.unpack import cached_layer
+
+                    if cached_layer(store, diff_id, extract) is None:
+                        streamed = _StreamedLayer(store, desc, diff_id, extract)
+                tee = streamed
 
                 def sink(chunk: bytes) -> None:
                     if cancel is not None and cancel.is_set():
                         raise _Cancelled()
                     write(chunk)
+                    if tee is not None:
+                        tee.write(chunk)
                     counter.add(len(chunk))
                     progress.advance(desc.digest, len(chunk))
 
                 client.get_blob(reference, desc, sink, endpoint=endpoint)
+                if tee is not None:
+                    tee.end_of_stream()
+
+            def commit_point() -> None:
+                if streamed is not None:
+                    streamed.wait_extracted()
 
             progress.add(desc.digest, desc.size, label)
-            store.ensure_blob(desc, download)
+            try:
+                store.ensure_blob(desc, download, before_commit=commit_point)
+            except BaseException:
+                if streamed is not None:
+                    streamed.settle(commit=False)
+                raise
+            if streamed is not None:
+                streamed.settle(commit=True)
             progress.done(desc.digest, "" if called else "already present")
 
         cfg_desc = served.config
@@ -245,6 +281,9 @@ def pull_image(
             if (actual.os, actual.architecture) != (platform.os, platform.architecture):
                 log.warning("%s is for %s, not %s (not an index)", name, actual, platform)
 
+        if extract is not None:
+            diff_of.update(zip((d.digest for d in served.layers), config.diff_ids, strict=True))
+            jobs = min(jobs, max(2, os.cpu_count() or 1))  # each job also inflates: one core
         _fetch_layers(served.layers, fetch, jobs)
 
         # every blob is in: now the manifest, then the tag
@@ -328,6 +367,106 @@ def _fetch_layers(
     )
     if first is not None:
         raise first
+
+
+_PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer wake-ups between downloader and extractor
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class _StreamedLayer:
+    """One layer inflated into the layer cache while it downloads: the downloader thread
+    :meth:`write` s each chunk into a pipe read by an extractor thread running
+    :func:`~bootstrap.image.unpack.ensure_layer`, which stops just before its rename until
+    :meth:`settle` says whether the blob was committed.
+
+    Protocol (downloader side): :meth:`write` per chunk, :meth:`end_of_stream`, then inside
+    the blob's ``before_commit`` :meth:`wait_extracted` (raises the extractor's error: a
+    hostile layer or a diff_id mismatch then stores no blob either), and always
+    :meth:`settle` once. Memory is bounded by the pipe buffer."""
+
+    def __init__(
+        self, store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions
+    ) -> None:
+        r, w = os.pipe()
+        with contextlib.suppress(OSError):  # over pipe-max-size: the default size works too
+            fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        self._w = w
+        self._reader = os.fdopen(r, "rb", buffering=_PIPE_SIZE)
+        self._ready = threading.Event()  # extractor at its commit point, or finished
+        self._go = threading.Event()
+        self._commit = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(store, desc, diff_id, options),
+            name=f"inflate-{_short(desc.digest)}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self, store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions) -> None:
+        from bootstrap.image.unpack import ensure_layer
+
+        try:
+            ensure_layer(
+                store,
+                desc,
+                diff_id,
+                options,
+                source=lambda: self._reader,
+                before_commit=self._wait_go,
+            )
+        except BaseException as exc:  # handed to the downloader thread, which raises it
+            self.error = exc
+        finally:
+            self._reader.close()  # a writer still writing gets EPIPE instead of blocking
+            self._ready.set()
+
+    def _wait_go(self) -> None:
+        self._ready.set()
+        self._go.wait()
+        if not self._commit:
+            raise _Cancelled()
+
+    def write(self, chunk: bytes) -> None:
+        """Feed ``chunk`` to the extractor. When the extractor stopped reading: raise its
+        error, or (it found the layer cached meanwhile) ignore the rest."""
+        if self._w < 0:
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._w, view) :]
+        except BrokenPipeError:
+            self._close()
+            self._thread.join()
+            if self.error is not None:
+                raise self.error from None
+
+    def end_of_stream(self) -> None:
+        self._close()
+
+    def wait_extracted(self) -> None:
+        """Wait until the extraction is complete and verified; raise its error if it failed."""
+        self._close()
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def settle(self, *, commit: bool) -> None:
+        """Let the extractor rename its entry in (``commit``) or remove it; wait for it. After
+        a commit, an error of the final rename is raised."""
+        self._close()
+        self._commit = commit
+        self._go.set()
+        self._thread.join()
+        if commit and self.error is not None:
+            raise self.error
+
+    def _close(self) -> None:
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
 
 
 class _Counter:

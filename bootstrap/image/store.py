@@ -467,7 +467,11 @@ class Store:
         return data
 
     def ensure_blob(
-        self, desc: Descriptor, fetch: Callable[[Callable[[bytes], object]], None]
+        self,
+        desc: Descriptor,
+        fetch: Callable[[Callable[[bytes], object]], None],
+        *,
+        before_commit: Callable[[], None] | None = None,
     ) -> Path:
         """Make sure the blob ``desc`` names is stored; return its path.
 
@@ -476,15 +480,17 @@ class Store:
         content by calling ``write(chunk)``; the chunks go to a temp file under ``tmp/`` while
         being hashed. More bytes than ``desc.size`` raise :class:`IntegrityError` at once; at
         the end the size and digest must match exactly, else :class:`IntegrityError` (exit 4).
-        The file is fsynced and renamed into ``blobs/``. On any failure (including errors raised
-        by ``fetch``, which propagate unchanged) the temp file is removed and nothing is stored.
+        The file is fsynced and renamed into ``blobs/``. ``before_commit`` (when given) is
+        called after the size and digest matched and before the rename; whatever it raises
+        propagates and nothing is stored. On any failure (including errors raised by ``fetch``,
+        which propagate unchanged) the temp file is removed and nothing is stored.
         """
         path = self.blob_path(desc.digest)  # IntegrityError for a malformed digest
         self.init()
         with self.using(), self._blob_lock(desc.digest):
             if self._present(desc, path):
                 return path
-            self._write_blob(desc, path, fetch)
+            self._write_blob(desc, path, fetch, before_commit)
             return path
 
     def put_blob(self, data: bytes, media_type: str, *, digest: str | None = None) -> Descriptor:
@@ -549,7 +555,11 @@ class Store:
         return desc
 
     def _write_blob(
-        self, desc: Descriptor, path: Path, fetch: Callable[[Callable[[bytes], object]], None]
+        self,
+        desc: Descriptor,
+        path: Path,
+        fetch: Callable[[Callable[[bytes], object]], None],
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         alg, hexpart = _split(desc.digest)
         hasher = new_hasher(desc.digest)
@@ -566,6 +576,8 @@ class Store:
                     f"blob {desc.digest}: content hashes to {actual}",
                     "the registry sent wrong content; try again or another mirror",
                 )
+            if before_commit is not None:
+                before_commit()
             self._commit(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -1148,6 +1148,12 @@ def _load_cached(path: Path, diff_id: str, options: UnpackOptions) -> CachedLaye
 LayerSource = Callable[[], contextlib.AbstractContextManager[BinaryIO]]
 
 
+def cached_layer(store: Store, diff_id: str, options: UnpackOptions) -> CachedLayer | None:
+    """The layer cache entry of ``diff_id`` when one usable with ``options`` exists, else None
+    (no lock taken: an entry is only ever renamed in whole)."""
+    return _load_cached(Path(store.layer_cache_dir(diff_id)), diff_id, options)
+
+
 def ensure_layer(
     store: Store,
     desc: Descriptor,
@@ -1156,6 +1162,7 @@ def ensure_layer(
     *,
     source: LayerSource | None = None,
     replace: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> tuple[CachedLayer, bool]:
     """The cached extraction of layer ``desc`` (whose uncompressed digest must be ``diff_id``),
     extracting it first when missing. Returns (layer, extracted_now).
@@ -1163,7 +1170,10 @@ def ensure_layer(
     This is the one way a layer enters the cache. ``source`` opens the compressed bytes (default:
     the stored blob ``desc.digest``); a caller streaming from elsewhere (a registry response)
     passes its own and owns verifying ``desc.digest`` over those bytes. ``replace`` extracts
-    again even when an entry exists (repair). The fill is atomic: a temp dir beside the cache
+    again even when an entry exists (repair). ``before_commit`` (when given) is called once the
+    extraction is complete and its diff_id matched, just before the rename; whatever it raises
+    propagates and nothing is cached (a streaming caller verifies ``desc.digest`` there).
+    The fill is atomic: a temp dir beside the cache
     entry, its record (``layer.json``: every path with type, mode, owner, size, mtime and
     content digest) written, ``syncfs``, renamed in; ``store.layer_lock(diff_id)`` makes
     concurrent callers extract once. The caller holds ``store.using()``. Raises IntegrityError
@@ -1203,6 +1213,8 @@ def ensure_layer(
             doc["media_type"] = desc.media_type
             write_atomic(tmp / _META_FILE, json.dumps(doc, separators=(",", ":")))
             _syncfs(tmp)
+            if before_commit is not None:
+                before_commit()
             if os.path.lexists(path):
                 old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
                 os.rename(path, old / "entry")  # stale, insufficient or damaged entry

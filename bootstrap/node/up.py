@@ -457,7 +457,10 @@ def _pull_one(store: Store, name: str, verifier: Verifier, chain: _Chain) -> Non
 
     started = time.monotonic()
     # its own client, from the environment
-    result = pull_image(store, Reference.parse(name), verifier=verifier)
+    from bootstrap.image.unpack import UnpackOptions
+
+    # layers are inflated into the layer cache while they download (one pass)
+    result = pull_image(store, Reference.parse(name), verifier=verifier, extract=UnpackOptions())
     chain.add(f"pulled {name} ({result.downloaded} bytes)", started)
     log.info(
         "up: pulled %s (%s): %d bytes in %.1fs, admitted by %s",

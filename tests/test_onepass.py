@@ -1,0 +1,96 @@
+"""One-pass pull: layers inflated into the layer cache while they download (``pull_image(...,
+extract=...)``), through the fault proxy in front of a real registry. The result equals the
+two-pass pull + checkout; wrong bytes leave neither a blob nor a cache entry."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from bootstrap.errors import ExitCode, IntegrityError
+from bootstrap.image.pull import pull_image
+from bootstrap.image.store import Store
+from bootstrap.image.unpack import UnpackOptions, cached_layer, checkout
+from tests.harness.treediff import assert_same_tree
+from tests.test_faults import Setup, _assert_clean, _blob_requests, fault_layout, setup
+
+__all__ = ["fault_layout", "setup"]  # fixtures, re-used from test_faults
+pytestmark = pytest.mark.slow
+
+
+def _cache_entries(store: Store) -> list[Path]:
+    return sorted(p for p in store.layers.rglob("*") if p.parent.parent == store.layers)
+
+
+def test_one_pass_equals_two_pass(setup: Setup, tmp_path: Path) -> None:
+    with setup.client() as client:
+        result = pull_image(setup.store, setup.ref, client=client, extract=UnpackOptions())
+    image = result.image
+    # every layer is cached by the pull itself: the checkout extracts nothing
+    for diff_id in image.config.diff_ids:
+        assert cached_layer(setup.store, diff_id, UnpackOptions()) is not None
+    one = checkout(setup.store, image, tmp_path / "one")
+    assert one.extracted == 0
+    _assert_clean(setup)
+
+    two_store = Store(tmp_path / "two-store")
+    with setup.client() as client:
+        two_image = pull_image(two_store, setup.ref, client=client).image
+    assert _cache_entries(two_store) == []
+    two = checkout(two_store, two_image, tmp_path / "two")
+    assert two.extracted == len(image.config.diff_ids)
+    assert_same_tree(tmp_path / "one", tmp_path / "two", mtimes=True)
+    for digest in (image.config.digest, *setup.image.layers):
+        assert (
+            setup.store.blob_path(digest).read_bytes() == two_store.blob_path(digest).read_bytes()
+        )
+
+
+def test_resumed_download_still_one_pass(setup: Setup, tmp_path: Path) -> None:
+    setup.proxy.add("reset", setup.big_layer, after=1_500_000)
+    with setup.client() as client:
+        image = pull_image(setup.store, setup.ref, client=client, extract=UnpackOptions()).image
+    ranged = [r for r in _blob_requests(setup, setup.big_layer) if r.range]
+    assert ranged, "the broken transfer was resumed with Range"
+    assert checkout(setup.store, image, tmp_path / "root").extracted == 0
+    _assert_clean(setup)
+
+
+def test_wrong_bytes_leave_no_blob_and_no_cache_entry(setup: Setup) -> None:
+    setup.proxy.add("flip", setup.big_layer, after=1_234_567)
+    with setup.client() as client, pytest.raises(IntegrityError) as info:
+        pull_image(setup.store, setup.ref, client=client, extract=UnpackOptions())
+    assert info.value.exit_code == ExitCode.INTEGRITY
+    assert not setup.store.has_blob(setup.big_layer)
+    assert setup.store.images() == []
+    # the big layer's partial extraction is gone (the small one may be cached: it was whole)
+    kept = {p.name for p in _cache_entries(setup.store)}
+    assert not any(name.startswith(".") for name in kept), kept
+    assert len(kept) <= 1
+    _assert_clean(setup)
+
+
+def test_concurrent_pullers_fetch_and_extract_once(setup: Setup, tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with setup.client() as client:
+                pull_image(setup.store, setup.ref, client=client, extract=UnpackOptions())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for digest in setup.image.layers:
+        assert len([r for r in _blob_requests(setup, digest) if r.method == "GET"]) == 1
+    image = setup.store.image(setup.store.images()[0].name)
+    assert len(_cache_entries(setup.store)) == len(set(image.config.diff_ids))
+    assert checkout(setup.store, image, tmp_path / "root").extracted == 0
+    _assert_clean(setup)
