@@ -156,6 +156,11 @@ def world(
     yield World(tmp, reg, gnupg, good, other, stage, http_base, regd, env, pushed)
     server.shutdown()
     server.server_close()
+    # leave no gpg-agent of the throwaway home running (gpg and skopeo --sign-by start one)
+    subprocess.run(
+        ["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(gnupg)},
+        check=False, capture_output=True,
+    )  # fmt: skip
 
 
 def signed_by(

@@ -479,6 +479,8 @@ def test_first_boot_trust_admits_signed_images_refuses_unsigned(
              "--src-tls-verify=false", "--dest-tls-verify=false", f"docker://{ref}",
              f"docker://{ref}"], env=genv, check=True, capture_output=True, timeout=300,
         )  # fmt: skip
+    # signing is done: leave no gpg-agent of this throwaway home running
+    subprocess.run(["gpgconf", "--kill", "all"], env=genv, check=False, capture_output=True)
     unsigned = f"{reg.host}/bootstrap/unsigned:1"
     subprocess.run(
         ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
