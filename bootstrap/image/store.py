@@ -390,28 +390,26 @@ class Store:
         """Hold the store shared and the lock of one layer cache dir exclusively: whoever builds
         :meth:`layer_cache_dir` ``(diff_id)`` does it inside this block (build in a temp name
         under ``layers/``, rename into place)."""
-        alg, hexpart = _split(diff_id, "diff_id")
-        with (
-            self.using(),
-            flocked(
-                self.locks / "layers" / f"{alg}-{hexpart}.lock",
-                timeout=LAYER_LOCK_WAIT,
-                what=f"layer {diff_id}",
-            ),
-        ):
+        with self._named_lock("layers", _split(diff_id, "diff_id"), f"layer {diff_id}"):
             yield
 
     @contextlib.contextmanager
     def tree_lock(self, manifest_digest: str) -> Iterator[None]:
         """Hold the store shared and the lock of one image tree exclusively (whoever builds
         :meth:`tree_dir` does it inside this block)."""
-        alg, hexpart = _split(manifest_digest)
+        with self._named_lock("trees", _split(manifest_digest), f"image tree {manifest_digest}"):
+            yield
+
+    @contextlib.contextmanager
+    def _named_lock(self, kind: str, digest: tuple[str, str], what: str) -> Iterator[None]:
+        """The store held shared (:meth:`using`) plus ``locks/KIND/ALG-HEX.lock`` exclusively,
+        waiting up to :data:`LAYER_LOCK_WAIT` seconds (then :class:`BusyError` naming
+        ``what``). ``digest`` is the (algorithm, hex) pair of a checked digest."""
+        alg, hexpart = digest
         with (
             self.using(),
             flocked(
-                self.locks / "trees" / f"{alg}-{hexpart}.lock",
-                timeout=LAYER_LOCK_WAIT,
-                what=f"image tree {manifest_digest}",
+                self.locks / kind / f"{alg}-{hexpart}.lock", timeout=LAYER_LOCK_WAIT, what=what
             ),
         ):
             yield
