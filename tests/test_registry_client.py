@@ -1243,3 +1243,41 @@ def test_session_tls_contexts_per_ca(registry_tls: Registry, tmp_path: Path) -> 
             session.get(url)
         assert session.get(url, verify=str(registry_tls.ca_cert)).status_code == 200
         assert session.get(url, verify=False).status_code == 200
+
+
+@pytest.mark.slow
+def test_session_trusts_system_roots_and_extra_cas(
+    registry_tls: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify=True trusts OpenSSL's hashed CA directory (SSL_CERT_DIR here); an ExtraCAs file
+    adds to it, a plain path replaces it; a directory without hashed links is passed over (the
+    default roots, which do not know the test CA)."""
+    import requests
+
+    from bootstrap.http import ExtraCAs
+    from bootstrap.process import run
+    from tests.harness.registry import make_ca
+
+    assert registry_tls.ca_cert is not None
+    other_ca, _ = make_ca(tmp_path / "other", "other")  # a subject of its own
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    subject_hash = run(["openssl", "x509", "-hash", "-noout", "-in", str(registry_tls.ca_cert)])
+    (roots / f"{subject_hash.stdout.decode().strip()}.0").symlink_to(registry_tls.ca_cert)
+    monkeypatch.setenv("SSL_CERT_DIR", str(roots))
+    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(var, raising=False)
+    url = f"{registry_tls.url}/v2/"
+
+    def get(verify: bool | str) -> int:
+        with new_session(retries=0) as session:  # a fresh context cache each time
+            return int(session.get(url, verify=verify).status_code)
+
+    assert get(True) == 200
+    assert get(ExtraCAs(str(other_ca))) == 200  # the system roots still count
+    with pytest.raises(requests.exceptions.SSLError):
+        get(str(other_ca))  # a plain path is all that is trusted
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "other"))  # no hashed links
+    with pytest.raises(requests.exceptions.SSLError):
+        get(True)
+    assert get(ExtraCAs(str(registry_tls.ca_cert))) == 200

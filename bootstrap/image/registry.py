@@ -7,9 +7,10 @@ sends every request with the matching ``Authorization``. A 401 drops the cached 
 fetches a fresh one once; a second 401 is an error with a hint about credentials.
 
 Transport: only sessions from :func:`bootstrap.http.new_session` (timeouts, retries of connect
-errors and 429/5xx with ``Retry-After``). TLS verification uses the system CAs (certifi) plus the
-host's ``certs.d`` CA files; client certificates come from ``certs.d`` too. Insecure endpoints
-(``registries.conf``) skip verification and fall back to plain http, as containers/image does.
+errors and 429/5xx with ``Retry-After``). TLS verification uses the system CAs (OpenSSL's
+hashed directory; certifi where the system has none) plus the host's ``certs.d`` CA files;
+client certificates come from ``certs.d`` too. Insecure endpoints (``registries.conf``) skip
+verification and fall back to plain http, as containers/image does.
 Redirects (blob storage) are followed; requests drops ``Authorization`` on a cross-host redirect.
 
 Endpoints (mirrors, then the registry itself) are tried in order. A mirror that is not the last
@@ -43,13 +44,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-import certifi
 import requests
 import urllib3
 from urllib3.util.retry import Retry
 
 from bootstrap.errors import BootstrapError, IntegrityError, RegistryError, UsageError
-from bootstrap.http import CONNECT_TIMEOUT, READ_TIMEOUT, new_session
+from bootstrap.http import CONNECT_TIMEOUT, READ_TIMEOUT, ExtraCAs, new_session
 from bootstrap.image import registries
 from bootstrap.image.auth import (
     AuthEntry,
@@ -261,7 +261,7 @@ class RegistryClient:
         self.tokens = TokenCache()
         self._hosts: dict[tuple[Any, ...], _HostState] = {}
         self._lock = threading.Lock()
-        self._bundles: dict[tuple[str, ...], str] = {}
+        self._bundles: dict[tuple[str, ...], ExtraCAs] = {}
         self._bundle_dir: str | None = None
         self._entries: dict[tuple[str, str], AuthEntry | None] = {}
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -292,7 +292,7 @@ class RegistryClient:
 
     # --- TLS -------------------------------------------------------------------------------
 
-    def _ca_bundle(self, files: tuple[str, ...]) -> str:
+    def _ca_bundle(self, files: tuple[str, ...]) -> ExtraCAs:
         with self._lock:
             path = self._bundles.get(files)
             if path is not None:
@@ -303,9 +303,7 @@ class RegistryClient:
                 self._finalizer = weakref.finalize(
                     self, shutil.rmtree, self._bundle_dir, ignore_errors=True
                 )
-            parts: list[bytes] = []
-            with open(certifi.where(), "rb") as fh:
-                parts.append(fh.read())
+            parts: list[bytes] = []  # trusted besides the system roots (ExtraCAs)
             for f in files:
                 try:
                     with open(f, "rb") as fh:
@@ -314,7 +312,7 @@ class RegistryClient:
                     raise UsageError(
                         f"certs.d {f}: cannot read: {exc.strerror}", "check its permissions"
                     ) from exc
-            path = os.path.join(self._bundle_dir, f"ca-{len(self._bundles)}.pem")
+            path = ExtraCAs(os.path.join(self._bundle_dir, f"ca-{len(self._bundles)}.pem"))
             with open(path, "wb") as fh:
                 fh.write(b"\n".join(parts))
             self._bundles[files] = path
