@@ -62,7 +62,10 @@ step "installing bootstrap into $venv"
   || fail "could not upgrade pip in $venv"
 target="$here"
 [ "$dev" -eq 1 ] && target="$here[dev]"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$target" \
+# compat mode: a path entry in a .pth instead of an import hook (the hook costs ~13 ms of
+# start-up in every bootstrap process)
+"$venv/bin/python" -m pip install -q --disable-pip-version-check \
+  --config-settings editable_mode=compat -e "$target" \
   || fail "pip install of the project failed (PyGObject needs libgirepository1.0-dev and libcairo2-dev)"
 
 policy=/etc/containers/policy.json

@@ -49,7 +49,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
 from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
@@ -71,9 +71,11 @@ from bootstrap.image.model import (
     new_hasher,
     split_digest,
 )
-from bootstrap.image.unpack import LayerCheck, repair_layer, verify_layer
 from bootstrap.locks import flocked
 from bootstrap.progress import human_size
+
+if TYPE_CHECKING:  # unpack (fsck's layer checks) is imported when fsck runs
+    from bootstrap.image.unpack import LayerCheck
 
 log = logging.getLogger(__name__)
 
@@ -1050,6 +1052,8 @@ class Store:
         anything; with ``repair`` each damaged cache entry whose blob is intact is extracted
         again from it (one whose blob is gone is removed), and the report describes the store
         after that."""
+        from bootstrap.image import unpack
+
         if not self.oci.exists():
             return FsckReport()  # no store yet: nothing stored, nothing damaged
         repaired: list[str] = []
@@ -1063,7 +1067,7 @@ class Store:
                     if check.blob in before.damaged or check.blob in before.missing:
                         check = replace(check, blob="")  # cannot be trusted: drop the entry
                     with contextlib.suppress(UsageError):
-                        repair_layer(self, check)
+                        unpack.repair_layer(self, check)
                     repaired.append(check.diff_id)
             if not repaired:
                 return before
@@ -1116,7 +1120,9 @@ class Store:
                 problems.append(exc.message)
                 reachable, refs = set(), 0
             unreferenced = len(names - reachable)
-            layers = tuple(verify_layer(path, diff_id) for diff_id, path in self._cached_layers())
+            layers = tuple(
+                unpack.verify_layer(path, diff_id) for diff_id, path in self._cached_layers()
+            )
         return FsckReport(
             checked,
             nbytes,

@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests
-import yaml
 
 from bootstrap.errors import RegistryError, UsageError
 from bootstrap.image.reference import Reference
@@ -82,6 +81,8 @@ def load_registries_d(directory: Path) -> RegistriesD:
         return RegistriesD({}, {})
     except OSError as exc:
         raise UsageError(f"cannot read {directory}: {exc.strerror or exc}", _HINT) from exc
+    if files:
+        import yaml  # only with a registries.d file: most commands never read one
     for path in files:
         try:
             with path.open("rb") as f:
