@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,21 +47,57 @@ from bench.common import (
 from tests.harness.registry import Registry, client_env
 
 PULL_TARGET = 0.8
+TAG_KEY = "org.opencontainers.image.ref.name"
 IMPORTS = (
     "import bootstrap.cli, bootstrap.image.api, bootstrap.image.registry, bootstrap.image.pull"
 )
 LINES = ("small/plain", "small/token", "large/plain", "large/token", "zstd/plain")
 
 
+@dataclass(frozen=True)
+class Served:
+    """An image on a running registry: what each tool needs to fetch it."""
+
+    ref: str
+    env: dict[str, str]  # bootstrap's environment (registries.conf, auth, certs.d)
+    skopeo_args: list[str]  # skopeo's source flags
+    curl: list[str]  # curl fetching every blob of the image at once into the current dir
+
+
+def _curl_argv(reg: Registry, layout: Path) -> list[str]:
+    """One ``curl --parallel`` fetching each blob of ``layout`` from ``reg`` (the transfer
+    floor: no manifest round trips, no verification, no auth round trips — a token for the
+    repository is fetched once, beforehand)."""
+    index = json.loads((layout / "index.json").read_text())
+    (desc,) = [m for m in index["manifests"] if m["annotations"].get(TAG_KEY) == BENCH_TAG]
+    manifest = json.loads((layout / "blobs" / "sha256" / desc["digest"][7:]).read_text())
+    blobs = [d["digest"][7:] for d in (manifest["config"], *manifest["layers"])]
+    argv = ["curl", "-sSf", "--parallel", "--parallel-max", "8", "--parallel-immediate"]
+    if reg.ca_cert is not None:
+        argv += ["--cacert", str(reg.ca_cert)]
+    if reg.mode == "token":
+        token = reg.token("repository:bench/image:pull")
+        argv += ["-H", f"Authorization: Bearer {token}"]
+    elif reg.creds is not None:
+        argv += ["-u", reg.creds]
+    for blob in blobs:
+        argv += ["-o", blob, f"{reg.url}/v2/bench/image/blobs/sha256:{blob}"]
+    return argv
+
+
 @contextlib.contextmanager
-def served(layout: Path, mode: str) -> Iterator[tuple[str, dict[str, str], list[str]]]:
-    """``layout``'s ``bench`` image on a fresh registry of ``mode``; yields (reference, the
-    environment for bootstrap, skopeo's source flags)."""
+def served(layout: Path, mode: str) -> Iterator[Served]:
+    """``layout``'s ``bench`` image on a fresh registry of ``mode``."""
     root = Path(tempfile.mkdtemp(prefix="bench-registry-", dir=SCRATCH_ROOT))
     reg = Registry.create(mode, root)
     try:
         reg.push(layout, BENCH_TAG, "bench/image:latest")
-        yield reg.ref("bench/image"), client_env(reg, root), reg.skopeo_src_args()
+        yield Served(
+            reg.ref("bench/image"),
+            client_env(reg, root),
+            reg.skopeo_src_args(),
+            _curl_argv(reg, layout),
+        )
     finally:
         reg.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -70,7 +108,8 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
     layout = bench_image() if kind == "large" else small_image(kind == "zstd")
     size = layout_size(layout)
     print(f"\n== {line}: {human(size)} of blobs")
-    with served(layout, mode) as (ref, env, src_args):
+    with served(layout, mode) as srv:
+        ref, env, src_args = srv.ref, srv.env, srv.skopeo_args
 
         def ours() -> tuple[float, int]:
             with scratch("bench-ours-") as d:
@@ -87,16 +126,30 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
             run = check(timed([sys.executable, "-c", IMPORTS]), "imports")
             return run.seconds, run.max_rss
 
+        def transfer() -> tuple[float, int]:
+            with scratch("bench-curl-") as d:
+                run = check(timed(["sh", "-c", 'cd "$0" && exec "$@"', d, *srv.curl]), "curl")
+            return run.seconds, run.max_rss
+
         ours()  # warm-up (registry caches), not counted
         skopeo()
-        res: dict[str, list[tuple[float, int]]] = {"ours": [], "skopeo": [], "floor": []}
-        print(f"{'round':>5}  {'bootstrap pull':>14}  {'skopeo copy':>11}")
+        res: dict[str, list[tuple[float, int]]] = {
+            "ours": [],
+            "skopeo": [],
+            "floor": [],
+            "curl": [],
+        }
+        print(f"{'round':>5}  {'bootstrap pull':>14}  {'skopeo copy':>11}  {'curl blobs':>10}")
         for i in range(rounds):
-            order = (("ours", ours), ("skopeo", skopeo), ("floor", floor))
+            order = (("ours", ours), ("skopeo", skopeo), ("floor", floor), ("curl", transfer))
             for name, fn in order if i % 2 == 0 else reversed(order):
                 res[name].append(fn())
-            print(f"{i + 1:>5}  {res['ours'][-1][0]:>13.2f}s  {res['skopeo'][-1][0]:>10.2f}s")
+            print(
+                f"{i + 1:>5}  {res['ours'][-1][0]:>13.2f}s  {res['skopeo'][-1][0]:>10.2f}s"
+                f"  {res['curl'][-1][0]:>9.2f}s"
+            )
     mf = median([t for t, _ in res["floor"]])
+    mc = median([t for t, _ in res["curl"]])
     mo = median([t for t, _ in res["ours"]])
     ms = median([t for t, _ in res["skopeo"]])
     peak = max(r for _, r in res["ours"])
@@ -104,13 +157,14 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
     verdict = "ok" if ratio <= PULL_TARGET else "MISSED"
     print(f"median  {mo:>13.2f}s  {ms:>10.2f}s")
     print(f"start-up floor (interpreter + pull-path imports): {mf:.3f}s = {mf / ms:.2f}x skopeo")
+    print(f"transfer floor (curl, all blobs in parallel): {mc:.3f}s = {mc / ms:.2f}x skopeo")
     print(f"ratio bootstrap/skopeo: {ratio:.2f} (target <= {PULL_TARGET}: {verdict})")
     print(
         f"peak RSS: bootstrap {human(peak)} "
         f"(target < {human(RSS_TARGET)}: {'ok' if peak < RSS_TARGET else 'MISSED'}), "
         f"skopeo {human(max(r for _, r in res['skopeo']))}"
     )
-    return {"ours": mo, "skopeo": ms, "ratio": ratio, "rss": peak, "floor": mf}
+    return {"ours": mo, "skopeo": ms, "ratio": ratio, "rss": peak, "floor": mf, "curl": mc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     for line in args.lines.split(","):
         summary[line] = run_line(line, args.rounds)
         log(f"{line} done")
-    print(f"\n{'line':<12} {'ours':>6} {'skopeo':>7} {'ratio':>6} {'RSS':>8} {'floor':>6}")
+    print(
+        f"\n{'line':<12} {'ours':>6} {'skopeo':>7} {'ratio':>6} {'RSS':>8} {'start-up':>8}"
+        f" {'curl':>6} {'(start-up+curl)/skopeo':>22}"
+    )
     for line, r in summary.items():
         print(
             f"{line:<12} {r['ours']:>5.2f}s {r['skopeo']:>6.2f}s {r['ratio']:>6.2f} "
-            f"{human(r['rss']):>8} {r['floor']:>5.2f}s"
+            f"{human(r['rss']):>8} {r['floor']:>7.2f}s {r['curl']:>5.2f}s"
+            f" {(r['floor'] + r['curl']) / r['skopeo']:>22.2f}"
         )
     print(machine_note().replace("at start", "at end"))
     return 0
