@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import IntegrityError, UsageError
 from bootstrap.image.model import Platform
-from bootstrap.image.pull import ImageVerifier, PullResult, pull_image
 from bootstrap.image.store import FsckReport, GcReport, Store, StoredRef
 from bootstrap.progress import human_size, make_progress
 from bootstrap.settings import Settings
+
+if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by pull() alone
+    from bootstrap.image.pull import ImageVerifier, PullResult
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def pull(
     ``unqualified-search-registries`` in order, else normalized as Docker does. ``verifier``
     checks signatures before anything is stored. Raises UsageError (bad reference/platform),
     RegistryError, IntegrityError, BusyError, TrustError (refused by the policy)."""
+    from bootstrap.image.pull import pull_image
     from bootstrap.image.reference import Reference
     from bootstrap.image.registry import RegistryClient
 
