@@ -15,12 +15,15 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from bootstrap import __version__
 from bootstrap.errors import BootstrapError, ExitCode, UsageError
 from bootstrap.progress import StderrHandler
 from bootstrap.settings import Settings
+
+if TYPE_CHECKING:
+    from bootstrap.image.pull import ImageVerifier
 
 log = logging.getLogger("bootstrap")
 
@@ -182,7 +185,20 @@ def _fsck(s: Settings, a: argparse.Namespace) -> Result:
 def _checkout(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import unpack
 
-    return unpack.checkout_command(s, a.ref, a.dest, hardlink=a.hardlink, devices=a.devices)
+    def verifier() -> ImageVerifier:
+        from bootstrap.trust.verify import Verifier
+
+        return Verifier.from_settings(s)
+
+    return unpack.checkout_command(
+        s,
+        a.ref,
+        a.dest,
+        hardlink=a.hardlink,
+        devices=a.devices,
+        pull=a.pull,
+        verifier=verifier,
+    )
 
 
 def _install(s: Settings, a: argparse.Namespace) -> Result:
@@ -373,13 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(
         sub,
         "checkout",
-        "unpack a stored image's rootfs into a new directory",
+        "unpack an image's rootfs into a new directory",
         [
             "checkout docker.io/library/busybox:1.36 /srv/busybox-root",
-            "checkout --hardlink docker.io/library/busybox:1.36 /srv/read-only-view",
+            "checkout --pull never --hardlink docker.io/library/busybox:1.36 /srv/read-only-view",
         ],
+        "An image not yet stored is pulled first (--pull missing, the default): each layer\n"
+        "is inflated into the layer cache as it downloads, then the rootfs is composed.",
     )
-    c.add_argument("ref", metavar="REF", help=_REF_HELP + " (pulled or imported before)")
+    c.add_argument("ref", metavar="REF", help=_REF_HELP)
     c.add_argument("dest", metavar="DEST", help="directory to create; must not exist yet")
     how = c.add_mutually_exclusive_group()
     how.add_argument(
@@ -393,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share inodes with the layer cache (fast; writes through it change the cache)",
     )
     c.add_argument("--devices", action="store_true", help="create device nodes (root only)")
+    c.add_argument(
+        "--pull",
+        choices=("missing", "always", "never"),
+        default="missing",
+        help="pull REF when it is not stored (missing, the default), always, or never",
+    )
 
     c = _command(
         sub,

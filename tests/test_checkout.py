@@ -205,8 +205,11 @@ def test_cli_checkout_json(rich_store: tuple[Store, Path], tmp_path: Path) -> No
     assert ran.rc == 2 and not (tmp_path / "x").exists()
     ran = bootstrap("checkout", NAME, tmp_path / "r", store=store.root)
     assert ran.rc == 2 and "already exists" in ran.stderr
-    ran = bootstrap("checkout", "example.com/nope:1", tmp_path / "n", store=store.root)
-    assert ran.rc == 2 and not (tmp_path / "n").exists()
+    ran = bootstrap(
+        "checkout", "--pull", "never", "example.com/nope:1", tmp_path / "n", store=store.root
+    )
+    assert ran.rc == 2 and "bootstrap pull example.com/nope:1" in ran.stderr
+    assert not (tmp_path / "n").exists()
 
 
 DROP = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -151,8 +151,40 @@ def test_pull_manifest_list_pushed_by_skopeo(
     assert ran.rc == 2 and "no manifest for platform" in ran.stderr
 
 
+def test_checkout_pulls_what_is_missing_in_one_pass(
+    registry: Registry, busybox_image: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    name = repo_name(request)
+    registry.push(busybox_image, "latest", f"{name}:1")
+    built = busybox_image.image  # type: ignore[attr-defined]
+    store = Store(tmp_path / "store")
+    env = client_env(registry, tmp_path)
+    ref = f"{registry.host}/{name}:1"
+
+    ran = bootstrap("checkout", "--pull", "never", ref, tmp_path / "a", store=store.root, env=env)
+    assert ran.rc == 2 and "bootstrap pull" in ran.stderr, ran.stderr
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    ran = bootstrap("checkout", ref, taken, store=store.root, env=env)
+    assert ran.rc == 2 and "already exists" in ran.stderr
+    assert not (store.root / "oci" / "index.json").exists() or store.images() == []  # not pulled
+
+    doc = bootstrap("--json", "checkout", ref, tmp_path / "a", store=store.root, env=env).json()
+    assert doc["pulled"] is True and doc["manifest"] == built.digest
+    assert doc["layers_extracted"] == 0  # the pull filled the layer cache as it downloaded
+    assert (tmp_path / "a/bin/busybox").is_file()
+    assert store.resolve(ref).digest == built.digest and store.fsck().ok
+    assert not list(store.tmp.iterdir())
+
+    doc = bootstrap("--json", "checkout", ref, tmp_path / "b", store=store.root, env=env).json()
+    assert doc["pulled"] is False and doc["layers_extracted"] == 0
+    ran = bootstrap("checkout", "--pull", "always", ref, tmp_path / "c", store=store.root, env=env)
+    assert ran.rc == 0 and "pulled and extracted in one pass" in ran.stdout, ran.stderr
+
+
+@pytest.mark.parametrize("command", ["pull", "checkout"])
 def test_digest_mismatch_exits_4_and_stores_nothing(
-    registry: Registry, tmp_path: Path, request: pytest.FixtureRequest
+    command: str, registry: Registry, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     layout = tmp_path / "src"
     spec = busybox_spec(extra=[Layer([File("unique", request.node.name.encode() * 1000)])])
@@ -167,10 +199,14 @@ def test_digest_mismatch_exits_4_and_stores_nothing(
     data_file.write_bytes(bytes(raw))
 
     store = Store(tmp_path / "store")
-    ran = bootstrap(
-        "pull", f"{registry.host}/{name}:t", store=store.root, env=client_env(registry, tmp_path)
+    args = [f"{registry.host}/{name}:t"] + (
+        [str(tmp_path / "root")] if command == "checkout" else []
     )
+    ran = bootstrap(command, *args, store=store.root, env=client_env(registry, tmp_path))
     assert ran.rc == 4, ran.stderr
+    assert not (tmp_path / "root").exists()
+    # a one-pass checkout leaves no partial layer extraction in the cache
+    assert not [p for p in store.layers.rglob("*") if p.name.startswith(".")]
     assert built.layers[-1] in ran.stderr
     assert store.images() == []
     assert built.layers[-1] not in blobs_of(store)

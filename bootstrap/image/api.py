@@ -20,6 +20,7 @@ from bootstrap.settings import Settings
 
 if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by pull() alone
     from bootstrap.image.pull import ImageVerifier, PullResult
+    from bootstrap.image.unpack import UnpackOptions
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,15 @@ def pull(
     *,
     platform: str | None = None,
     verifier: ImageVerifier | None = None,
+    extract: UnpackOptions | None = None,
 ) -> PullResult:
     """Pull ``ref`` into the store; the result's text is the digest the tag points at.
 
     A short name (no registry) is tried against registries.conf's aliases and
     ``unqualified-search-registries`` in order, else normalized as Docker does. ``verifier``
-    checks signatures before anything is stored. Raises UsageError (bad reference/platform),
+    checks signatures before anything is stored. ``extract``: also fill the layer cache with
+    these options as the layers download (one pass; see
+    :func:`~bootstrap.image.pull.pull_image`). Raises UsageError (bad reference/platform),
     RegistryError, IntegrityError, BusyError, TrustError (refused by the policy)."""
     from bootstrap.image.pull import pull_image
     from bootstrap.image.reference import Reference
@@ -132,6 +136,7 @@ def pull(
                 progress=progress,
                 fetched=fetched,
                 verifier=verifier,
+                extract=extract,
             )
     # logged after the bars are gone, so the line is not drawn over
     log.info(

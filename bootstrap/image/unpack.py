@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
@@ -50,6 +50,7 @@ from bootstrap.image.model import LAYER_COMPRESSION, Descriptor, Image
 from bootstrap.locks import flocked
 
 if TYPE_CHECKING:
+    from bootstrap.image.pull import ImageVerifier
     from bootstrap.image.store import Store
     from bootstrap.settings import Settings
 
@@ -1657,12 +1658,14 @@ class CheckoutResult:
     copy: bool
     seconds: float
     reflinked: int = 0
+    pulled: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "dest": str(self.dest),
             "image": self.image,
             "manifest": self.manifest_digest,
+            "pulled": self.pulled,
             "layers": self.layers,
             "layers_extracted": self.extracted,
             "layers_cached": self.layers - self.extracted,
@@ -1686,9 +1689,12 @@ class CheckoutResult:
             "copy": "copied",
             "hardlink": "hardlinked from the layer cache: shares inodes, use read-only",
         }[self.mode]
+        extracted = (
+            "pulled and extracted in one pass" if self.pulled else f"{self.extracted} extracted now"
+        )
         return (
-            f"{self.dest}: {self.image} ({self.layers} layers, {self.extracted} extracted now, "
-            f"{how}) in {self.seconds:.2f}s"
+            f"{self.dest}: {self.image} ({self.layers} layers, {extracted}, {how}) "
+            f"in {self.seconds:.2f}s"
         )
 
 
@@ -1837,14 +1843,30 @@ def _ensure_all(
 
 
 def checkout_command(
-    settings: Settings, ref: str, dest: str, *, hardlink: bool, devices: bool
+    settings: Settings,
+    ref: str,
+    dest: str,
+    *,
+    hardlink: bool,
+    devices: bool,
+    pull: str = "never",
+    verifier: Callable[[], ImageVerifier] | None = None,
 ) -> CheckoutResult:
-    """CLI entry: ``bootstrap checkout REF DEST [--copy | --hardlink] [--devices]``. ``ref`` is
-    looked up as ``pull`` of the same text stored it (registries.conf aliases, search
-    registries)."""
+    """CLI entry: ``bootstrap checkout REF DEST [--copy | --hardlink] [--devices]
+    [--pull missing|always|never]``. ``ref`` is looked up as ``pull`` of the same text stored
+    it (registries.conf aliases, search registries). ``pull``: "missing" pulls ``ref`` when it
+    is not stored, "always" pulls it first (the tag moves if the registry's did), "never" only
+    uses the store; a pull streams each layer into the layer cache as it downloads (one pass
+    over the bytes, :func:`~bootstrap.image.pull.pull_image` with ``extract``) and checks it
+    against ``verifier()`` (built only when a pull happens). DEST and the store are checked
+    before anything is downloaded. Raises as :func:`checkout` and
+    :func:`~bootstrap.image.api.pull`; a ``ref`` not stored with ``pull="never"`` is a
+    UsageError whose hint is the pull command."""
     from bootstrap.image.api import stored_name
     from bootstrap.image.store import Store
 
+    if pull not in ("missing", "always", "never"):
+        raise UsageError(f"--pull {pull!r}: expected missing, always or never", "e.g. --pull never")
     store = Store(settings.store)
     # a DEST inside the store's own dirs would be taken for a blob (fsck: damage) or removed
     # by gc as an unused cache entry
@@ -1856,9 +1878,31 @@ def checkout_command(
                 f"{dest} is inside the store's {own.name}/ directory",
                 "check out somewhere outside the store",
             )
+    _check_dest(Path(os.path.abspath(dest)))  # before a pull, not only after it
     store.init()
-    image = store.image(stored_name(store, ref))
-    return checkout(store, image, Path(dest), hardlink=hardlink, devices=devices)
+    name = stored_name(store, ref)
+    image: Image | None = None
+    if pull != "never":
+        stored = True
+        try:
+            store.resolve(name)
+        except UsageError:
+            stored = False
+        if pull == "always" or not stored:
+            from bootstrap.image import api
+
+            result = api.pull(
+                settings,
+                ref,
+                verifier=verifier() if verifier is not None else None,
+                extract=UnpackOptions(devices=devices),
+            )
+            image = result.image
+    if image is None:
+        done = checkout(store, store.image(name), Path(dest), hardlink=hardlink, devices=devices)
+        return done
+    done = checkout(store, image, Path(dest), hardlink=hardlink, devices=devices)
+    return replace(done, pulled=True)
 
 
 # ---- overlay lower trees -----------------------------------------------------------------------
