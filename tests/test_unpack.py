@@ -120,6 +120,36 @@ def test_corrupt_gzip_is_integrity_error(tmp_path: Path) -> None:
         )
 
 
+def _tar_bytes(size: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        ti = tarfile.TarInfo("f")
+        ti.size = size
+        tar.addfile(ti, io.BytesIO(os.urandom(size)))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "flipped", "truncated", "trailing-garbage"],
+)
+def test_corrupt_zstd_is_integrity_error(tmp_path: Path, damage: str) -> None:
+    import zstandard
+
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(_tar_bytes(200_000)))
+    data = {
+        "garbage": b"\x28\xb5\x2f\xfd" + b"garbage" * 50,  # the zstd magic, then nothing valid
+        "flipped": bytes(frame[:-8]) + bytes(b ^ 0xFF for b in frame[-8:]),  # checksum/last block
+        "truncated": bytes(frame[: len(frame) // 2]),
+        "trailing-garbage": bytes(frame) + b"\x00not a frame" * 8,
+    }[damage]
+    dest = tmp_path / "d"
+    dest.mkdir()
+    with pytest.raises(IntegrityError) as info:
+        apply_layer(io.BytesIO(data), "zstd", dest, options=UnpackOptions())
+    assert info.value.hint  # one line and a hint, as every error
+
+
 def test_truncated_tar(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
