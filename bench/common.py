@@ -59,19 +59,25 @@ RSS_TARGET = 100 * 1000 * 1000
 """Peak RSS target of every ``bootstrap`` command measured (bytes)."""
 
 
-def bench_spec() -> ImageSpec:
+def bench_spec(zstd: bool = False) -> ImageSpec:
     """5 gzip layers, ~250 MB compressed: a busybox base and 4 synthetic layers, each with 5000
-    small compressible files (2 KiB hex text) and 3 large incompressible ones (18 MiB)."""
-    layers = [busybox_layer()]
-    layers += [synthetic_layer(seed, 5000, 2048, 3, 18 * 1024 * 1024) for seed in range(1, 5)]
+    small compressible files (2 KiB hex text) and 3 large incompressible ones (18 MiB); zstd
+    layers (the same files) if asked."""
+    comp = "zstd" if zstd else "gzip"
+    layers = [busybox_layer(compression=comp)]
+    layers += [
+        synthetic_layer(seed, 5000, 2048, 3, 18 * 1024 * 1024, compression=comp)
+        for seed in range(1, 5)
+    ]
     return ImageSpec(layers=layers, cmd=("sh",))
 
 
-def bench_image() -> Path:
-    """The OCI layout holding the benchmark image tagged ``bench`` (built on first use)."""
+def bench_image(zstd: bool = False) -> Path:
+    """The OCI layout holding the benchmark image tagged ``bench`` (built on first use), its
+    layers zstd-compressed if asked."""
     from tests.harness.imagebuilder import build_image
 
-    layout = CACHE / f"image-v{BENCH_IMAGE_VERSION}"
+    layout = CACHE / (f"image-v{BENCH_IMAGE_VERSION}" + ("-zstd" if zstd else ""))
     stamp = layout / ".complete"
     if stamp.exists():
         return layout
@@ -79,7 +85,7 @@ def bench_image() -> Path:
         shutil.rmtree(layout)
     started = time.monotonic()
     log(f"building the benchmark image in {layout} (once) ...")
-    build_image(layout, BENCH_TAG, bench_spec())
+    build_image(layout, BENCH_TAG, bench_spec(zstd))
     stamp.write_text(json.dumps({"built_in_s": round(time.monotonic() - started, 1)}))
     log(f"built in {time.monotonic() - started:.1f}s: {human(layout_size(layout))} of blobs")
     return layout

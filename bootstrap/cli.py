@@ -130,6 +130,17 @@ def verbosity(args: argparse.Namespace) -> int:
     return -1 if args.quiet else verbose
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: seconds between 0 and an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: expected seconds between 0 and 3600")
+    return value
+
+
 def _parse_set(values: Sequence[str] | None) -> dict[str, str]:
     result: dict[str, str] = {}
     for item in values or ():
@@ -147,7 +158,9 @@ def _pull(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import api
     from bootstrap.trust.verify import Verifier
 
-    return api.pull(s, a.ref, platform=a.platform, verifier=Verifier.from_settings(s))
+    return api.pull(
+        s, a.ref, platform=a.platform, verifier=Verifier.from_settings(s), jitter=a.jitter
+    )
 
 
 def _import(s: Settings, a: argparse.Namespace) -> Result:
@@ -351,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ref", metavar="REF", help=_REF_HELP)
     c.add_argument(
         "--platform", metavar="OS/ARCH[/VARIANT]", help="platform to select from an index"
+    )
+    c.add_argument(
+        "--jitter",
+        metavar="SECONDS",
+        type=_seconds,
+        default=0.0,
+        help="first wait a random 0..SECONDS (nodes started at once spread their pulls)",
     )
 
     c = _command(

@@ -112,6 +112,16 @@ def test_unreachable_registry_is_two_lines_at_any_verbosity(tmp_path: Path) -> N
     assert "Retrying" not in ran.stderr and "Traceback" not in ran.stderr
 
 
+def test_pull_jitter_waits_then_pulls(tmp_path: Path) -> None:
+    ran = bootstrap("-v", "pull", "--jitter", "0.3", _refused_ref(), store=tmp_path / "s")
+    assert ran.rc == ExitCode.REGISTRY
+    waits = [line for line in ran.stderr.splitlines() if "(--jitter 0.3) before pulling" in line]
+    assert len(waits) == 1 and 0 <= float(waits[0].split()[1].rstrip("s")) <= 0.3, ran.stderr
+    for bad in ("-1", "soon", "4000"):
+        ran = bootstrap("pull", "--jitter", bad, _refused_ref(), store=tmp_path / "s")
+        assert ran.rc == ExitCode.USAGE and "--jitter" in ran.stderr
+
+
 def test_retries_draw_one_status_line_on_a_tty(tmp_path: Path) -> None:
     import os
     import subprocess

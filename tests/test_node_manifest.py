@@ -283,6 +283,16 @@ def test_registry_timeout() -> None:
         assert "registries.timeout: expected seconds between 0 and 86400" in msg
 
 
+def test_registry_jitter() -> None:
+    base = "containers: [{name: a, image: busybox}]\n"
+    assert nm.parse(base).registries.jitter == 0
+    m = nm.parse("registries: {jitter: 7.5}\n" + base)
+    assert m.registries.jitter == 7.5 and m.registries.empty
+    for bad in ("-1", "yes", "4000", "'5'"):
+        msg = _err(f"registries: {{jitter: {bad}}}\n" + base)
+        assert "registries.jitter: expected seconds between 0 and 3600" in msg
+
+
 def test_retry_delay_is_capped_exponential_with_jitter() -> None:
     from bootstrap.node.up import RETRY_BASE, RETRY_CAP, retry_delay
 

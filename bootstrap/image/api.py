@@ -104,6 +104,7 @@ def pull(
     platform: str | None = None,
     verifier: ImageVerifier | None = None,
     extract: UnpackOptions | None = None,
+    jitter: float = 0.0,
 ) -> PullResult:
     """Pull ``ref`` into the store; the result's text is the digest the tag points at.
 
@@ -111,8 +112,10 @@ def pull(
     ``unqualified-search-registries`` in order, else normalized as Docker does. ``verifier``
     checks signatures before anything is stored. ``extract``: also fill the layer cache with
     these options as the layers download (one pass; see
-    :func:`~bootstrap.image.pull.pull_image`). Raises UsageError (bad reference/platform),
-    RegistryError, IntegrityError, BusyError, TrustError (refused by the policy)."""
+    :func:`~bootstrap.image.pull.pull_image`). ``jitter``: first wait a random 0..``jitter``
+    seconds (nodes started together then do not reach a mirror in the same instant). Raises
+    UsageError (bad reference/platform), RegistryError, IntegrityError, BusyError, TrustError
+    (refused by the policy)."""
     from bootstrap.image.pull import pull_image
     from bootstrap.image.reference import Reference
     from bootstrap.image.registry import RegistryClient
@@ -120,6 +123,13 @@ def pull(
     reference = Reference.parse(ref)
     plat = Platform.parse(platform) if platform else None
     store = Store(settings.store)
+    if jitter > 0:
+        import random
+        import time
+
+        delay = random.uniform(0, jitter)
+        log.info("waiting %.2fs (--jitter %g) before pulling", delay, jitter)
+        time.sleep(delay)
     with RegistryClient.from_environment() as client:
         candidates = client.conf.unqualified_search(ref)
         fetched = None

@@ -79,6 +79,7 @@ _HINT = "fix the node manifest (see docs/node-manifest.md)"
 
 DEFAULT_NETWORK_TIMEOUT = 120.0
 DEFAULT_REGISTRY_TIMEOUT = 600.0
+MAX_JITTER = 3600.0
 DEFAULT_READY_TIMEOUT = 300.0
 
 
@@ -92,13 +93,16 @@ class Mirrors:
 
 @dataclass(frozen=True)
 class Registries:
-    """How to reach registries: credentials file, insecure hosts, mirrors, and ``timeout``:
-    how long ``up`` keeps retrying registries that cannot be reached (seconds)."""
+    """How to reach registries: credentials file, insecure hosts, mirrors, ``timeout``: how
+    long ``up`` keeps retrying registries that cannot be reached (seconds), and ``jitter``:
+    the most ``up`` waits, a random share of it, before its first pull (seconds; 0: none), so
+    that nodes booted together do not reach a mirror in the same instant."""
 
     credentials: Path | None = None
     insecure: tuple[str, ...] = ()
     mirrors: tuple[Mirrors, ...] = ()
     timeout: float = DEFAULT_REGISTRY_TIMEOUT
+    jitter: float = 0.0
 
     @property
     def empty(self) -> bool:
@@ -421,10 +425,13 @@ class _Validator:
     def registries(self, value: Any, at: str) -> Registries:
         if value is None:
             return Registries()
-        m = self.mapping(value, at, {"credentials", "insecure", "mirrors", "timeout"})
+        m = self.mapping(value, at, {"credentials", "insecure", "mirrors", "timeout", "jitter"})
         timeout = m.get("timeout", DEFAULT_REGISTRY_TIMEOUT)
         if type(timeout) not in (int, float) or not 0 <= timeout <= 86400:
             raise UsageError(f"{at}.timeout: expected seconds between 0 and 86400", _HINT)
+        jitter = m.get("jitter", 0)
+        if type(jitter) not in (int, float) or not 0 <= jitter <= MAX_JITTER:
+            raise UsageError(f"{at}.jitter: expected seconds between 0 and {MAX_JITTER:g}", _HINT)
         credentials = None
         if m.get("credentials") is not None:
             credentials = self.path(m["credentials"], f"{at}.credentials")
@@ -448,7 +455,7 @@ class _Validator:
                     tuple(self.host(h, f"{where}[{i}]") for i, h in enumerate(items)),
                 )
             )
-        return Registries(credentials, insecure, tuple(mirrors), float(timeout))
+        return Registries(credentials, insecure, tuple(mirrors), float(timeout), float(jitter))
 
     def network(self, value: Any, at: str) -> NetworkWait:
         if value is None:

@@ -393,6 +393,12 @@ def _pull_all(settings: Settings, manifest: NodeManifest, chain: _Chain) -> list
     from bootstrap.trust.verify import Verifier
 
     verifier = Verifier.from_settings(settings)
+    if manifest.registries.jitter:
+        waited = time.monotonic()
+        delay = random.uniform(0, manifest.registries.jitter)
+        log.info("up: waiting %.1fs (registries.jitter) before pulling", delay)
+        time.sleep(delay)
+        chain.add(f"waited {delay:.1f}s (registries.jitter)", waited)
     log.info("up: pulling %s", ", ".join(missing))
     deadline = time.monotonic() + manifest.registries.timeout
     todo = list(missing)
