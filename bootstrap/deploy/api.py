@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from bootstrap.deploy.autoupdate import Report
-from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult, ListResult, Options
+from bootstrap.deploy.listing import ListResult
 from bootstrap.settings import Settings
+
+if TYPE_CHECKING:  # the deployer (and systemd's bus) is imported by the calls that act
+    from bootstrap.deploy.autoupdate import Report
+    from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult
 
 
 @contextmanager
 def _deployer(settings: Settings) -> Iterator[Deployer]:
+    from bootstrap.deploy.deploy import Deployer
     from bootstrap.image.store import Store
     from bootstrap.progress import make_progress
 
@@ -51,6 +56,8 @@ def install(
     [--unit-dir DIR] [--auto-update registry|local|off]``: pull REF if not stored, deploy it
     as NAME.0, write, enable and start NAME.service. The same inputs again change nothing.
     ``auto_update`` None: the definition's default policy, else ``off``."""
+    from bootstrap.deploy.deploy import Options
+
     with _deployer(settings) as d:
         return d.install(
             name,
@@ -100,8 +107,22 @@ def uninstall(settings: Settings, name: str) -> DeployResult:
 
 def list_containers(settings: Settings) -> ListResult:
     """``bootstrap list``: every installed system container and its unit state."""
+    if not _any_installed(settings):
+        return ListResult(())
     with _deployer(settings) as d:
         return d.list()
+
+
+def _any_installed(settings: Settings) -> bool:
+    """Whether ``$STATE/containers`` names any container (a symlink NAME -> its active slot,
+    as :meth:`~bootstrap.deploy.deploy.Deployer.names` reads them)."""
+    import os
+
+    try:
+        with os.scandir(settings.state / "containers") as it:
+            return any(e.is_symlink() and "." not in e.name for e in it)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def status(settings: Settings, name: str) -> ContainerStatus:

@@ -29,12 +29,13 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bootstrap.deploy import definition as defn
 from bootstrap.deploy.definition import Definition, TemplateFile
+from bootstrap.deploy.listing import ListResult
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
 from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
 from bootstrap.image.model import Image
@@ -457,45 +458,6 @@ class ContainerStatus:
             lines.append(f"  runc:     {self.runc.status}, pid {self.runc.pid}")
         lines += [f"  problem:  {p}" for p in self.problems]
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class ListResult:
-    containers: tuple[ContainerStatus, ...] = field(default_factory=tuple)
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": c.name,
-                "image": c.active.image if c.active else None,
-                "digest": c.active.digest if c.active else None,
-                "slot": c.active.path.name if c.active else None,
-                "active_state": c.unit.active_state if c.unit else None,
-                "sub_state": c.unit.sub_state if c.unit else None,
-                "rollback": c.previous.image if c.previous else None,
-                "auto_update": c.active.auto_update if c.active else None,
-            }
-            for c in self.containers
-        ]
-
-    def to_text(self) -> str:
-        if not self.containers:
-            return "no system containers installed"
-        rows = [("NAME", "STATE", "SLOT", "UPDATE", "IMAGE")]
-        for c in self.containers:
-            rows.append(
-                (
-                    c.name,
-                    c.unit.active_state if c.unit else "?",
-                    c.active.path.name if c.active else "-",
-                    c.active.auto_update if c.active else "-",
-                    c.active.image if c.active else "-",
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join(
-            "  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows
-        )
 
 
 # ---- the deployer ------------------------------------------------------------------------------
