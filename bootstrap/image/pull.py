@@ -11,16 +11,16 @@ throughout, so a concurrent ``gc`` waits rather than deleting blobs the pull rel
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from bootstrap.errors import BootstrapError, IntegrityError
 from bootstrap.image.model import (
@@ -369,8 +369,89 @@ def _fetch_layers(
         raise first
 
 
-_PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer wake-ups between downloader and extractor
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+class _ChunkPipe:
+    """A pipe of ``bytes`` chunks between two threads of this process: the downloader
+    :meth:`put` s each chunk as the HTTP client produced it, the extractor reads a file-like
+    stream (:meth:`read`, :meth:`readinto`), so chunks are handed over by reference instead of
+    being copied into and out of a kernel pipe. At most ``depth`` chunks wait: memory stays
+    bounded whatever the layer's size. :meth:`close` (reader side) makes every later
+    :meth:`put` return False, also one blocked on a full pipe."""
+
+    _POLL = 0.05  # a writer blocked on a full pipe looks at ``closed`` this often (seconds)
+
+    def __init__(self, depth: int = 4) -> None:
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._chunk = b""
+        self._off = 0
+        self._eof = False
+        self.closed = False
+
+    # -- writer side
+
+    def put(self, chunk: bytes | None) -> bool:
+        """Hand ``chunk`` (None: the end of the stream) to the reader; False once the reader
+        closed the pipe."""
+        while not self.closed:
+            try:
+                self._q.put(chunk, timeout=self._POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- reader side
+
+    def _fill(self) -> bool:
+        while self._off >= len(self._chunk):
+            if self._eof:
+                return False
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+                return False
+            self._chunk, self._off = item, 0
+        return True
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (all that is left with ``size`` < 0); b"" at the end."""
+        if size is None or size < 0:
+            parts = []
+            while self._fill():
+                parts.append(self._chunk[self._off :])
+                self._off = len(self._chunk)
+            return b"".join(parts)
+        if not size or not self._fill():
+            return b""
+        if self._off == 0 and size >= len(self._chunk):
+            self._off = len(self._chunk)
+            return self._chunk  # the whole chunk, not copied
+        data = self._chunk[self._off : self._off + size]
+        self._off += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview | bytearray, /) -> int:
+        if not len(buffer) or not self._fill():
+            return 0
+        n = min(len(buffer), len(self._chunk) - self._off)
+        memoryview(buffer)[:n] = memoryview(self._chunk)[self._off : self._off + n]
+        self._off += n
+        return n
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Stop reading: a writer gets False from :meth:`put` from now on."""
+        self.closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:  # a writer blocked in put() gets its slot, then sees ``closed``
+                self._q.get_nowait()
+
+    def __enter__(self) -> _ChunkPipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _StreamedLayer:
@@ -382,16 +463,13 @@ class _StreamedLayer:
     Protocol (downloader side): :meth:`write` per chunk, :meth:`end_of_stream`, then inside
     the blob's ``before_commit`` :meth:`wait_extracted` (raises the extractor's error: a
     hostile layer or a diff_id mismatch then stores no blob either), and always
-    :meth:`settle` once. Memory is bounded by the pipe buffer."""
+    :meth:`settle` once. Memory is bounded by the pipe's depth (a few chunks)."""
 
     def __init__(
         self, store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions
     ) -> None:
-        r, w = os.pipe()
-        with contextlib.suppress(OSError):  # over pipe-max-size: the default size works too
-            fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_SIZE)
-        self._w = w
-        self._reader = os.fdopen(r, "rb", buffering=_PIPE_SIZE)
+        self._pipe = _ChunkPipe()
+        self._open = True  # the writer side: end_of_stream not yet sent
         self._ready = threading.Event()  # extractor at its commit point, or finished
         self._go = threading.Event()
         self._commit = False
@@ -413,13 +491,13 @@ class _StreamedLayer:
                 desc,
                 diff_id,
                 options,
-                source=lambda: self._reader,
+                source=lambda: cast(BinaryIO, self._pipe),
                 before_commit=self._wait_go,
             )
         except BaseException as exc:  # handed to the downloader thread, which raises it
             self.error = exc
         finally:
-            self._reader.close()  # a writer still writing gets EPIPE instead of blocking
+            self._pipe.close()  # a writer still writing stops instead of blocking
             self._ready.set()
 
     def _wait_go(self) -> None:
@@ -431,14 +509,10 @@ class _StreamedLayer:
     def write(self, chunk: bytes) -> None:
         """Feed ``chunk`` to the extractor. When the extractor stopped reading: raise its
         error, or (it found the layer cached meanwhile) ignore the rest."""
-        if self._w < 0:
+        if not self._open:
             return
-        view = memoryview(chunk)
-        try:
-            while view:
-                view = view[os.write(self._w, view) :]
-        except BrokenPipeError:
-            self._close()
+        if not self._pipe.put(chunk):
+            self._open = False
             self._thread.join()
             if self.error is not None:
                 raise self.error from None
@@ -464,9 +538,9 @@ class _StreamedLayer:
             raise self.error
 
     def _close(self) -> None:
-        if self._w >= 0:
-            os.close(self._w)
-            self._w = -1
+        if self._open:
+            self._open = False
+            self._pipe.put(None)
 
 
 class _Counter:
