@@ -175,7 +175,10 @@ def test_server_ignoring_range_answers_200(setup: Setup) -> None:
         m = _pull_blobs(client, setup)
     _assert_identical(setup, m)
     reqs = _blob_requests(setup, setup.big_layer)
-    assert len(reqs) == 2 and reqs[1].status == 200 and reqs[1].range is not None
+    # the retry asks for the rest with Range when bytes before the reset reached the client
+    # (under load the reset can drop everything unread: then it asks from 0, without Range);
+    # either way the server's 200 is taken from its start and the blob ends identical
+    assert len(reqs) == 2 and reqs[1].status == 200 and reqs[1].fault == "norange"
 
 
 def test_500_twice_then_ok(setup: Setup) -> None:
