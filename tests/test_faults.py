@@ -79,20 +79,22 @@ def fault_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltI
     return layout, build_image(layout, "t", spec)
 
 
+def served(
+    registry: Registry, built: tuple[Path, BuiltImage], repo: str, store: Path
+) -> Iterator[Setup]:
+    """Push ``built`` (layout, image) as ``repo:v1`` and yield a Setup reaching it through a
+    fresh fault proxy, with an empty store at ``store``."""
+    layout, image = built
+    registry.push(layout, "t", f"{repo}:v1")
+    with FaultProxy.for_registry(registry) as proxy:
+        yield Setup(proxy, Reference.parse(proxy.ref(repo, "v1")), image, layout, Store(store))
+
+
 @pytest.fixture
 def setup(
     registry: Registry, fault_layout: tuple[Path, BuiltImage], tmp_path: Path
 ) -> Iterator[Setup]:
-    layout, image = fault_layout
-    registry.push(layout, "t", "faults/img:v1")
-    with FaultProxy.for_registry(registry) as proxy:
-        yield Setup(
-            proxy,
-            Reference.parse(proxy.ref("faults/img", "v1")),
-            image,
-            layout,
-            Store(tmp_path / "store"),
-        )
+    yield from served(registry, fault_layout, "faults/img", tmp_path / "store")
 
 
 def _manifest(client: RegistryClient, s: Setup) -> tuple[FetchedManifest, Manifest]:

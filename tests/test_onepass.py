@@ -13,10 +13,8 @@ import pytest
 from bootstrap.errors import ExitCode, IntegrityError
 from bootstrap.image.model import OCI_LAYER_ZSTD
 from bootstrap.image.pull import pull_image
-from bootstrap.image.reference import Reference
 from bootstrap.image.store import Store
 from bootstrap.image.unpack import UnpackOptions, cached_layer, checkout
-from tests.harness.faultproxy import FaultProxy
 from tests.harness.imagebuilder import (
     BuiltImage,
     Dir,
@@ -36,6 +34,7 @@ from tests.test_faults import (
     _assert_clean,
     _blob_requests,
     fault_layout,
+    served,
     setup,
 )
 
@@ -69,16 +68,7 @@ def zstd_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuiltIm
 def zstd_setup(
     registry: Registry, zstd_layout: tuple[Path, BuiltImage], tmp_path: Path
 ) -> Iterator[Setup]:
-    layout, image = zstd_layout
-    registry.push(layout, "t", "faults/zimg:v1")
-    with FaultProxy.for_registry(registry) as proxy:
-        yield Setup(
-            proxy,
-            Reference.parse(proxy.ref("faults/zimg", "v1")),
-            image,
-            layout,
-            Store(tmp_path / "store"),
-        )
+    yield from served(registry, zstd_layout, "faults/zimg", tmp_path / "store")
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])

@@ -1898,11 +1898,11 @@ def checkout_command(
                 extract=UnpackOptions(devices=devices),
             )
             image = result.image
+    pulled = image is not None
     if image is None:
-        done = checkout(store, store.image(name), Path(dest), hardlink=hardlink, devices=devices)
-        return done
+        image = store.image(name)
     done = checkout(store, image, Path(dest), hardlink=hardlink, devices=devices)
-    return replace(done, pulled=True)
+    return replace(done, pulled=True) if pulled else done
 
 
 # ---- overlay lower trees -----------------------------------------------------------------------
