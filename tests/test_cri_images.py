@@ -126,11 +126,16 @@ def test_containerd_answers_cri_from_the_host(daemon: tuple[Path, Path]) -> None
     assert version["runtime_version"].startswith("1.6")
     print(f"first CRI Version after {elapsed:.2f}s: {version}")
 
-    # bootstrap's own stdlib client (what `bootstrap up` waits with) agrees with grpcio
-    from bootstrap.net import cri as client
+    # bootstrap's CRI client (what `bootstrap up` waits with)
+    from bootstrap.cri.client import CriClient, CriVersion, wait_for_cri
 
-    answer = client.wait_for_cri(socket, timeout=10)
-    assert answer == client.CriVersion(**version)
+    ready = wait_for_cri(socket, timeout=10, network=False)
+    assert ready.version == CriVersion(**version)
+    assert ready.status.runtime_ready
+    # no CNI config in this daemon: NetworkReady false, and a wait for it says so
+    assert ready.status.not_ready(network=True).startswith("NetworkReady false: ")
+    with CriClient(socket) as client:
+        assert client.image_status("registry.k8s.io/pause:3.10") is None
 
     # a host-network pod sandbox from the offline pause image, stopped and removed
     with grpc.insecure_channel(f"unix://{socket}") as ch:

@@ -25,8 +25,9 @@ Images:
   containerd".
 - :func:`kubelet_standin_image` — a kubelet stand-in that speaks CRI over gRPC: Debian's
   python3.11-minimal (+ its libraries), grpcio and protobuf copied from this venv's
-  site-packages, and the stand-in's sources (a directory given by the caller) as
-  ``/opt/standin``.
+  site-packages, the stand-in's sources (a directory given by the caller) as ``/opt/standin``
+  and the product's CRI stubs as ``/opt/standin/bootstrap/cri/`` (no ``__init__.py``: namespace
+  packages, so ``from bootstrap.cri import api_pb2`` works there as it does here).
 - :func:`node_manifest_images` — the last two as oci-archives, by container name, for
   ``examples/node.yaml``.
 """
@@ -798,6 +799,9 @@ STANDIN_WRAPPER = """\
 exec /usr/bin/python3.11 -u /opt/standin/main.py "$@"
 """
 _BUILDER_VERSION = "1"  # bump when the layer format written here changes
+CRI_STUBS = Path(__file__).resolve().parents[1] / "cri"
+"""bootstrap/cri/: the generated CRI v1 modules the stand-in imports."""
+CRI_STUB_FILES = ("api_pb2.py", "api_pb2_grpc.py")
 
 
 def _grpc_site_packages() -> tuple[Path, str]:
@@ -826,6 +830,7 @@ def kubelet_standin_image(cache: Path, standin_src: Path) -> CachedImage:
     files = debs(STANDIN_DEBS, cache / "debs")
     site, versions = _grpc_site_packages()
     sources = sorted(p for p in standin_src.rglob("*.py*") if "__pycache__" not in p.parts)
+    stubs = [CRI_STUBS / name for name in CRI_STUB_FILES]
     key = _digest_inputs(
         *(d.name for d in files),
         versions,
@@ -835,6 +840,7 @@ def kubelet_standin_image(cache: Path, standin_src: Path) -> CachedImage:
             f"{p.relative_to(standin_src)}\0{hashlib.sha256(p.read_bytes()).hexdigest()}"
             for p in sources
         ),
+        *(f"{p.name}\0{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in stubs),
     )
 
     def spec(scratch: Path) -> ImageSpec:
@@ -851,6 +857,9 @@ def kubelet_standin_image(cache: Path, standin_src: Path) -> CachedImage:
                 site_entries.append(File(dest, site / name))
         app = [Dir("opt/standin"), *tree_entries(standin_src, prefix="opt/standin")]
         app.append(File("opt/standin/kubelet", STANDIN_WRAPPER.encode(), mode=0o755))
+        # the product's CRI stubs, importable as bootstrap.cri.api_pb2 (namespace packages)
+        app += [Dir("opt/standin/bootstrap"), Dir("opt/standin/bootstrap/cri")]
+        app += [File(f"opt/standin/bootstrap/cri/{p.name}", p) for p in stubs]
         return ImageSpec(
             layers=(tuple(base), tuple(site_entries), (*busybox_entries(), *etc_entries(), *app)),
             entrypoint=(STANDIN_KUBELET,),

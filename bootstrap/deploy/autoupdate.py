@@ -214,11 +214,11 @@ def _after_cri(
 ) -> Outcome:
     """Wait for the updated CRI daemon ``cri`` to answer, then restart its running dependants;
     roll it back when it does not answer."""
-    from bootstrap.net.cri import wait_for_cri
+    from bootstrap.cri.client import wait_for_cri
 
     try:
         log.info("auto-update: %s: waiting for CRI Version on %s", cri.name, cri.cri_socket)
-        wait_for_cri(cri.cri_socket, timeout=cri.ready_timeout, what=cri.name)
+        wait_for_cri(cri.cri_socket, timeout=cri.ready_timeout, network=False, what=cri.name)
     except BootstrapError as err:
         try:
             deployer.rollback(cri.name)

@@ -575,12 +575,15 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec, chain: _Chain) -> Contain
     log.info("up: %s: %s is %s (%s)", spec.name, unit, state.active_state, action)
     cri = None
     if spec.ready_cri_socket:
-        from bootstrap.net.cri import wait_for_cri
+        from bootstrap.cri.client import wait_for_cri
 
         log.info("up: %s: waiting for CRI Version on %s", spec.name, spec.ready_cri_socket)
         asked = time.monotonic()
         answer = wait_for_cri(
-            spec.ready_cri_socket, timeout=spec.ready_timeout, what=f"{spec.name} ({unit})"
+            spec.ready_cri_socket,
+            timeout=spec.ready_timeout,
+            network=False,
+            what=f"{spec.name} ({unit})",
         )
         chain.add(f"{spec.name}: CRI answering on {spec.ready_cri_socket}", asked)
         cri = str(answer)

@@ -20,8 +20,6 @@ What the images hold is described in :mod:`bootstrap.demo.images`; the stand-in'
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -135,14 +133,14 @@ def host_daemon_config(rootfs: Path, dirs: dict[str, Path], args: Sequence[str])
 
 
 def stubs() -> tuple[ModuleType, ModuleType]:
-    """The generated CRI v1 modules ``(api_pb2, api_pb2_grpc)`` from the stand-in's directory."""
-    if str(STANDIN_SRC) not in sys.path:
-        sys.path.append(str(STANDIN_SRC))
-    return importlib.import_module("api_pb2"), importlib.import_module("api_pb2_grpc")
+    """The product's generated CRI v1 modules ``(api_pb2, api_pb2_grpc)`` (bootstrap/cri/)."""
+    from bootstrap.cri import api_pb2, api_pb2_grpc
+
+    return api_pb2, api_pb2_grpc
 
 
 def cri_version(socket: str | Path, timeout: float = 5.0) -> dict[str, str]:
-    """Call ``runtime.v1.RuntimeService/Version`` on the unix ``socket`` with the stand-in's
+    """Call ``runtime.v1.RuntimeService/Version`` on the unix ``socket`` with the product's
     stubs; return the response fields. Raises ``grpc.RpcError`` on failure."""
     import grpc
 

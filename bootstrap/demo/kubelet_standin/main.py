@@ -28,9 +28,9 @@ import time
 import uuid
 from typing import Any
 
-import api_pb2
-import api_pb2_grpc
 import grpc
+
+from bootstrap.cri import api_pb2, api_pb2_grpc
 
 stop = threading.Event()
 
