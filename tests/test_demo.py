@@ -258,10 +258,10 @@ def test_kubelet_standin_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     import socket
 
     src = REPO / "bootstrap" / "demo" / "kubelet_standin"
-    monkeypatch.syspath_prepend(str(src))  # its CRI stubs sit beside it
     spec = importlib.util.spec_from_file_location("kubelet_standin_main", src / "main.py")
     assert spec is not None and spec.loader is not None
     standin = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, standin)  # its dataclasses look themselves up
     spec.loader.exec_module(standin)
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)

@@ -71,9 +71,11 @@ TOOLS = {
     "docker-registry": "docker-registry",
 }
 STANDIN_SRC = Path(__file__).resolve().parent / "kubelet_standin"
-"""The kubelet stand-in's program (main.py + CRI stubs): package data, copied into its image."""
+"""The kubelet stand-in's program (main.py): package data, copied into its image (with the
+product's CRI stubs, bootstrap/cri/)."""
 KUBELET_REPORT = "/var/lib/kubelet/standin-status.json"
-"""Where the kubelet stand-in writes what the CRI daemon answered (see its main.py)."""
+"""Where the kubelet stand-in writes what the CRI daemon answered and how its pod probe went
+(see its main.py)."""
 KUBELET_REPORT_TIMEOUT = 30.0
 HELLO_NAME = "hello"
 HELLO_REF = "localhost/bootstrap-demo/hello:1"
@@ -144,12 +146,17 @@ class DemoResult:
             lines += ["", f"$ bootstrap status {name}", s.get("text", "").rstrip()]
         if self.kubelet:
             k = self.kubelet
+            conditions = ", ".join(f"{t} {v}" for t, v in (k.get("conditions") or {}).items())
+            failure = k.get("failure") or {}
+            if k.get("state") == "ok":
+                pod = f"pod probe passed: pod IP {k.get('pod_ip') or '(host network)'}"
+            else:
+                pod = f"pod probe {k.get('state')}: {failure.get('step')}: {failure.get('error')}"
             lines += [
                 "",
                 f"The kubelet stand-in talks CRI to {k.get('runtime_name')} "
                 f"{k.get('runtime_version')} ({k.get('runtime_api_version')}) at "
-                f"{k.get('endpoint')}: conditions {k.get('conditions')}, "
-                f"pod sandbox {str(k.get('sandbox'))[:12]} run and removed",
+                f"{k.get('endpoint')}: {conditions}; {pod}",
             ]
         if self.look_around:
             lines += ["", "Look around:", *(f"  {x}" for x in self.look_around)]
@@ -469,12 +476,15 @@ def _show(machine: Machine, inst: Install, args: Sequence[str]) -> dict[str, Any
 
 def _kubelet_report(machine: Machine, timeout: float = KUBELET_REPORT_TIMEOUT) -> Any:
     """What the kubelet stand-in last wrote to its status file inside the machine (its CRI
-    ``Version``/``Status`` answers), waiting up to ``timeout`` seconds for it; None without."""
+    answers and pod probe), waiting up to ``timeout`` seconds for a finished probe (``state``
+    ok or failed; after that, whatever is there); None without a file."""
     path = Path(f"/proc/{machine.pid}/root") / KUBELET_REPORT.lstrip("/")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return json.loads(path.read_text())
+            doc = json.loads(path.read_text())
+            if doc.get("state") in ("ok", "failed") or time.monotonic() > deadline:
+                return doc
         except (OSError, ValueError):
             if time.monotonic() > deadline:
                 log.info(

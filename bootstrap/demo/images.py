@@ -13,16 +13,26 @@ rename.
 
 Images:
 
-- :func:`busybox_image` — ``/bin/busybox`` of Debian's busybox-static and its applets, a
-  "hello" loop as the command: the smallest runnable system container.
+- :func:`busybox_image` — ``/bin/busybox`` of Debian's busybox-static and its applets (``httpd``
+  among them), a "hello" loop as the command: the smallest runnable system container.
 - :func:`cri_daemon_image` — the CRI daemon ("ocid") from Debian's containerd: containerd, runc,
-  libseccomp2, libc6 and tini from ``apt-get download`` + ``dpkg-deb -x`` (one layer each, so
-  shared layers dedupe), then a layer of ours: static busybox, ``/etc`` basics,
-  ``/etc/containerd/config.toml``, the offline "pause" image (:func:`pause_archive`) and
-  ``/usr/local/bin/ocid-start`` (starts containerd, imports the pause image into the ``k8s.io``
-  namespace once the socket answers, then waits). Entrypoint ``tini-static -s -g --``, so the
-  daemon's pid namespace reaps its shims. RECIPES: "A CRI daemon system container from Debian's
-  containerd".
+  libseccomp2, libc6, tini and iptables (nft backend, with its libraries: CNI plugins run it in
+  the daemon's mount namespace) from ``apt-get download`` + ``dpkg-deb -x`` (one layer each, so
+  shared layers dedupe), then a layer of ours: static busybox, ``/etc`` basics, direct
+  ``/usr/sbin/iptables*`` links to ``xtables-nft-multi`` (the host's ``/etc`` hides the image's
+  ``/etc/alternatives`` once the daemon sees it), ``/etc/containerd/config.toml`` (sandbox image
+  :data:`PAUSE_IMAGE`, CNI from ``/opt/cni/bin`` and ``/etc/cni/net.d``), the same file as
+  ``/exports/hostfs/etc/containerd/config.toml`` (installed on the host, which is what the daemon
+  reads when its definition binds the host's ``/etc``) and as ``/usr/share/ocid/config.toml``
+  (used when the host has none), and ``/usr/local/bin/ocid-start`` (makes the directories it
+  writes, then execs containerd). Entrypoint ``tini-static -s -g --``, so the daemon's pid
+  namespace reaps its shims. RECIPES: "A CRI daemon system container from Debian's containerd".
+- :func:`pause_image` — the sandbox image: Debian's static ``catatonit`` run as ``catatonit -P``.
+- :func:`pod_image` — the busybox image (with ``httpd``) for pods' containers.
+- :func:`cni_plugins_image` — Debian's containernetworking-plugins under
+  ``/exports/hostfs/opt/cni/bin/`` with a ``"type": "oneshot"`` definition in ``/exports``: a
+  files-only system container that installs the plugins on the host; its command checks that
+  every plugin runs.
 - :func:`kubelet_standin_image` — a kubelet stand-in that speaks CRI over gRPC: Debian's
   python3.11-minimal (+ its libraries), grpcio and protobuf copied from this venv's
   site-packages, the stand-in's sources (a directory given by the caller) as ``/opt/standin``
@@ -405,7 +415,7 @@ def cached_archive(cache: Path, kind: str, key: str, build: Callable[[Path], obj
 
 BUSYBOX_APPLETS = (
     "sh", "sleep", "mkdir", "cat", "echo", "kill", "usleep", "grep", "ls", "ps", "rm", "true",
-    "test", "[", "env", "mount", "id", "date", "hostname", "wc", "head", "tail",
+    "test", "[", "env", "mount", "id", "date", "hostname", "wc", "head", "tail", "httpd",
 )  # fmt: skip
 
 
@@ -651,10 +661,35 @@ def _builder(
 # ---- the CRI daemon ----------------------------------------------------------------------------
 
 CRI_SOCKET = "/run/containerd/containerd.sock"
-PAUSE_IMAGE = "registry.k8s.io/pause:3.6"
+PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
+"""The sandbox image containerd is configured with (bootstrap preloads it; never pulled)."""
 DAEMON_TAG = "containerd"
 STANDIN_TAG = "standin"
-DAEMON_DEBS = ("libc6", "libseccomp2", "containerd", "runc", "tini")
+IPTABLES_DEBS = (
+    "libmnl0",
+    "libnftnl11",
+    "libxtables12",
+    "libip4tc2",
+    "libip6tc2",
+    "libnfnetlink0",
+    "libnetfilter-conntrack3",
+    "iptables",
+)
+"""Debian's iptables (nft backend) and its libraries: CNI plugins (portmap, bridge's ipMasq) run
+it inside the CRI daemon's mount namespace."""
+DAEMON_DEBS = ("libc6", "libseccomp2", "containerd", "runc", "tini", *IPTABLES_DEBS)
+IPTABLES_LINKS = (
+    "iptables",
+    "iptables-save",
+    "iptables-restore",
+    "ip6tables",
+    "ip6tables-save",
+    "ip6tables-restore",
+)
+"""Names Debian points at through /etc/alternatives (which the host's /etc hides once the
+daemon sees it): direct links to ``xtables-nft-multi`` in /usr/sbin instead."""
+CONTAINERD_CONFIG_PATH = "etc/containerd/config.toml"
+CONTAINERD_CONFIG_FALLBACK = "usr/share/ocid/config.toml"
 
 CONTAINERD_CONFIG = f"""\
 # containerd for a node whose CRI daemon is itself a runc system container (bootstrap)
@@ -666,6 +701,7 @@ state = "/run/containerd"
   address = "{CRI_SOCKET}"
 
 [plugins."io.containerd.grpc.v1.cri"]
+  # preloaded by bootstrap (the node manifest's preload list); the node pulls nothing
   sandbox_image = "{PAUSE_IMAGE}"
   # sandboxes ask for oom_score_adj -998, which an unprivileged-enough parent may not grant
   restrict_oom_score_adj = true
@@ -682,44 +718,22 @@ state = "/run/containerd"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/opt/cni/bin"
     conf_dir = "/etc/cni/net.d"
+    max_conf_num = 1
 """
 
 OCID_START = """\
 #!/bin/sh
-# Entry point of the CRI daemon image: containerd, plus the offline "pause" image.
-mkdir -p /var/lib/containerd /run/containerd /var/log/pods /tmp
-containerd --config /etc/containerd/config.toml &
-pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
-i=0
-until ctr --address %(socket)s version >/dev/null 2>&1; do
-  i=$((i + 1))
-  [ "$i" -gt 600 ] && { echo "ocid-start: containerd did not answer" >&2; break; }
-  kill -0 "$pid" 2>/dev/null || break
-  usleep 100000
-done
-if ! ctr --address %(socket)s -n k8s.io images check "name==%(pause)s" 2>/dev/null \\
-    | grep -q complete; then
-  ctr --address %(socket)s -n k8s.io images import /usr/share/ocid/pause.tar >&2 \\
-    || echo "ocid-start: importing the pause image failed" >&2
+# Entry point of the CRI daemon image: the directories containerd and the CNI plugins write,
+# then containerd with the host's /etc/containerd/config.toml (installed from the image's
+# /exports/hostfs), or the image's own copy when the host has none.
+mkdir -p /var/lib/containerd /run/containerd /var/log/pods /var/lib/cni /run/netns /tmp
+config=/%(config)s
+if [ ! -f "$config" ]; then
+  echo "ocid-start: no $config; using the image's /%(fallback)s" >&2
+  config=/%(fallback)s
 fi
-echo "ocid-start: containerd running (pid $pid)" >&2
-wait "$pid"
-trap - TERM INT
-wait "$pid"
-""" % {"socket": CRI_SOCKET, "pause": PAUSE_IMAGE}  # noqa: UP031 (shell text full of braces)
-
-
-def pause_archive(cache: Path) -> Path:
-    """A docker-archive of a busybox ``sleep infinity`` image named :data:`PAUSE_IMAGE` (the
-    CRI sandbox image, loaded offline by ``ocid-start``), built once into ``cache``."""
-    spec = ImageSpec(
-        layers=(tuple([*busybox_entries(), *etc_entries()]),),
-        cmd=("/bin/sleep", "infinity"),
-    )
-    return cached_archive(
-        cache, "pause", spec.key(), lambda dest: write_docker_archive(spec, dest, PAUSE_IMAGE)
-    )
+exec containerd --config "$config"
+""" % {"config": CONTAINERD_CONFIG_PATH, "fallback": CONTAINERD_CONFIG_FALLBACK}  # noqa: UP031
 
 
 def cri_daemon_image(cache: Path) -> CachedImage:
@@ -733,9 +747,8 @@ def cri_daemon_builder(cache: Path) -> tuple[str, Callable[[Path], None]]:
     """(cache key, a function writing the CRI daemon image as a new OCI layout at its
     argument); the .debs are fetched into ``cache/debs`` first."""
     files = debs(DAEMON_DEBS, cache / "debs")
-    pause = pause_archive(cache)
     key = _digest_inputs(
-        *(d.name for d in files), pause.name, CONTAINERD_CONFIG, OCID_START, _BUILDER_VERSION
+        *(d.name for d in files), CONTAINERD_CONFIG, OCID_START, _BUILDER_VERSION, "ocid 2"
     )
 
     def spec(scratch: Path) -> ImageSpec:
@@ -743,16 +756,22 @@ def cri_daemon_builder(cache: Path) -> tuple[str, Callable[[Path], None]]:
         for package, path in zip(DAEMON_DEBS, files, strict=True):
             tree = scratch / package
             extract_deb(path, tree)
-            layers.append(tuple(tree_entries(tree, skip=("usr/share/doc", "usr/share/man"))))
+            layers.append(tuple(tree_entries(tree, skip=DEB_SKIP)))
+        config = CONTAINERD_CONFIG.encode()
         ours: list[Entry] = [
             *busybox_entries(),
             *etc_entries(),
-            File("etc/containerd/config.toml", CONTAINERD_CONFIG.encode()),
-            File("usr/share/ocid/pause.tar", pause),
+            Symlink("var/run", "../run"),
+            File(CONTAINERD_CONFIG_PATH, config),
+            File(CONTAINERD_CONFIG_FALLBACK, config),
+            File(f"exports/hostfs/{CONTAINERD_CONFIG_PATH}", config),
             File("usr/local/bin/ocid-start", OCID_START.encode(), mode=0o755),
+            *(Symlink(f"usr/sbin/{name}", "xtables-nft-multi") for name in IPTABLES_LINKS),
             Dir("var/lib/containerd", mode=0o711),
             Dir("run/containerd", mode=0o711),
             Dir("var/log/pods"),
+            Dir("etc/cni/net.d"),
+            Dir("opt/cni/bin"),
         ]
         layers.append(tuple(ours))
         return ImageSpec(
@@ -764,6 +783,120 @@ def cri_daemon_builder(cache: Path) -> tuple[str, Callable[[Path], None]]:
         )
 
     return key, _builder(cache, "ocid", DAEMON_TAG, spec)
+
+
+DEB_SKIP = ("usr/share/doc", "usr/share/man", "usr/share/lintian")
+
+
+# ---- pod images: the sandbox ("pause") image and a busybox with httpd ----------------------------
+
+PAUSE_TAG = "3.9"
+PAUSE_DEBS = ("catatonit",)
+
+
+def pause_image(cache: Path) -> CachedImage:
+    """The sandbox image: Debian's static ``catatonit`` in pause mode (``catatonit -P``: it
+    sleeps, reaps zombies, and shows up as what it is), tagged :data:`PAUSE_TAG` in its layout;
+    pods name it :data:`PAUSE_IMAGE`."""
+    key, build = pause_builder(cache)
+    return cached_layout(cache, "pause", key, PAUSE_TAG, build)
+
+
+def pause_builder(cache: Path) -> tuple[str, Callable[[Path], None]]:
+    """(cache key, a function writing :func:`pause_image` as a new OCI layout)."""
+    files = debs(PAUSE_DEBS, cache / "debs")
+    key = _digest_inputs(*(d.name for d in files), _BUILDER_VERSION, "pause 1")
+
+    def spec(scratch: Path) -> ImageSpec:
+        tree = scratch / "catatonit"
+        extract_deb(files[0], tree)
+        return ImageSpec(
+            layers=(tuple(tree_entries(tree, skip=("usr/share",))),),
+            entrypoint=("/usr/bin/catatonit", "-P"),
+            labels={"org.opencontainers.image.title": "bootstrap pause (catatonit -P)"},
+        )
+
+    return key, _builder(cache, "pause", PAUSE_TAG, spec)
+
+
+POD_TAG = "busybox"
+
+
+def pod_image(cache: Path) -> CachedImage:
+    """The busybox image (:func:`busybox_spec`: static busybox with ``httpd`` among its applets)
+    as a layout in ``cache`` tagged :data:`POD_TAG`, for pods' containers."""
+    key, build = pod_builder(cache)
+    return cached_layout(cache, "pod", key, POD_TAG, build)
+
+
+def pod_builder(cache: Path) -> tuple[str, Callable[[Path], None]]:
+    """(cache key, a function writing :func:`pod_image` as a new OCI layout)."""
+    spec = busybox_spec()
+    key = _digest_inputs(spec.key(), _BUILDER_VERSION)
+    return key, _builder(cache, "pod", POD_TAG, lambda _scratch: spec)
+
+
+# ---- the CNI plugins ---------------------------------------------------------------------------
+
+CNI_TAG = "plugins"
+CNI_DEBS = ("libc6", "containernetworking-plugins")
+CNI_BIN = "opt/cni/bin"
+CNI_MANIFEST = {
+    "type": "oneshot",
+    "defaultValues": {},
+}
+"""The image's definition (``/exports/manifest.json``): files only, installed from its
+``/exports/hostfs``; its run is the self-check below."""
+CNI_SELFCHECK = (
+    "for p in /exports/hostfs/opt/cni/bin/*; do "
+    'CNI_COMMAND=VERSION "$p" </dev/null >/dev/null || { echo "cni: $p failed" >&2; exit 1; }; '
+    "done; "
+    'echo "cni: $(ls /exports/hostfs/opt/cni/bin | wc -l) plugins answer VERSION"'
+)
+"""The image's command: every plugin answers ``CNI_COMMAND=VERSION`` (they are dynamically
+linked: this proves the image's libc serves them)."""
+
+
+def cni_plugins_image(cache: Path) -> CachedImage:
+    """The CNI plugins image as a layout in ``cache`` tagged :data:`CNI_TAG`: Debian's libc6
+    (the plugins are dynamically linked), the plugins of ``containernetworking-plugins``
+    (``/usr/lib/cni`` in the .deb) under ``/exports/hostfs/opt/cni/bin/``, its definition in
+    ``/exports/manifest.json`` (:data:`CNI_MANIFEST`) and static busybox for
+    :data:`CNI_SELFCHECK`, its command."""
+    key, build = cni_plugins_builder(cache)
+    return cached_layout(cache, "cni", key, CNI_TAG, build)
+
+
+def cni_plugins_builder(cache: Path) -> tuple[str, Callable[[Path], None]]:
+    """(cache key, a function writing :func:`cni_plugins_image` as a new OCI layout)."""
+    files = debs(CNI_DEBS, cache / "debs")
+    manifest = (json.dumps(CNI_MANIFEST, indent=2) + "\n").encode()
+    key = _digest_inputs(*(d.name for d in files), manifest, CNI_SELFCHECK, _BUILDER_VERSION)
+
+    def spec(scratch: Path) -> ImageSpec:
+        libc = scratch / "libc6"
+        extract_deb(files[0], libc)
+        plugins = scratch / "plugins"
+        extract_deb(files[1], plugins)
+        ours: list[Entry] = [
+            *busybox_entries(),
+            *etc_entries(),
+            File("exports/manifest.json", manifest),
+        ]
+        return ImageSpec(
+            layers=(
+                tuple(tree_entries(libc, skip=DEB_SKIP)),
+                (
+                    Dir(f"exports/hostfs/{CNI_BIN}"),
+                    *tree_entries(plugins / "usr/lib/cni", prefix=f"exports/hostfs/{CNI_BIN}"),
+                ),
+                tuple(ours),
+            ),
+            cmd=("/bin/sh", "-c", CNI_SELFCHECK),
+            labels={"org.opencontainers.image.title": "bootstrap CNI plugins (Debian)"},
+        )
+
+    return key, _builder(cache, "cni", CNI_TAG, spec)
 
 
 # ---- the kubelet stand-in ----------------------------------------------------------------------
@@ -841,6 +974,7 @@ def kubelet_standin_image(cache: Path, standin_src: Path) -> CachedImage:
             for p in sources
         ),
         *(f"{p.name}\0{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in stubs),
+        ImageSpec(layers=((*busybox_entries(), *etc_entries()),)).key(),
     )
 
     def spec(scratch: Path) -> ImageSpec:

@@ -1,17 +1,23 @@
-"""Offline test images for the node: a CRI daemon built from Debian's containerd, and a kubelet
-stand-in that speaks CRI over gRPC — a thin test layer over the product's builders in
-:mod:`bootstrap.demo.images` (one implementation), cached under ``.cache/cri/`` (rebuilt when
-their inputs change: the .deb files, the grpcio/protobuf versions, the stand-in's sources).
+"""Offline test images for the node: a CRI daemon built from Debian's containerd, a kubelet
+stand-in that speaks CRI over gRPC, the CNI plugins, and the pod images (pause, busybox) — a
+thin test layer over the product's builders in :mod:`bootstrap.demo.images` (one
+implementation), cached under ``.cache/cri/`` (rebuilt when their inputs change: the .deb files,
+the grpcio/protobuf versions, the stand-in's sources).
 
 Contract::
 
     cri_daemon_image() -> CachedImage      # layout, tag "containerd"; see CRI_SOCKET
-    cri_daemon_builder() -> (key, build)   # build(layout) writes it anew (reproducibility)
     kubelet_standin_image() -> CachedImage # layout, tag "standin"; entrypoint STANDIN_KUBELET
-    pause_archive() -> Path                # docker-archive of the busybox "pause" image
+    cni_plugins_image() -> CachedImage     # layout, tag "plugins"; /exports/hostfs/opt/cni/bin
+    pause_image() -> CachedImage           # layout, tag "3.9"; pods know it as PAUSE_IMAGE
+    pod_image() -> CachedImage             # layout, tag "busybox"; busybox with httpd
+    BUILDERS: {kind: builder}              # builder() -> (key, build); build(layout) anew
+    ctr_archive(image, name, dest) -> Path # oci-archive named `name`, for `ctr images import`
     host_daemon_config(rootfs, dirs, args) -> dict   # config.json for a plain `runc run` test
     stubs() -> (api_pb2, api_pb2_grpc)     # the generated CRI v1 modules
     cri_version(socket, timeout) -> dict   # call CRI Version from the host with the stubs
+    node_netns() -> context of a netns name # NODE_IP on a veth, default route; deleted after
+    cni_conflist() -> dict                 # bridge + host-local (POD_SUBNET) + portmap + loopback
 
 What the images hold is described in :mod:`bootstrap.demo.images`; the stand-in's program is
 ``bootstrap/demo/kubelet_standin/`` (``/opt/standin`` in the image).
@@ -19,20 +25,29 @@ What the images hold is described in :mod:`bootstrap.demo.images`; the stand-in'
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import io
+import json
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from bootstrap.demo import demo, images
 from bootstrap.demo.images import (  # noqa: F401  (re-exported: part of this module's contract)
+    CNI_TAG,
     CONTAINERD_CONFIG,
     CRI_SOCKET,
     DAEMON_DEBS,
     DAEMON_TAG,
     OCID_START,
     PAUSE_IMAGE,
+    PAUSE_TAG,
+    POD_TAG,
     STANDIN_DEBS,
     STANDIN_KUBELET,
     STANDIN_SKIP,
@@ -47,11 +62,6 @@ CACHE = REPO / ".cache" / "cri"
 STANDIN_SRC = demo.STANDIN_SRC
 
 
-def pause_archive() -> Path:
-    """A docker-archive of a busybox ``sleep infinity`` image named :data:`PAUSE_IMAGE`."""
-    return images.pause_archive(CACHE)
-
-
 def cri_daemon_image() -> CachedImage:
     """The containerd CRI daemon image, tagged :data:`DAEMON_TAG`."""
     return images.cri_daemon_image(CACHE)
@@ -60,6 +70,53 @@ def cri_daemon_image() -> CachedImage:
 def cri_daemon_builder() -> tuple[str, Any]:
     """(cache key, a function building the CRI daemon image into a given OCI layout)."""
     return images.cri_daemon_builder(CACHE)
+
+
+def cni_plugins_image() -> CachedImage:
+    """The CNI plugins image, tagged :data:`CNI_TAG`."""
+    return images.cni_plugins_image(CACHE)
+
+
+def pause_image() -> CachedImage:
+    """The sandbox image (``catatonit -P``), tagged :data:`PAUSE_TAG`."""
+    return images.pause_image(CACHE)
+
+
+def pod_image() -> CachedImage:
+    """The busybox pod image (with ``httpd``), tagged :data:`POD_TAG`."""
+    return images.pod_image(CACHE)
+
+
+BUILDERS: dict[str, Callable[[], tuple[str, Callable[[Path], None]]]] = {
+    "ocid": lambda: images.cri_daemon_builder(CACHE),
+    "cni": lambda: images.cni_plugins_builder(CACHE),
+    "pause": lambda: images.pause_builder(CACHE),
+    "pod": lambda: images.pod_builder(CACHE),
+}
+"""Builders of the images above by kind: ``(cache key, build(new_layout))``."""
+CACHED: dict[str, Callable[[], CachedImage]] = {
+    "ocid": cri_daemon_image,
+    "cni": cni_plugins_image,
+    "pause": pause_image,
+    "pod": pod_image,
+}
+
+
+def ctr_archive(image: CachedImage, name: str, dest: Path) -> Path:
+    """``image`` as an ``oci-archive`` at ``dest`` whose index names it ``name`` (as
+    ``org.opencontainers.image.ref.name`` and containerd's ``io.containerd.image.name``), which
+    ``ctr images import`` takes as the image's name — the form bootstrap hands a CRI daemon."""
+    index = json.loads((image.layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m["annotations"][images.REF_NAME] == image.tag)
+    entry = {**entry, "annotations": {images.REF_NAME: name, "io.containerd.image.name": name}}
+    with tarfile.open(dest, "w") as tar:
+        tar.add(image.layout / "oci-layout", "oci-layout")
+        doc = json.dumps({**index, "manifests": [entry]}).encode()
+        info = tarfile.TarInfo("index.json")
+        info.size = len(doc)
+        tar.addfile(info, io.BytesIO(doc))
+        tar.add(image.layout / "blobs", "blobs")
+    return dest
 
 
 def kubelet_standin_image() -> CachedImage:
@@ -87,11 +144,19 @@ def bounding_caps() -> list[str]:
     return [f"CAP_{n}" for i, n in enumerate(names) if bnd >> i & 1]
 
 
-def host_daemon_config(rootfs: Path, dirs: dict[str, Path], args: Sequence[str]) -> dict[str, Any]:
+def host_daemon_config(
+    rootfs: Path,
+    dirs: dict[str, Path],
+    args: Sequence[str],
+    *,
+    netns: str | None = None,
+    ro: dict[str, Path] | None = None,
+) -> dict[str, Any]:
     """A runc ``config.json`` running the CRI daemon image on this host without systemd (RECIPES'
-    config: bounding-set caps, no rlimits, host network, own pid namespace, /sys rw and
-    /sys/fs/cgroup rbind rw over the product's other ``DEFAULT_MOUNTS``, rw binds of ``dirs``
-    (container path -> host path), the host's /etc/hosts and /etc/resolv.conf)."""
+    config: bounding-set caps, no rlimits, own pid namespace, /sys rw and /sys/fs/cgroup rbind
+    rw over the product's other ``DEFAULT_MOUNTS``, rw binds of ``dirs`` and read-only binds of
+    ``ro`` (container path -> host path), the host's /etc/hosts and /etc/resolv.conf). The
+    network is the host's, or the network namespace ``netns`` (a name under /run/netns)."""
     caps = bounding_caps()
     overrides: dict[str, dict[str, Any]] = {  # containerd writes both
         "/sys": {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid"]},
@@ -107,6 +172,13 @@ def host_daemon_config(rootfs: Path, dirs: dict[str, Path], args: Sequence[str])
         mounts.append(
             {"destination": dest, "type": "bind", "source": str(src), "options": ["rbind", "rw"]}
         )
+    for dest, src in (ro or {}).items():
+        mounts.append(
+            {"destination": dest, "type": "bind", "source": str(src), "options": ["rbind", "ro"]}
+        )
+    namespaces: list[dict[str, str]] = [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]
+    if netns is not None:
+        namespaces.append({"type": "network", "path": f"/run/netns/{netns}"})
     for f in ("/etc/hosts", "/etc/resolv.conf"):
         mounts.append({"destination": f, "type": "bind", "source": f, "options": ["bind", "ro"]})
     return {
@@ -125,7 +197,7 @@ def host_daemon_config(rootfs: Path, dirs: dict[str, Path], args: Sequence[str])
         "root": {"path": str(rootfs), "readonly": False},
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}],
+            "namespaces": namespaces,
             "maskedPaths": [],
             "readonlyPaths": [],
         },
@@ -154,3 +226,62 @@ def cri_version(socket: str | Path, timeout: float = 5.0) -> dict[str, str]:
         "runtime_version": resp.runtime_version,
         "runtime_api_version": resp.runtime_api_version,
     }
+
+
+# ---- a node network inside a network namespace -------------------------------------------------
+
+NODE_IP = "198.51.100.2"
+"""The node's address in :func:`node_netns` (its default route's source)."""
+POD_SUBNET = "198.51.100.128/25"
+POD_IMAGE = "localhost/bootstrap/busybox:httpd"
+"""What the tests call :func:`pod_image` when they hand it to a CRI daemon."""
+
+
+def cni_conflist(name: str = "bootstrap-test") -> dict[str, Any]:
+    """A CNI conflist: ``bridge`` (``cni0``, gateway, host-local IPAM on :data:`POD_SUBNET`),
+    ``portmap`` (hostPorts) and ``loopback``."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": POD_SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+            {"type": "loopback"},
+        ],
+    }
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def node_netns() -> Iterator[str]:
+    """A network namespace standing in for a node's network (never the machine's own): ``lo``
+    up, a veth pair inside it with :data:`NODE_IP`/25 on ``node0`` and the default route
+    through its peer. Yields its name (``/run/netns/NAME``); deleting it at the end takes its
+    links, bridges and iptables rules with it."""
+    name = f"bs-cri-{uuid.uuid4().hex[:8]}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("-n", name, "link", "add", "node0", "type", "veth", "peer", "name", "node1")
+        _ip("-n", name, "addr", "add", f"{NODE_IP}/25", "dev", "node0")
+        _ip("-n", name, "addr", "add", "198.51.100.3/25", "dev", "node1")
+        _ip("-n", name, "link", "set", "node0", "up")
+        _ip("-n", name, "link", "set", "node1", "up")
+        _ip("-n", name, "route", "add", "default", "via", "198.51.100.3", "dev", "node0")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
