@@ -41,8 +41,8 @@ from bench.common import (
     timed,
 )
 from bench.unpack import layer_blobs
+from bootstrap.image.compose import image_tree
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import image_tree
 from tests.harness.unpack_support import load_layout
 
 REF = "example.com/bench:1"

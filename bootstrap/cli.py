@@ -196,20 +196,20 @@ def _fsck(s: Settings, a: argparse.Namespace) -> Result:
 
 
 def _checkout(s: Settings, a: argparse.Namespace) -> Result:
-    from bootstrap.image import unpack
+    from bootstrap.image import api
 
     def verifier() -> ImageVerifier:
         from bootstrap.trust.verify import Verifier
 
         return Verifier.from_settings(s)
 
-    return unpack.checkout_command(
+    return api.checkout(
         s,
         a.ref,
         a.dest,
         hardlink=a.hardlink,
         devices=a.devices,
-        pull=a.pull,
+        policy=a.pull,
         verifier=verifier,
     )
 

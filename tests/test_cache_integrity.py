@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.image import maintenance
+from bootstrap.image.compose import checkout
+from bootstrap.image.layercache import verify_layer
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import checkout, verify_layer
 from tests.harness.cli import bootstrap
 from tests.harness.image_fixtures import ImageBuilder
 from tests.harness.treediff import snapshot
@@ -65,7 +67,7 @@ def test_writes_through_a_checkout_reach_nothing_else(store: Store, tmp_path: Pa
     assert second.extracted == 0
     assert snapshot(tmp_path / "co7") == pristine
     assert _cache_snapshot(store) == before
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
 
 
 def test_fsck_finds_a_changed_file_by_path_and_repairs_it(store: Store, tmp_path: Path) -> None:
@@ -75,7 +77,7 @@ def test_fsck_finds_a_changed_file_by_path_and_repairs_it(store: Store, tmp_path
     os.chmod(victim, 0o644)
     with open(victim, "r+b") as fh:
         fh.write(b"X")  # same size, other content
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert not report.ok and rel in [p for c in report.layers for p in c.changed]
     ran = bootstrap("--json", "fsck", store=store.root)
     assert ran.rc == 4 and rel in ran.stderr
@@ -87,14 +89,14 @@ def test_fsck_finds_a_changed_file_by_path_and_repairs_it(store: Store, tmp_path
     assert ran.rc == 0, ran.stderr
     assert "repaired 1 cached layers" in ran.stdout
     assert victim.read_bytes() == good
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     # removed and added paths are findings too
     victim.unlink()
     (victim.parent / "intruder").write_bytes(b"x")
-    checks = [c for c in store.fsck().layers if not c.ok]
+    checks = [c for c in maintenance.fsck(store).layers if not c.ok]
     assert len(checks) == 1 and rel in checks[0].missing
     assert any(p.endswith("intruder") for p in checks[0].extra)
-    assert store.fsck(repair=True).ok
+    assert maintenance.fsck(store, repair=True).ok
 
 
 def test_record_lists_every_path_with_digest(store: Store, tmp_path: Path) -> None:
@@ -109,7 +111,7 @@ def test_record_lists_every_path_with_digest(store: Store, tmp_path: Path) -> No
 
 
 def test_gc_keeps_what_a_deployment_holds(store: Store, tmp_path: Path) -> None:
-    from bootstrap.image.unpack import image_tree
+    from bootstrap.image.compose import image_tree
 
     image = store.image(NAME)
     with store.using():
@@ -120,12 +122,12 @@ def test_gc_keeps_what_a_deployment_holds(store: Store, tmp_path: Path) -> None:
         os.symlink(tree, slot / "lower")
     assert image_tree(store, image) == (tree, 0)  # warm: reused as is
     store.untag(NAME)
-    store.gc()
+    maintenance.gc(store)
     assert tree.is_dir()
     assert all(store.layer_cache_dir(d).is_dir() for d in image.config.diff_ids)
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     (slot / "lower").unlink()  # the deployment is gone: its hold is stale
-    store.gc()
+    maintenance.gc(store)
     assert not tree.exists() and not list(store.holds.iterdir())
     assert not any(store.layer_cache_dir(d).exists() for d in image.config.diff_ids)
 

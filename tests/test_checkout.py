@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import IntegrityError, UsageError
+from bootstrap.image import maintenance
+from bootstrap.image.compose import checkout
 from bootstrap.image.model import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import checkout
 from bootstrap.locks import flocked
 from tests.harness.cli import bootstrap
 from tests.harness.image_fixtures import ImageBuilder
@@ -181,10 +182,10 @@ def test_gc_drops_unused_cached_layers(tmp_path: Path) -> None:
     _store_plain(store, "example.com/g:1", layer, diff_id)
     checkout(store, store.image("example.com/g:1"), tmp_path / "r")
     assert store.layer_cache_dir(diff_id).is_dir()
-    store.gc()
+    maintenance.gc(store)
     assert store.layer_cache_dir(diff_id).is_dir()  # still referenced
     store.untag("example.com/g:1")
-    store.gc()
+    maintenance.gc(store)
     assert not store.layer_cache_dir(diff_id).exists()
     assert (tmp_path / "r/a").read_bytes() == b"a"  # a checkout survives its cache
 
@@ -217,7 +218,7 @@ _UNPRIVILEGED = """
 import sys
 from pathlib import Path
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import checkout
+from bootstrap.image.compose import checkout
 from bootstrap.locks import flocked
 from tests.harness.unpack_support import load_layout
 work = Path(sys.argv[1])
@@ -326,12 +327,12 @@ def _checkout_killed_midway(store_root: str, name: str, dest: str) -> None:
     """In a forked child: a checkout that is SIGKILLed while composing its temp dir."""
     import signal
 
-    from bootstrap.image import unpack
+    from bootstrap.image import compose
 
     def die(*args: object, **kwargs: object) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    unpack._Composer.layer = die  # type: ignore[method-assign]
+    compose._Composer.layer = die  # type: ignore[method-assign]
     store = Store(Path(store_root))
     checkout(store, store.image(name), Path(dest))
 
@@ -358,11 +359,11 @@ def test_gc_removes_temp_dirs_of_killed_checkouts(tmp_path: Path) -> None:
     victim = tmp_path / "precious"
     victim.mkdir()
     (store.tmp / "checkout-forged.path").write_bytes(os.fsencode(str(victim)))
-    report = store.gc()
+    report = maintenance.gc(store)
     assert report.checkouts_removed == 1
     assert list((tmp_path / "dest").iterdir()) == []
     assert victim.is_dir()
     assert not list(store.tmp.glob("checkout-*"))
     # a checkout that completes leaves no record behind
     checkout(store, store.image("example.com/k:1"), tmp_path / "dest" / "r")
-    assert not list(store.tmp.glob("checkout-*")) and store.gc().checkouts_removed == 0
+    assert not list(store.tmp.glob("checkout-*")) and maintenance.gc(store).checkouts_removed == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.image import maintenance
 from bootstrap.image.store import Store
 from bootstrap.locks import flocked
 from tests.harness.cli import bootstrap, finish, spawn
@@ -110,7 +111,7 @@ def test_parallel_pulls_fetch_each_blob_once(images: Images, tmp_path: Path) -> 
     every_blob = {d for b in images.built for d in (b.config_digest, *b.layers)}
     assert set(gets) == every_blob
     assert all(n == 1 for n in gets.values()), gets
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     assert sorted(r.name for r in store.images()) == sorted(images.refs)
 
 
@@ -133,7 +134,7 @@ def test_gc_during_pull_loses_nothing(images: Images, tmp_path: Path) -> None:
     assert rc == 0, err
     assert '"blobs_removed": 1' in gc_out  # the orphan only
     assert not store.has_blob(orphan.digest)
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     image = store.image(images.refs[0])
     assert all(store.has_blob(layer.digest) for layer in image.manifest.layers)
 
@@ -173,13 +174,13 @@ def test_sigkill_mid_download_leaves_a_valid_store(
     pull.send_signal(signal.SIGKILL)
     pull.wait(10)
     assert store.images() == []
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert report.ok, report.findings()
     ran = bootstrap("pull", refs[0], store=store.root, env=env, check=True)
     assert ran.stdout.strip() == images.built[0].digest
-    assert store.fsck().ok
-    assert store.gc().temp_removed >= 1  # the killed pull's temp file
-    assert store.fsck().ok and not list(store.tmp.iterdir())
+    assert maintenance.fsck(store).ok
+    assert maintenance.gc(store).temp_removed >= 1  # the killed pull's temp file
+    assert maintenance.fsck(store).ok and not list(store.tmp.iterdir())
 
 
 def test_pulls_and_gcs_racing(
@@ -198,8 +199,8 @@ def test_pulls_and_gcs_racing(
         assert rc == 0, err
         assert out.strip() == built.digest
     assert gcs >= 1
-    assert store.gc().blobs_removed == 0
-    assert store.fsck().ok
+    assert maintenance.gc(store).blobs_removed == 0
+    assert maintenance.fsck(store).ok
     for ref in refs:
         image = store.image(ref)
         assert all(store.has_blob(layer.digest) for layer in image.manifest.layers)

@@ -15,6 +15,7 @@ import pytest
 
 from bootstrap.errors import ExitCode, IntegrityError, RegistryError
 from bootstrap.http import new_session
+from bootstrap.image import maintenance
 from bootstrap.image.manifest import parse_manifest
 from bootstrap.image.model import MAX_CONFIG_BYTES, Descriptor, Manifest
 from bootstrap.image.reference import Reference
@@ -124,7 +125,7 @@ def _assert_identical(s: Setup, m: Manifest) -> None:
 
 
 def _assert_clean(s: Setup) -> None:
-    report = s.store.fsck()
+    report = maintenance.fsck(s.store)
     assert report.ok, report.findings()
     leftovers = list(s.store.tmp.iterdir()) if s.store.tmp.exists() else []
     assert leftovers == []

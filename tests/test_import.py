@@ -17,8 +17,8 @@ import zstandard
 
 from bootstrap.errors import IntegrityError, UsageError
 from bootstrap.image.archive import import_archive
+from bootstrap.image.compose import checkout
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import checkout
 from tests.harness.cli import bootstrap
 from tests.harness.image_fixtures import ImageBuilder
 from tests.harness.imagebuilder import (

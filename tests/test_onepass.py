@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import ExitCode, IntegrityError
+from bootstrap.image.apply import UnpackOptions
+from bootstrap.image.compose import checkout
+from bootstrap.image.layercache import cached_layer
 from bootstrap.image.model import OCI_LAYER_ZSTD
 from bootstrap.image.pull import pull_image
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import UnpackOptions, cached_layer, checkout
 from tests.harness.imagebuilder import (
     BuiltImage,
     Dir,

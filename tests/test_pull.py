@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.image import maintenance
 from bootstrap.image.model import OCI_INDEX, Platform
 from bootstrap.image.store import Store
 from tests.harness.cli import bootstrap
@@ -71,7 +72,7 @@ def test_pull_in_every_registry_mode(
     assert ran.stdout.strip() == built.digest
     assert store.resolve(ref).digest == built.digest
     assert blobs_of(store) == {built.digest, built.config_digest, *built.layers}
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     assert not list(store.tmp.iterdir())
 
     assert_interop(store, ref, tmp_path / "bundle")  # the layout skopeo and umoci read
@@ -135,7 +136,7 @@ def test_pull_manifest_list_pushed_by_skopeo(
     assert stored.annotations["io.bootstrap.source.digest"] == built.digest
     assert blobs_of(store) == {mine.digest, mine.config_digest, *mine.layers}
     assert store.image(ref).config.cmd == ("echo", "host")
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     assert_interop(store, ref, tmp_path / "bundle")
 
     ran = bootstrap(
@@ -144,7 +145,7 @@ def test_pull_manifest_list_pushed_by_skopeo(
     assert ran.stdout.strip() == built.digest
     assert store.resolve(ref).digest == theirs.digest
     assert store.image(ref).config.cmd == ("echo", "other")
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     assert_interop(store, ref, tmp_path / "bundle2")
 
     ran = bootstrap("pull", "--platform", "linux/s390x", ref, store=store.root, env=env)
@@ -173,7 +174,7 @@ def test_checkout_pulls_what_is_missing_in_one_pass(
     assert doc["pulled"] is True and doc["manifest"] == built.digest
     assert doc["layers_extracted"] == 0  # the pull filled the layer cache as it downloaded
     assert (tmp_path / "a/bin/busybox").is_file()
-    assert store.resolve(ref).digest == built.digest and store.fsck().ok
+    assert store.resolve(ref).digest == built.digest and maintenance.fsck(store).ok
     assert not list(store.tmp.iterdir())
 
     doc = bootstrap("--json", "checkout", ref, tmp_path / "b", store=store.root, env=env).json()
@@ -211,7 +212,7 @@ def test_digest_mismatch_exits_4_and_stores_nothing(
     assert store.images() == []
     assert built.layers[-1] not in blobs_of(store)
     assert not list(store.tmp.iterdir())
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
 
 
 def test_pull_errors_have_exit_codes(
@@ -271,7 +272,7 @@ def test_pull_docker_formats_stored_as_oci(
         "application/vnd.oci.image.layer.v1.tar+gzip"
     }
     assert store.image(ref).config.cmd == ("echo", "host")
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     assert_interop(store, ref, tmp_path / "bundle")
 
     listed = bootstrap("--json", "images", store=store.root, check=True).json()
@@ -329,7 +330,7 @@ def test_pull_through_faults_ends_whole_or_with_nothing_tagged(
             )
     else:
         assert store.images() == [] and not store.has_blob(big)
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert report.ok, report.findings()
     assert not list(store.tmp.iterdir())
 
@@ -362,4 +363,4 @@ def test_pull_through_mirrors_first_down(
     assert ran.rc == 0, ran.stderr
     assert ran.stdout.strip() == built.digest
     assert [r.name for r in store.images()] == [ref]
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok

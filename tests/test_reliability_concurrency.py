@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.image import maintenance
 from bootstrap.image.store import Store
 from tests.harness import treediff
 from tests.harness.cli import bootstrap, finish, spawn
@@ -100,7 +101,7 @@ def test_eight_pulls_fetch_every_blob_once(eight: Eight, tmp_path: Path) -> None
         assert len(gets) == 1, (digest, gets)
     assert eight.proxy.count(MANIFEST_PATH) == N
     st = Store(store)
-    report = st.fsck()
+    report = maintenance.fsck(st)
     assert report.ok and report.unreferenced == 0, report.findings()
     assert sorted(r.name for r in st.images()) == sorted(eight.refs)
     assert store_leftovers(store) == []
@@ -148,8 +149,8 @@ def test_gc_racing_pulls_and_checkouts_loses_nothing(eight: Eight, tmp_path: Pat
         assert treediff.diff(reference, snap) == []
     assert gcs >= 1
     assert not st.has_blob(orphan.digest)
-    assert st.gc().blobs_removed == 0  # everything left is in use
-    report = st.fsck()
+    assert maintenance.gc(st).blobs_removed == 0  # everything left is in use
+    report = maintenance.fsck(st)
     assert report.ok, report.findings()
     for ref in eight.refs:
         image = st.image(ref)
@@ -176,7 +177,7 @@ def test_eight_checkouts_share_the_layer_cache(eight: Eight, tmp_path: Path) -> 
         assert treediff.diff(first, treediff.snapshot(tmp_path / f"root{i}")) == []
     assert (tmp_path / "root0" / "own" / "0").read_bytes() == b"image 0\n" * 50
     assert store_leftovers(store) == []
-    assert Store(store).fsck().ok
+    assert maintenance.fsck(Store(store)).ok
 
 
 def test_eight_checkouts_racing_for_one_dest(eight: Eight, tmp_path: Path) -> None:
@@ -212,7 +213,7 @@ def test_parallel_imports_of_one_archive(tmp_path: Path) -> None:
     assert len(digests) == 1
     st = Store(store)
     assert [r.name for r in st.images()] == ["docker.io/conc/imported:1"]
-    report = st.fsck()
+    report = maintenance.fsck(st)
     assert report.ok and report.unreferenced == 0, report.findings()
     assert len(built.layers) == len(st.image("docker.io/conc/imported:1").manifest.layers)
 
@@ -242,8 +243,8 @@ def test_puller_killed_holding_a_blob_lock_hands_over(
     assert rc == 0, err
     assert out.strip() == built.digest
     st = Store(store)
-    assert st.fsck().ok
-    assert st.gc().temp_removed >= 1  # the killed pull's partial blob
+    assert maintenance.fsck(st).ok
+    assert maintenance.gc(st).temp_removed >= 1  # the killed pull's partial blob
     assert store_leftovers(store) == []
-    report = st.fsck()
+    report = maintenance.fsck(st)
     assert report.ok and report.unreferenced == 0

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from bootstrap.fsutil import remove_tree
+from bootstrap.image import maintenance
 from bootstrap.image.store import Store
 from tests.harness import treediff
 from tests.harness.cli import bootstrap
@@ -174,7 +175,7 @@ def test_pull_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
     setup.relay.rate = THROTTLE
     full = _timed(lambda: bootstrap("pull", setup.ref, store=store, env=setup.env, check=True))
     st.untag(setup.ref)
-    st.gc()
+    maintenance.gc(st)
     started = time.monotonic()
     for i in range(PULL_ROUNDS):
         setup.relay.rate = THROTTLE
@@ -204,12 +205,12 @@ def test_pull_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
         ran = bootstrap("pull", setup.ref, store=store, env=setup.env)
         assert ran.rc == 0, f"round {i}: rerun: {ran.stderr}"
         assert ran.stdout.strip() == setup.image.digest
-        report = st.fsck()
+        report = maintenance.fsck(st)
         assert report.ok and report.unreferenced == 0, report.findings()
         assert st.resolve(setup.ref).digest == setup.image.digest
         # next round downloads everything again
         st.untag(setup.ref)
-        st.gc()
+        maintenance.gc(st)
     elapsed = time.monotonic() - started
     print(f"\n{_summary('pull')} in {elapsed:.1f}s (one full pull {full:.2f}s)")
     assert sum(r["killed"] for r in STATS["pull"]) >= PULL_ROUNDS * 0.5
@@ -266,7 +267,7 @@ def test_checkout_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
         _after_kill(store, {}, f"checkout round {i} ({row})")
         # every cache entry left behind (a kill mid-extraction leaves only a dot temp dir)
         # matches its record, path by path
-        damaged = [c.findings() for c in Store(store).fsck().layers if not c.ok]
+        damaged = [c.findings() for c in maintenance.fsck(Store(store)).layers if not c.ok]
         assert damaged == [], f"round {i} ({row}): cache entries damaged: {damaged}"
         # DEST.tmp-* beside DEST (outside the store: gc cannot see it) is removed by the rerun
         leaks = [n for n in dest_leftovers(dest) if n != dest.name]
@@ -280,7 +281,7 @@ def test_checkout_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
         assert dest_leftovers(dest) == [dest.name], f"round {i}: temp dirs survive the rerun"
         remove_tree(dest)
         STATS["checkout"][-1]["dest_tmp_leak"] = bool(leaks)
-    assert Store(store).fsck().ok
+    assert maintenance.fsck(Store(store)).ok
     elapsed = time.monotonic() - started
     print(
         f"\n{_summary('checkout')} in {elapsed:.1f}s (cold {cold:.2f}s, warm {warm:.2f}s); "
@@ -297,7 +298,7 @@ def test_import_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
     full = _timed(lambda: bootstrap(*argv[2:], store=store, check=True))
     name = "docker.io/crash/imported:1"
     st.untag(name)
-    st.gc()
+    maintenance.gc(st)
     started = time.monotonic()
     for i in range(IMPORT_ROUNDS):
         if i % 2 == 0:
@@ -315,9 +316,9 @@ def test_import_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
         ran = bootstrap("--json", *argv, store=None)
         assert ran.rc == 0, f"round {i}: rerun: {ran.stderr}"
         assert ran.json()["images"][0]["digest"] == setup.archive_digest
-        assert st.fsck().ok
+        assert maintenance.fsck(st).ok
         st.untag(name)
-        st.gc()
+        maintenance.gc(st)
     elapsed = time.monotonic() - started
     print(f"\n{_summary('import')} in {elapsed:.1f}s (one import {full:.2f}s)")
     out = setup.root / "crash-stats.json"
@@ -379,14 +380,14 @@ def test_gc_killed_at_random_points(setup: Setup, tmp_path: Path) -> None:
         k = run_and_kill(["--store", str(store), "gc"], {}, delay=rng.uniform(0.05, 1.0) * full)
         row = _record("gc", i, "delay", k)
         assert k.killed or k.rc == 0, f"gc round {i} ({row}): {k.stderr}"
-        report = st.fsck()
+        report = maintenance.fsck(st)
         assert report.ok, (row, report.findings())
         dest = tmp_path / f"root{i}"
         bootstrap("checkout", setup.ref, dest, store=store, check=True)
         assert treediff.diff(setup.reference_tree, treediff.snapshot(dest)) == []
         remove_tree(dest)
         bootstrap("gc", store=store, check=True)
-        report = st.fsck()
+        report = maintenance.fsck(st)
         assert report.ok and report.unreferenced == 0, (row, report.to_json())
     print(f"\n{_summary('gc')} (one gc of 3000 blobs {full:.2f}s)")
 

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from bootstrap.errors import ExitCode
+from bootstrap.image import maintenance
 from bootstrap.image.model import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Platform
 from bootstrap.image.store import Store
 from tests.harness.cli import Ran, bootstrap
@@ -63,7 +64,7 @@ def assert_store_unchanged(store: Path) -> None:
     if not store.exists():
         return
     assert st.images() == []
-    report = st.fsck()
+    report = maintenance.fsck(st)
     assert report.ok, report.findings()
     assert store_leftovers(store) == []
 
@@ -449,7 +450,7 @@ def test_gzip_bomb_checkout_is_contained(bomb: Path, small_store: Path, tmp_path
     assert "space" in ran.stderr.lower(), ran.stderr
     assert not dest.exists()
     assert store_leftovers(small_store) == []
-    assert Store(small_store).fsck().ok
+    assert maintenance.fsck(Store(small_store)).ok
 
 
 @pytest.mark.slow
@@ -465,7 +466,7 @@ def test_gzip_bomb_is_refused_by_a_cap(bomb: Path, small_store: Path, tmp_path: 
     assert "BOOTSTRAP_MAX_LAYER_EXPANSION" in ran.stderr
     assert not (tmp_path / "dest").exists()
     assert store_leftovers(small_store) == []
-    assert Store(small_store).fsck().ok
+    assert maintenance.fsck(Store(small_store)).ok
 
 
 @pytest.mark.slow
@@ -476,7 +477,7 @@ def test_gzip_bomb_import_is_refused(bomb: Path, small_store: Path) -> None:
     assert_clean_failure(ran, INTEGRITY)
     assert "decompression bomb" in ran.stderr
     assert Store(small_store).images() == []
-    assert Store(small_store).fsck().ok
+    assert maintenance.fsck(Store(small_store)).ok
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "1e9"])
@@ -547,7 +548,7 @@ def test_set_injection_is_refused(install_env: dict[str, Path], values: list[str
 def assert_store_unchanged_but_tagged(store: Path) -> None:
     st = Store(store)
     assert [r.name for r in st.images()] == ["docker.io/library/inject:1"]
-    assert st.fsck().ok
+    assert maintenance.fsck(st).ok
     assert store_leftovers(store) == []
 
 
@@ -625,7 +626,7 @@ def test_bad_checkout_destination(name: str, stored: Path, tmp_path: Path) -> No
     ran = bootstrap("checkout", "x:1", tmp_path / rel, store=stored)
     assert_clean_failure(ran, USAGE, word)
     assert tree_state(tmp_path) == before
-    assert Store(stored).fsck().ok
+    assert maintenance.fsck(Store(stored)).ok
 
 
 BAD_PLATFORMS = ["linux", "a/b/c/d", "LINUX/AMD64", "linux/amd64\nx", "linux//", "/amd64"]

@@ -25,6 +25,7 @@ import pytest
 
 from bootstrap.errors import ExitCode, IntegrityError, RegistryError
 from bootstrap.http import new_session
+from bootstrap.image import maintenance
 from bootstrap.image.pull import pull_image
 from bootstrap.image.reference import Reference
 from bootstrap.image.registries import RegistriesConf
@@ -82,7 +83,7 @@ class Net:
 
     def assert_nothing_wrong_stored(self) -> None:
         """fsck clean, no temp file, and every stored blob byte-identical to the source."""
-        report = self.store.fsck()
+        report = maintenance.fsck(self.store)
         assert report.ok, report.findings()
         if self.store.tmp.exists():
             assert list(self.store.tmp.iterdir()) == []
@@ -272,7 +273,7 @@ def test_seeded_chaos(net: Net, tmp_path: Path) -> None:
             assert store.images() == [], faults
             assert "\n" not in exc.message
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        report = store.fsck()
+        report = maintenance.fsck(store)
         assert report.ok, (faults, report.findings())
         assert not list(store.tmp.iterdir()), faults
         for p in (store.blobs / "sha256").iterdir():  # nothing stored that was not pushed
@@ -335,7 +336,7 @@ def test_blob_redirect_to_hostile_host(redirect: Redirect, host: str, lie: str) 
     assert digest in ran.stderr
     assert not r.store.has_blob(digest)
     assert r.store.images() == []
-    assert r.store.fsck().ok and not list(r.store.tmp.iterdir())
+    assert maintenance.fsck(r.store).ok and not list(r.store.tmp.iterdir())
     # the front got the credentials; the other host never did
     assert any("Authorization" in s.headers for s in r.front.seen if "/blobs/" in s.path)
     assert r.hostile.seen, "the redirect was not followed"
@@ -350,7 +351,7 @@ def test_blob_redirect_to_honest_storage_works_without_leaking(redirect: Redirec
     ran = bootstrap("pull", r.ref, store=r.store.root, env=r.env)
     assert ran.rc == 0, ran.stderr
     assert ran.stdout.strip() == r.image.digest
-    assert r.store.fsck().ok
+    assert maintenance.fsck(r.store).ok
     assert len(r.hostile.seen) == len(r.image.layers)
     assert all("Authorization" not in s.headers for s in r.hostile.seen)
 
@@ -368,7 +369,7 @@ def test_redirect_loop_is_exit_3(redirect: Redirect) -> None:
     assert ran.rc == ExitCode.REGISTRY, ran.stderr
     assert "Traceback" not in ran.stderr
     assert not r.store.has_blob(digest) and r.store.images() == []
-    assert r.store.fsck().ok
+    assert maintenance.fsck(r.store).ok
 
 
 # ---- a token server that errors -----------------------------------------------------------------
@@ -410,7 +411,7 @@ def test_token_server_errors_then_recovers(
     ran = bootstrap("pull", ref, store=store.root, env=env)
     assert ran.rc == 0, ran.stderr
     assert ran.stdout.strip() == net_image[1].digest
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
 
 
 @pytest.mark.parametrize(("status", "word"), [(503, "token server"), (401, "authentication")])
@@ -428,5 +429,5 @@ def test_token_server_failing_is_exit_3(
     assert word in ran.stderr
     assert "Traceback" not in ran.stderr
     assert not store.root.exists() or store.images() == []
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     reg.token_server.reset()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.image import maintenance
 from bootstrap.image.store import Store
 from tests.harness.cli import Ran, bootstrap
 from tests.harness.crashloop import fs_used, registries_env, store_leftovers, tiny_tmpfs
@@ -83,7 +84,7 @@ def assert_no_space_error(ran: Ran) -> None:
 
 
 def assert_store_valid(store: Path) -> None:
-    report = Store(store).fsck()
+    report = maintenance.fsck(Store(store))
     assert report.ok, report.findings()
 
 
@@ -95,7 +96,7 @@ def test_pull_into_a_full_store(full: Full) -> None:
     assert_store_valid(full.store)
     assert store_leftovers(full.store) == []  # the partial blob was removed at once
     used = fs_used(full.store)
-    report = st.gc()
+    report = maintenance.gc(st)
     assert store_leftovers(full.store) == []
     assert fs_used(full.store) <= used
     # the space is usable again: a smaller image pulls and checks out
@@ -117,7 +118,7 @@ def test_import_into_a_full_store(full: Full, images: tuple[Path, BuiltImage, Bu
     assert_no_space_error(ran)
     assert Store(full.store).images() == []
     assert_store_valid(full.store)
-    Store(full.store).gc()
+    maintenance.gc(Store(full.store))
     assert store_leftovers(full.store) == []
 
 
@@ -177,6 +178,6 @@ def test_bit_rot_in_a_stored_layer(
     assert ran.rc == 4 and small.layers[0] in ran.stderr, ran.stderr
     blob.unlink()
     bootstrap("pull", ref, store=store, env=env, check=True)
-    assert st.fsck().ok
+    assert maintenance.fsck(st).ok
     bootstrap("checkout", ref, dest, store=store, check=True)
     assert (dest / "bin" / "busybox").is_file()

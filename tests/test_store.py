@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import BusyError, IntegrityError, UsageError
+from bootstrap.image import maintenance
 from bootstrap.image.model import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -331,7 +332,7 @@ def test_threads_exclude_each_other_like_processes(store: Store) -> None:
 
     def gc_thread() -> None:
         try:
-            outcome.append(Store(store.root).gc(timeout=0.3))
+            outcome.append(maintenance.gc(Store(store.root), timeout=0.3))
         except BusyError as exc:
             outcome.append(exc)
 
@@ -362,10 +363,10 @@ def test_gc_waits_for_another_process_using_the_store(store: Store, tmp_path: Pa
         while not ready.exists():
             time.sleep(0.02)
         with pytest.raises(BusyError):
-            store.gc(timeout=0.2)
+            maintenance.gc(store, timeout=0.2)
         assert store.has_blob(orphan.digest)
         started = time.monotonic()
-        report = store.gc()
+        report = maintenance.gc(store)
         assert time.monotonic() - started > 0.5  # waited for the other process
         assert report.blobs_removed == 1
     finally:
@@ -388,40 +389,40 @@ def test_gc_removes_only_unreferenced(
     unused = store.layer_cache_dir(sha256(b"unused layer"))
     unused.mkdir(parents=True)
     (store.layers / "sha256" / ".tmp-build").mkdir()
-    report = store.gc()
+    report = maintenance.gc(store)
     assert report.blobs_removed == 1 and report.bytes_freed == 6000
     assert report.temp_removed == 1 and report.layers_removed == 2
     assert {p.name for p in (store.blobs / "sha256").iterdir()} == kept_blobs
     assert not store.has_blob(orphan.digest)
     assert used.is_dir() and not unused.exists()
-    assert store.fsck().ok
+    assert maintenance.fsck(store).ok
     # after rmi, everything goes
     store.untag(REF)
-    report = store.gc()
+    report = maintenance.gc(store)
     assert report.blobs_removed == len(kept_blobs) and report.layers_removed == 1
     assert not list((store.blobs / "sha256").iterdir())
 
 
 def test_fsck_clean_damaged_missing(store: Store, stored_busybox: Descriptor) -> None:
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert report.ok and report.blobs_checked == 3 and report.refs_checked == 1
     image = store.image(REF)
     layer = store.blob_path(image.manifest.layers[0].digest)
     data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0x01
     layer.write_bytes(bytes(data))
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert not report.ok and report.damaged == (image.manifest.layers[0].digest,)
     layer.unlink()
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert report.missing == (image.manifest.layers[0].digest,) and not report.damaged
     orphan = store.put_blob(b"orphan", "application/octet-stream")
-    assert store.fsck().unreferenced == 1 and orphan
+    assert maintenance.fsck(store).unreferenced == 1 and orphan
 
 
 def test_fsck_reports_a_broken_index(store: Store) -> None:
     (store.oci / "index.json").write_text("{not json")
-    report = store.fsck()
+    report = maintenance.fsck(store)
     assert not report.ok and "not a valid OCI index" in report.problems[0]
 
 

@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bootstrap.image import maintenance
 from bootstrap.image.store import Store
 from tests.harness.cli import bootstrap
 from tests.harness.registry import Registry, client_env
@@ -257,7 +258,7 @@ def test_gpg_verdict_matches_skopeo(world: World, tmp_path: Path, case: Case) ->
         assert "bootstrap: hint: " in ran.stderr and "scope" in ran.stderr
         s = Store(store)
         assert s.images() == []
-        assert s.fsck().ok
+        assert maintenance.fsck(s).ok
         layers = world.reg.inspect(name)["Layers"]
         assert all(not s.has_blob(str(d)) for d in layers)  # type: ignore[attr-defined]
 
@@ -507,7 +508,7 @@ def test_import_refused_unless_the_policy_accepts_archives(
     ran = bootstrap("--signature-policy", strict, "import", archive, store=store, env=world.env)
     assert ran.rc == 7, ran.stderr
     assert "carries no signatures" in ran.stderr and "hint" in ran.stderr
-    assert Store(store).images() == [] and Store(store).fsck().ok
+    assert Store(store).images() == [] and maintenance.fsck(Store(store)).ok
     rejected = world.policy({"default": [{"type": "reject"}]}, "imp-rej.json")
     ran = bootstrap("--signature-policy", rejected, "import", archive, store=store, env=world.env)
     assert ran.rc == 7 and "rejected" in ran.stderr

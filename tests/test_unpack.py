@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import IntegrityError
+from bootstrap.image.apply import UnpackOptions, apply_layer
 from bootstrap.image.model import LAYER_COMPRESSION
-from bootstrap.image.unpack import UnpackOptions, apply_layer
 from tests.harness.image_fixtures import ImageBuilder
 from tests.harness.imagebuilder import (
     Dir,

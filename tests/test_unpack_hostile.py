@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import IntegrityError
+from bootstrap.image.apply import UnpackOptions, apply_layer
+from bootstrap.image.compose import checkout
 from bootstrap.image.model import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import UnpackOptions, apply_layer, checkout
 from tests.harness.cli import bootstrap
 
 Member = tuple[tarfile.TarInfo, bytes]

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import IntegrityError
+from bootstrap.image.apply import UnpackOptions, apply_layer
+from bootstrap.image.compose import checkout
 from bootstrap.image.model import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST
 from bootstrap.image.store import Store
-from bootstrap.image.unpack import UnpackOptions, apply_layer, checkout
 from tests.harness.imagebuilder import init_layout, put_blob
 from tests.harness.treediff import diff, snapshot
 from tests.harness.unpack_support import load_layout

@@ -62,6 +62,7 @@ from typing import IO, Any, cast
 from bootstrap import process
 from bootstrap.errors import BootstrapError
 from bootstrap.fsutil import fsync_dir, remove_tree
+from bootstrap.image.api import Digesting
 from bootstrap.locks import flocked
 
 MTIME = 1700000000
@@ -190,26 +191,6 @@ def _goarch() -> str:
 # ---- writing layers and archives ---------------------------------------------------------------
 
 
-class _Hashing(io.RawIOBase):
-    """A write-only stream that hashes and counts what passes through to ``out``."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        super().__init__()
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        data = bytes(b)
-        self.sha.update(data)
-        self.size += len(data)
-        self.out.write(data)
-        return len(data)
-
-
 def _tarinfo(entry: Entry) -> tarfile.TarInfo:
     path = entry.path.strip("/")
     if not path or path.startswith("../") or "/../" in f"/{path}/":
@@ -253,13 +234,15 @@ def _write_layer(entries: Iterable[Entry], blob_dir: Path) -> tuple[str, str, in
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as raw:
-            compressed = _Hashing(raw)
+            compressed = Digesting(raw, algorithm="sha256")
             gzip_file = igzip.IGzipFile(  # type: ignore[no-untyped-call]
                 fileobj=compressed, mode="wb", compresslevel=_GZIP_LEVEL, mtime=0
             )
             with cast(IO[bytes], gzip_file) as gz:
-                plain = _Hashing(gz)
-                with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                plain = Digesting(gz, algorithm="sha256")
+                with tarfile.open(
+                    fileobj=cast(IO[bytes], plain), mode="w|", format=tarfile.PAX_FORMAT
+                ) as tar:
                     for entry in _with_parents(entries):
                         info = _tarinfo(entry)
                         if isinstance(entry, File):
@@ -273,9 +256,9 @@ def _write_layer(entries: Iterable[Entry], blob_dir: Path) -> tuple[str, str, in
             raw.flush()
             os.fchmod(raw.fileno(), 0o644)
             os.fsync(raw.fileno())
-        digest = f"sha256:{compressed.sha.hexdigest()}"
+        digest = compressed.digest()
         os.replace(tmp, blob_dir / digest.split(":", 1)[1])
-        return digest, f"sha256:{plain.sha.hexdigest()}", compressed.size
+        return digest, plain.digest(), compressed.count
     except FileNotFoundError as exc:
         raise ImageBuildError(
             f"building a layer: {exc.filename}: no such file", "install the package providing it"

@@ -549,7 +549,7 @@ class Deployer:
                 if self._verifier is None:  # loaded on first pull: list/rollback need no policy
                     self._verifier = self._verifier_factory()
                 kwargs["verifier"] = self._verifier
-            from bootstrap.image.unpack import UnpackOptions
+            from bootstrap.image.apply import UnpackOptions
 
             # the layer cache is filled as the layers download: the rootfs is built from it next
             return pull_image(self.store, ref, extract=UnpackOptions(), **kwargs).image
@@ -570,7 +570,7 @@ class Deployer:
         the slot's own, ``rootfs/`` the empty mount point the unit mounts the overlay on before
         runc starts. Otherwise ``rootfs/`` is a checkout with files of its own (reflinks or
         copies); nothing is shared with the cache either way."""
-        from bootstrap.image.unpack import checkout, image_tree, overlay_supported
+        from bootstrap.image.compose import checkout, image_tree, overlay_supported
 
         if overlay_supported() and _fits_mount_options(paths.root, self.store.root):
             with self.store.using():

@@ -1,1 +1,1 @@
-"""Images: references, registry client, manifests, the shared store, unpacking."""
+"""Images: references, registry client, the shared store, the layer cache, composition (see api)."""

@@ -1,4 +1,4 @@
-"""The image stage's CLI-facing API: ``pull``, ``images``, ``rmi``, ``gc``, ``fsck``.
+"""The image stage's CLI-facing API: ``pull``, ``checkout``, ``images``, ``rmi``, ``gc``, ``fsck``.
 
 Each function takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments as the
 command line gave them, does one thing, and returns a frozen result with ``to_json()`` and
@@ -9,20 +9,27 @@ code (2 bad reference or platform, 3 registry, 4 integrity, 6 store busy).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import IntegrityError, UsageError
 from bootstrap.image.model import Platform
-from bootstrap.image.store import FsckReport, GcReport, Store, StoredRef
+from bootstrap.image.store import Store, StoredRef
+from bootstrap.image.stream import Digesting
 from bootstrap.progress import human_size, make_progress
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by pull() alone
+    from bootstrap.image.apply import UnpackOptions
+    from bootstrap.image.compose import CheckoutResult
+    from bootstrap.image.maintenance import FsckReport, GcReport
+    from bootstrap.image.model import Image
     from bootstrap.image.pull import ImageVerifier, PullResult
-    from bootstrap.image.unpack import UnpackOptions
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Digesting"]  # the demo's image builder counts and hashes its layers with it
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,9 @@ def rmi(settings: Settings, ref: str) -> RmiResult:
 def gc(settings: Settings) -> GcReport:
     """Remove unreferenced blobs, unused cached layers and temp files; waits for running pulls
     and checkouts to finish first."""
-    return Store(settings.store).gc()
+    from bootstrap.image import maintenance
+
+    return maintenance.gc(Store(settings.store))
 
 
 def fsck(settings: Settings, *, repair: bool = False) -> FsckReport:
@@ -185,9 +194,78 @@ def fsck(settings: Settings, *, repair: bool = False) -> FsckReport:
     its record; ``repair`` first extracts damaged cache entries again from their blobs. Clean:
     the report. Damage left: each finding logged on stderr, then :class:`FsckFailed` (exit 4)
     carrying the report."""
-    report = Store(settings.store).fsck(repair=repair)
+    from bootstrap.image import maintenance
+
+    report = maintenance.fsck(Store(settings.store), repair=repair)
     if not report.ok:
         for line in report.findings():
             log.error("fsck: %s", line)
         raise FsckFailed(report)
     return report
+
+
+def checkout(
+    settings: Settings,
+    ref: str,
+    dest: str,
+    *,
+    hardlink: bool,
+    devices: bool,
+    policy: str = "never",
+    verifier: Callable[[], ImageVerifier] | None = None,
+) -> CheckoutResult:
+    """CLI entry: ``bootstrap checkout REF DEST [--copy | --hardlink] [--devices]
+    [--pull missing|always|never]``. ``ref`` is looked up as ``pull`` of the same text stored
+    it (registries.conf aliases, search registries). ``policy`` (``--pull``): "missing" pulls
+    ``ref`` when it is not stored, "always" pulls it first (the tag moves if the registry's
+    did), "never" only uses the store; a pull streams each layer into the layer cache as it
+    downloads (one pass over the bytes) and checks it against ``verifier()`` (built only when a
+    pull happens). DEST and the store are checked before anything is downloaded. Raises as
+    :func:`~bootstrap.image.compose.checkout` and :func:`pull`; a ``ref`` not stored with
+    policy "never" is a UsageError whose hint is the pull command."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from bootstrap.image.apply import UnpackOptions
+    from bootstrap.image.compose import check_dest
+    from bootstrap.image.compose import checkout as compose
+
+    if policy not in ("missing", "always", "never"):
+        raise UsageError(
+            f"--pull {policy!r}: expected missing, always or never", "e.g. --pull never"
+        )
+    store = Store(settings.store)
+    # a DEST inside the store's own dirs would be taken for a blob (fsck: damage) or removed
+    # by gc as an unused cache entry
+    real = Path(os.path.realpath(dest))
+    for own in (store.oci, store.tmp, store.locks, store.layers):
+        own_real = Path(os.path.realpath(own))
+        if real == own_real or own_real in real.parents:
+            raise UsageError(
+                f"{dest} is inside the store's {own.name}/ directory",
+                "check out somewhere outside the store",
+            )
+    check_dest(Path(os.path.abspath(dest)))  # before a pull, not only after it
+    store.init()
+    name = stored_name(store, ref)
+    image: Image | None = None
+    if policy != "never":
+        stored = True
+        try:
+            store.resolve(name)
+        except UsageError:
+            stored = False
+        if policy == "always" or not stored:
+            result = pull(
+                settings,
+                ref,
+                verifier=verifier() if verifier is not None else None,
+                extract=UnpackOptions(devices=devices),
+            )
+            image = result.image
+    pulled = image is not None
+    if image is None:
+        image = store.image(name)
+    done = compose(store, image, Path(dest), hardlink=hardlink, devices=devices)
+    return dataclasses.replace(done, pulled=True) if pulled else done

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bootstrap.errors import IntegrityError, UsageError
 from bootstrap.image.model import (
-    DIGEST_ALGORITHMS,
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
     OCI_CONFIG,
@@ -53,7 +52,8 @@ from bootstrap.image.model import (
     matches,
 )
 from bootstrap.image.store import ADMITTED_ANNOTATION
-from bootstrap.image.unpack import TarMember, scan_tar
+from bootstrap.image.stream import Digesting
+from bootstrap.image.tarstream import TarMember, scan_tar
 
 if TYPE_CHECKING:
     from bootstrap.image.store import Store
@@ -108,26 +108,6 @@ def _compression_of(head: bytes) -> str:
     return "none"
 
 
-class _Hashing:
-    """A read-only stream wrapper hashing what passes through (the stored blob's digest)."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.sha = DIGEST_ALGORITHMS["sha256"]()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-
 def _normalize(name: str) -> str:
     from bootstrap.image.reference import Reference
 
@@ -179,7 +159,7 @@ def import_archive(
             compression = _compression_of(fh.read(8))
             fh.seek(0)
             members: dict[str, TarMember] = {}
-            hashing = _Hashing(fh)
+            hashing = Digesting(fh, algorithm="sha256")
 
             def add(m: TarMember) -> None:
                 # docker-archive and oci-archive metadata and blobs are at most 3 levels deep
@@ -188,7 +168,7 @@ def import_archive(
                 if m.name.count("/") < 3:
                     members[m.name] = m
 
-            diff_id = scan_tar(hashing, compression, path.name, add)  # type: ignore[arg-type]
+            diff_id = scan_tar(hashing, compression, path.name, add)
         kind = _kind(members)
         admitted = ""
         if admit is not None:
@@ -196,7 +176,9 @@ def import_archive(
             admitted = str(admit(transport, path.absolute(), name or str(path)))
         if kind == "rootfs-tar":
             images = [
-                _import_rootfs(store, path, name, compression, diff_id, hashing.sha, hashing.size)
+                _import_rootfs(
+                    store, path, name, compression, diff_id, hashing.digest(), hashing.count
+                )
             ]
         elif compression != "none":
             raise UsageError(
@@ -303,7 +285,7 @@ def _import_rootfs(
     name: str | None,
     compression: str,
     diff_id: str,
-    blob_sha: Any,
+    blob_digest: str,
     size: int,
 ) -> ImportedImage:
     if name is None:
@@ -311,7 +293,7 @@ def _import_rootfs(
             f"{path}: a plain rootfs tar carries no image name; --name is required",
             "e.g. bootstrap import --name example.com/rootfs:1 PATH",
         )
-    layer = Descriptor(_MEDIA[compression], "sha256:" + blob_sha.hexdigest(), size)
+    layer = Descriptor(_MEDIA[compression], blob_digest, size)
 
     def fetch(write: Callable[[bytes], object]) -> None:
         with path.open("rb") as fh:
@@ -435,11 +417,11 @@ def _docker_layer(store: Store, reader: _Members, layer_name: str, diff_id: str)
     def produce(write: Callable[[bytes], object]) -> None:
         region, left = reader.open_region(layer_name, "layer")
         with region:
-            tee = _Tee(_Limited(region, left), write)
-            actual = scan_tar(tee, compression, f"layer {layer_name}", lambda m: None)  # type: ignore[arg-type]
+            tee = Digesting(region, limit=left, tee=write)
+            actual = scan_tar(tee, compression, f"layer {layer_name}", lambda m: None)
             while tee.read(_CHUNK):  # what follows the tar's end (compression trailer, padding)
                 pass
-        if tee.size != left:
+        if tee.count != left:
             raise IntegrityError(
                 f"{reader.path.name}: layer {member.raw_name!r} is truncated", _HINT
             )
@@ -451,47 +433,6 @@ def _docker_layer(store: Store, reader: _Members, layer_name: str, diff_id: str)
             )
 
     return store.put_stream(_MEDIA[compression], produce)
-
-
-class _Tee:
-    """A read-only stream wrapper passing what is read to ``write`` as well (counted)."""
-
-    def __init__(self, raw: Any, write: Callable[[bytes], object]) -> None:
-        self.raw = raw
-        self.write = write
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self.raw.read(n)
-        if data:
-            self.write(data)
-            self.size += len(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-
-class _Limited:
-    """At most ``left`` bytes of ``raw``."""
-
-    def __init__(self, raw: BinaryIO, left: int) -> None:
-        self.raw = raw
-        self.left = left
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self.left:
-            n = self.left
-        data = self.raw.read(n)
-        self.left -= len(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
 
 # ---- oci-archive -------------------------------------------------------------------------------

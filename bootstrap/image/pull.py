@@ -10,19 +10,18 @@ throughout, so a concurrent ``gc`` waits rather than deleting blobs the pull rel
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bootstrap.errors import BootstrapError, IntegrityError
+from bootstrap.image.layercache import cached_layer
 from bootstrap.image.model import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -40,13 +39,14 @@ from bootstrap.image.model import (
     Manifest,
     Platform,
 )
+from bootstrap.image.pipe import Cancelled, StreamedLayer
 from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store
 from bootstrap.progress import Progress
 
 if TYPE_CHECKING:
+    from bootstrap.image.apply import UnpackOptions
     from bootstrap.image.reference import Reference
     from bootstrap.image.registry import FetchedManifest, RegistryClient
-    from bootstrap.image.unpack import UnpackOptions
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,6 @@ class ImageVerifier(Protocol):
     ) -> object: ...
 
 
-class _Cancelled(Exception):
-    """Raised inside a download's write callback to stop it once another layer failed."""
-
-
 def pull_image(
     store: Store,
     reference: Reference,
@@ -149,7 +145,7 @@ def pull_image(
     itself, when one is served) before any config or layer is downloaded; what it returns is
     recorded on the tag (``io.bootstrap.trust.admitted``). Every command that brings an image
     in passes one; None skips verification (library use and tests).
-    ``extract``: also fill the layer cache (:func:`~bootstrap.image.unpack.ensure_layer`) with
+    ``extract``: also fill the layer cache (:func:`~bootstrap.image.layercache.ensure_layer`) with
     these options in the same pass: each layer downloaded now is teed into its blob temp file
     and, through a pipe, into an extractor thread, and neither is committed until the blob's
     size and digest and the layer's diff_id all match (a mismatch removes both). Layers whose
@@ -212,33 +208,36 @@ def pull_image(
             served = top
             manifest_data = fetched.data
 
-        counter = _Counter()
+        fetched_bytes: dict[
+            str, int
+        ] = {}  # blob digest -> bytes this pull downloaded (one writer each)
         endpoint = fetched.endpoint
 
         diff_of: dict[str, str] = {}
 
         def fetch(desc: Descriptor, label: str, cancel: threading.Event | None = None) -> None:
             called = False
-            streamed: _StreamedLayer | None = None
+            streamed: StreamedLayer | None = None
 
             def download(write: Callable[[bytes], object]) -> None:
                 nonlocal called, streamed
                 called = True
                 diff_id = diff_of.get(desc.digest)
-                if extract is not None and diff_id is not None:
-                    from bootstrap.image.unpack import cached_layer
-
-                    if cached_layer(store, diff_id, extract) is None:
-                        streamed = _StreamedLayer(store, desc, diff_id, extract)
+                if (
+                    extract is not None
+                    and diff_id is not None
+                    and cached_layer(store, diff_id, extract) is None
+                ):
+                    streamed = StreamedLayer(store, desc, diff_id, extract)
                 tee = streamed
 
                 def sink(chunk: bytes) -> None:
                     if cancel is not None and cancel.is_set():
-                        raise _Cancelled()
+                        raise Cancelled()
                     write(chunk)
                     if tee is not None:
                         tee.write(chunk)
-                    counter.add(len(chunk))
+                    fetched_bytes[desc.digest] = fetched_bytes.get(desc.digest, 0) + len(chunk)
                     progress.advance(desc.digest, len(chunk))
 
                 client.get_blob(reference, desc, sink, endpoint=endpoint)
@@ -312,7 +311,7 @@ def pull_image(
         stored_digest=target.digest,
         platform=selected,
         size=size,
-        downloaded=counter.value,
+        downloaded=sum(fetched_bytes.values()),
         elapsed=time.monotonic() - started,
         admitted=admitted,
     )
@@ -361,196 +360,12 @@ def _fetch_layers(
             f.cancel()
         pool.shutdown(wait=True)
     errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
-    real = [e for e in errors if not isinstance(e, _Cancelled)]
+    real = [e for e in errors if not isinstance(e, Cancelled)]
     first = next((e for e in real if isinstance(e, BootstrapError)), None) or (
         real[0] if real else None
     )
     if first is not None:
         raise first
-
-
-class _ChunkPipe:
-    """A pipe of ``bytes`` chunks between two threads of this process: the downloader
-    :meth:`put` s each chunk as the HTTP client produced it, the extractor reads a file-like
-    stream (:meth:`read`, :meth:`readinto`), so chunks are handed over by reference instead of
-    being copied into and out of a kernel pipe. At most ``depth`` chunks wait: memory stays
-    bounded whatever the layer's size. :meth:`close` (reader side) makes every later
-    :meth:`put` return False, also one blocked on a full pipe."""
-
-    _POLL = 0.05  # a writer blocked on a full pipe looks at ``closed`` this often (seconds)
-
-    def __init__(self, depth: int = 4) -> None:
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self._chunk = b""
-        self._off = 0
-        self._eof = False
-        self.closed = False
-
-    # -- writer side
-
-    def put(self, chunk: bytes | None) -> bool:
-        """Hand ``chunk`` (None: the end of the stream) to the reader; False once the reader
-        closed the pipe."""
-        while not self.closed:
-            try:
-                self._q.put(chunk, timeout=self._POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    # -- reader side
-
-    def _fill(self) -> bool:
-        while self._off >= len(self._chunk):
-            if self._eof:
-                return False
-            item = self._q.get()
-            if item is None:
-                self._eof = True
-                return False
-            self._chunk, self._off = item, 0
-        return True
-
-    def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes (all that is left with ``size`` < 0); b"" at the end."""
-        if size is None or size < 0:
-            parts = []
-            while self._fill():
-                parts.append(self._chunk[self._off :])
-                self._off = len(self._chunk)
-            return b"".join(parts)
-        if not size or not self._fill():
-            return b""
-        if self._off == 0 and size >= len(self._chunk):
-            self._off = len(self._chunk)
-            return self._chunk  # the whole chunk, not copied
-        data = self._chunk[self._off : self._off + size]
-        self._off += len(data)
-        return data
-
-    def readinto(self, buffer: memoryview | bytearray, /) -> int:
-        if not len(buffer) or not self._fill():
-            return 0
-        n = min(len(buffer), len(self._chunk) - self._off)
-        memoryview(buffer)[:n] = memoryview(self._chunk)[self._off : self._off + n]
-        self._off += n
-        return n
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        """Stop reading: a writer gets False from :meth:`put` from now on."""
-        self.closed = True
-        with contextlib.suppress(queue.Empty):
-            while True:  # a writer blocked in put() gets its slot, then sees ``closed``
-                self._q.get_nowait()
-
-    def __enter__(self) -> _ChunkPipe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _StreamedLayer:
-    """One layer inflated into the layer cache while it downloads: the downloader thread
-    :meth:`write` s each chunk into a pipe read by an extractor thread running
-    :func:`~bootstrap.image.unpack.ensure_layer`, which stops just before its rename until
-    :meth:`settle` says whether the blob was committed.
-
-    Protocol (downloader side): :meth:`write` per chunk, :meth:`end_of_stream`, then inside
-    the blob's ``before_commit`` :meth:`wait_extracted` (raises the extractor's error: a
-    hostile layer or a diff_id mismatch then stores no blob either), and always
-    :meth:`settle` once. Memory is bounded by the pipe's depth (a few chunks)."""
-
-    def __init__(
-        self, store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions
-    ) -> None:
-        self._pipe = _ChunkPipe()
-        self._open = True  # the writer side: end_of_stream not yet sent
-        self._ready = threading.Event()  # extractor at its commit point, or finished
-        self._go = threading.Event()
-        self._commit = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(store, desc, diff_id, options),
-            name=f"inflate-{_short(desc.digest)}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _run(self, store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions) -> None:
-        from bootstrap.image.unpack import ensure_layer
-
-        try:
-            ensure_layer(
-                store,
-                desc,
-                diff_id,
-                options,
-                source=lambda: cast(BinaryIO, self._pipe),
-                before_commit=self._wait_go,
-            )
-        except BaseException as exc:  # handed to the downloader thread, which raises it
-            self.error = exc
-        finally:
-            self._pipe.close()  # a writer still writing stops instead of blocking
-            self._ready.set()
-
-    def _wait_go(self) -> None:
-        self._ready.set()
-        self._go.wait()
-        if not self._commit:
-            raise _Cancelled()
-
-    def write(self, chunk: bytes) -> None:
-        """Feed ``chunk`` to the extractor. When the extractor stopped reading: raise its
-        error, or (it found the layer cached meanwhile) ignore the rest."""
-        if not self._open:
-            return
-        if not self._pipe.put(chunk):
-            self._open = False
-            self._thread.join()
-            if self.error is not None:
-                raise self.error from None
-
-    def end_of_stream(self) -> None:
-        self._close()
-
-    def wait_extracted(self) -> None:
-        """Wait until the extraction is complete and verified; raise its error if it failed."""
-        self._close()
-        self._ready.wait()
-        if self.error is not None:
-            raise self.error
-
-    def settle(self, *, commit: bool) -> None:
-        """Let the extractor rename its entry in (``commit``) or remove it; wait for it. After
-        a commit, an error of the final rename is raised."""
-        self._close()
-        self._commit = commit
-        self._go.set()
-        self._thread.join()
-        if commit and self.error is not None:
-            raise self.error
-
-    def _close(self) -> None:
-        if self._open:
-            self._open = False
-            self._pipe.put(None)
-
-
-class _Counter:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.value += n
 
 
 def _short(digest: str) -> str:

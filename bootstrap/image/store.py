@@ -1,4 +1,4 @@
-"""The shared image store: an OCI image layout plus temp files, locks and a per-layer cache.
+"""Content-addressed storage: blobs, the index and its tags, locks, the store's directories.
 
 Layout under ``root`` (``Settings.store``)::
 
@@ -8,7 +8,7 @@ Layout under ``root`` (``Settings.store``)::
       blobs/<alg>/<hex>
     tmp/                 temp files of blobs being written (stale ones are removed by gc)
     locks/               store.lock (using/exclusive), index.lock, blobs/*.lock, layers/*.lock
-    layers/<alg>/<hex>   extracted-layer cache dirs keyed by diff_id (written by the unpack module)
+    layers/<alg>/<hex>   extracted-layer cache dirs keyed by diff_id (written by image.layercache)
     trees/<alg>/<hex>    composed read-only lower trees of images, keyed by manifest digest
     holds/<key>.json     what deployments use (gc keeps those trees and layers)
 
@@ -32,7 +32,8 @@ delete them safely.
 
 A blob appears under ``blobs/`` only complete and verified (temp file, digest and size checked,
 fsync, rename, fsync dir), and index.json is replaced whole, so a process killed at any point
-leaves a valid store: at worst unreferenced blobs and temp files, which :meth:`Store.gc` removes.
+leaves a valid store: at worst unreferenced blobs and temp files, which gc
+(:mod:`bootstrap.image.maintenance`) removes.
 """
 
 from __future__ import annotations
@@ -43,24 +44,19 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
-from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
+from bootstrap.fsutil import fsync_dir, write_atomic
 from bootstrap.image.model import (
     DIGEST_ALGORITHMS,
-    DOCKER_CONFIG,
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
-    OCI_CONFIG,
     OCI_INDEX,
     REF_NAME_ANNOTATION,
     Descriptor,
@@ -72,10 +68,6 @@ from bootstrap.image.model import (
     split_digest,
 )
 from bootstrap.locks import flocked
-from bootstrap.progress import human_size
-
-if TYPE_CHECKING:  # unpack (fsck's layer checks) is imported when fsck runs
-    from bootstrap.image.unpack import LayerCheck
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +88,6 @@ LAYER_LOCK_WAIT = 1800.0
 INDEX_LOCK_WAIT = 60.0
 #: Prefix of the files under ``tmp/`` recording a running checkout's temp directory.
 CHECKOUT_RECORD = "checkout-"
-#: The name of a checkout's temp directory (see :func:`bootstrap.image.unpack.checkout`).
-_CHECKOUT_TEMP = re.compile(r".+\.tmp-[A-Za-z0-9_]+")
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -131,100 +121,6 @@ class StoredRef:
         return doc
 
 
-@dataclass(frozen=True)
-class GcReport:
-    """What :meth:`Store.gc` removed."""
-
-    blobs_removed: int = 0
-    bytes_freed: int = 0
-    layers_removed: int = 0
-    temp_removed: int = 0
-    locks_removed: int = 0
-    blobs_kept: int = 0
-    checkouts_removed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "checkouts_removed": self.checkouts_removed,
-            "blobs_removed": self.blobs_removed,
-            "bytes_freed": self.bytes_freed,
-            "layers_removed": self.layers_removed,
-            "temp_removed": self.temp_removed,
-            "locks_removed": self.locks_removed,
-            "blobs_kept": self.blobs_kept,
-        }
-
-    def to_text(self) -> str:
-        return (
-            f"removed {self.blobs_removed} blobs ({human_size(self.bytes_freed)}), "
-            f"{self.layers_removed} cached layers, {self.temp_removed} temp files, "
-            f"{self.checkouts_removed} interrupted checkouts; {self.blobs_kept} blobs kept"
-        )
-
-
-@dataclass(frozen=True)
-class FsckReport:
-    """What :meth:`Store.fsck` found. ``damaged``: blobs whose content does not hash to their
-    name (or that cannot be parsed although referenced as manifests/configs); ``missing``: blobs
-    referenced from index.json (directly or through manifests) but absent; ``problems``: other
-    findings, one line each (bad index.json, size disagreements...). ``unreferenced`` blobs are
-    not damage (gc removes them)."""
-
-    blobs_checked: int = 0
-    bytes_checked: int = 0
-    damaged: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
-    problems: tuple[str, ...] = ()
-    unreferenced: int = 0
-    refs_checked: int = 0
-    layers: tuple[LayerCheck, ...] = ()
-    repaired: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not (
-            self.damaged or self.missing or self.problems or any(not c.ok for c in self.layers)
-        )
-
-    def findings(self) -> list[str]:
-        """One human line per finding."""
-        return (
-            [f"damaged blob {d}" for d in self.damaged]
-            + [f"missing blob {d}" for d in self.missing]
-            + list(self.problems)
-            + [line for c in self.layers for line in c.findings()]
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "blobs_checked": self.blobs_checked,
-            "bytes_checked": self.bytes_checked,
-            "refs_checked": self.refs_checked,
-            "damaged": list(self.damaged),
-            "missing": list(self.missing),
-            "problems": list(self.problems),
-            "unreferenced": self.unreferenced,
-            "layers_checked": len(self.layers),
-            "layers_damaged": [c.to_json() for c in self.layers if not c.ok],
-            "layers_repaired": list(self.repaired),
-        }
-
-    def to_text(self) -> str:
-        head = (
-            f"checked {self.blobs_checked} blobs ({human_size(self.bytes_checked)}), "
-            f"{self.refs_checked} refs, {len(self.layers)} cached layers: "
-        )
-        if self.repaired:
-            head = f"repaired {len(self.repaired)} cached layers\n" + head
-        if self.ok:
-            tail = "ok"
-            if self.unreferenced:
-                tail += f" ({self.unreferenced} unreferenced blobs; 'bootstrap gc' removes them)"
-            return head + tail
-        return head + f"{len(self.findings())} problems\n" + "\n".join(self.findings())
-
-
 # ---- process-wide re-entrant holds of the store lock -------------------------------------------
 
 
@@ -255,7 +151,8 @@ class Store:
         self.holds = self.root / "holds"
         self._index_path = self.oci / "index.json"
         self._store_lock = self.locks / "store.lock"
-        self._index_lock = self.locks / "index.lock"
+        #: held exclusively while index.json (or oci-layout) is rewritten
+        self.index_lock = self.locks / "index.lock"
         self._initialized = False
         self.check_root()
 
@@ -300,12 +197,12 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
         layout = self.oci / "oci-layout"
         if not layout.exists():
-            with flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
+            with flocked(self.index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
                 if not layout.exists():
                     data = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
                     write_atomic(layout, data)
         if not self._index_path.exists():
-            with flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
+            with flocked(self.index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
                 if not self._index_path.exists():
                     self._write_index([])
         self._initialized = True
@@ -516,7 +413,7 @@ class Store:
         if size == desc.size:
             return True
         # The digest fixes the size: either the stored file is damaged, or desc lies.
-        actual = _hash_file(path, desc.digest)
+        actual = hash_file(path, desc.digest)
         if actual == desc.digest:
             raise IntegrityError(
                 f"descriptor of {desc.digest} says {desc.size} bytes, the content has {size}",
@@ -645,7 +542,7 @@ class Store:
 
     # -- refs ----------------------------------------------------------------------------------
 
-    def _read_index(self) -> list[dict[str, Any]]:
+    def index_entries(self) -> list[dict[str, Any]]:
         try:
             raw = self._index_path.read_bytes()
         except FileNotFoundError:
@@ -674,14 +571,14 @@ class Store:
         self.init()
         with (
             self.using(),
-            flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
+            flocked(self.index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
         ):
             if not self.has_blob(desc.digest):
                 raise IntegrityError(
                     f"cannot tag {name}: blob {desc.digest} is not stored",
                     "pull the image again",
                 )
-            entries = [m for m in self._read_index() if _ref_name(m) != name]
+            entries = [m for m in self.index_entries() if ref_name(m) != name]
             doc = desc.to_json()
             doc["annotations"] = {**dict(desc.annotations), REF_NAME_ANNOTATION: name}
             doc.pop("platform", None)
@@ -693,10 +590,10 @@ class Store:
         :class:`UsageError`."""
         with (
             self.using(),
-            flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
+            flocked(self.index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
         ):
-            entries = self._read_index()
-            found = [m for m in entries if _ref_name(m) == name]
+            entries = self.index_entries()
+            found = [m for m in entries if ref_name(m) == name]
             if not found:
                 raise self._not_found(name)
             for m in found:
@@ -709,20 +606,20 @@ class Store:
         self.init()
         with (
             self.using(),
-            flocked(self._index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
+            flocked(self.index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"),
         ):
-            entries = self._read_index()
-            found = [m for m in entries if _ref_name(m) == name]
+            entries = self.index_entries()
+            found = [m for m in entries if ref_name(m) == name]
             if not found:
                 raise self._not_found(name)
-            self._write_index([m for m in entries if _ref_name(m) != name])
+            self._write_index([m for m in entries if ref_name(m) != name])
             return Descriptor.from_json(found[-1], f"index.json[{name}]")
 
     def resolve(self, name: str) -> Descriptor:
         """The descriptor ``name`` (a normalized reference) points at; missing name:
         :class:`UsageError` (exit 2) with the hint to pull it."""
-        for m in reversed(self._read_index()):
-            if _ref_name(m) == name:
+        for m in reversed(self.index_entries()):
+            if ref_name(m) == name:
                 return Descriptor.from_json(m, f"index.json[{name}]")
         raise self._not_found(name)
 
@@ -732,8 +629,8 @@ class Store:
     def images(self) -> list[StoredRef]:
         """Every named entry of index.json, sorted by name."""
         out = []
-        for m in self._read_index():
-            name = _ref_name(m)
+        for m in self.index_entries():
+            name = ref_name(m)
             if name is None:
                 continue
             ann = m.get("annotations") or {}
@@ -812,7 +709,7 @@ class Store:
         write_atomic(path, json.dumps(doc))
         return path
 
-    def _live_holds(self, *, drop_stale: bool) -> tuple[set[str], set[str]]:
+    def live_holds(self, *, drop_stale: bool) -> tuple[set[str], set[str]]:
         """(manifest digests, diff_ids) held by users whose ``lower`` still resolves to the held
         tree; with ``drop_stale`` the other hold files are removed (their user is gone)."""
         images: set[str] = set()
@@ -841,101 +738,10 @@ class Store:
 
     # -- gc and fsck ---------------------------------------------------------------------------
 
-    def _walk(
-        self, on_problem: Callable[[str, str], None] | None = None
-    ) -> tuple[set[str], set[str], int]:
-        """Reachability from index.json: (reachable blob digests, diff_ids of stored image
-        configs, refs). ``on_problem(kind, text)`` gets ("missing", digest) for a required blob
-        that is absent and ("damaged", digest) / ("problem", line) for unparseable content."""
-
-        def problem(kind: str, text: str) -> None:
-            if on_problem is not None:
-                on_problem(kind, text)
-
-        reachable: set[str] = set()
-        diff_ids: set[str] = set()
-        entries = self._read_index()
-        todo: list[tuple[str, str, int, bool, str]] = []
-        for i, m in enumerate(entries):
-            name = _ref_name(m) or f"index.json manifests[{i}]"
-            try:
-                d = Descriptor.from_json(m, f"index.json manifests[{i}]")
-            except IntegrityError as exc:
-                problem("problem", exc.message)
-                continue
-            todo.append((d.digest, d.media_type, d.size, True, name))
-        seen: set[str] = set()
-        while todo:
-            digest, media_type, size, required, where = todo.pop()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            path = self.blob_path(digest)
-            if not path.is_file():
-                if required:
-                    problem("missing", digest)
-                continue
-            reachable.add(digest)
-            actual_size = path.stat().st_size
-            if actual_size != size:
-                problem("problem", f"{where}: blob {digest} has {actual_size} bytes, not {size}")
-            if media_type not in MANIFEST_TYPES | INDEX_TYPES | {OCI_CONFIG, DOCKER_CONFIG}:
-                continue  # layers and unknown blobs are leaves
-            limit = (
-                MAX_CONFIG_BYTES
-                if media_type in (OCI_CONFIG, DOCKER_CONFIG)
-                else MAX_MANIFEST_BYTES
-            )
-            try:
-                with open(path, "rb") as fh:
-                    doc = json.loads(fh.read(limit + 1))
-                if not isinstance(doc, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                problem("damaged", digest)
-                continue
-            try:
-                if media_type in INDEX_TYPES:
-                    children = [
-                        Descriptor.from_json(c, f"{digest} manifests[{j}]")
-                        for j, c in enumerate(doc.get("manifests") or [])
-                    ]
-                    # an index keeps only the platforms pulled: at least one must be stored
-                    if children and not any(self.has_blob(c.digest) for c in children):
-                        problem("problem", f"{where}: none of the manifests of {digest} stored")
-                    todo.extend((c.digest, c.media_type, c.size, False, where) for c in children)
-                elif media_type in MANIFEST_TYPES:
-                    cfg = Descriptor.from_json(doc.get("config"), f"{digest} config")
-                    cfg_type = cfg.media_type if cfg.media_type else OCI_CONFIG
-                    if cfg_type not in (OCI_CONFIG, DOCKER_CONFIG):
-                        cfg_type = OCI_CONFIG
-                    todo.append((cfg.digest, cfg_type, cfg.size, True, where))
-                    for j, layer in enumerate(doc.get("layers") or []):
-                        ld = Descriptor.from_json(layer, f"{digest} layers[{j}]")
-                        if ld.urls and not self.has_blob(ld.digest):
-                            continue  # a foreign layer not pulled is not missing
-                        todo.append((ld.digest, ld.media_type, ld.size, True, where))
-                else:
-                    rootfs = doc.get("rootfs") or {}
-                    for j, diff in enumerate(rootfs.get("diff_ids") or []):
-                        diff_ids.add(check_digest(diff, f"{digest} rootfs.diff_ids[{j}]"))
-            except (IntegrityError, AttributeError) as exc:
-                problem("problem", f"{where}: {getattr(exc, 'message', exc)}")
-        return reachable, diff_ids, len(entries)
-
-    def _stored_blobs(self) -> Iterator[tuple[str, Path]]:
-        if not self.blobs.is_dir():
-            return
-        for algdir in sorted(self.blobs.iterdir()):
-            if not algdir.is_dir():
-                continue
-            for p in sorted(algdir.iterdir()):
-                yield f"{algdir.name}:{p.name}", p
-
     def record_checkout_temp(self, temp: Path) -> Path:
         """Record that a checkout is about to build ``temp`` (a ``DEST.tmp-*`` directory beside
         its destination); return the record file, which the checkout removes when done. The
-        caller holds :meth:`using`, so a record :meth:`gc` finds belongs to a checkout that was
+        caller holds :meth:`using`, so a record gc finds belongs to a checkout that was
         killed. Written durably before ``temp`` exists."""
         with self._io("record a checkout"):
             self.tmp.mkdir(parents=True, exist_ok=True)
@@ -946,206 +752,6 @@ class Store:
                 os.fsync(fh.fileno())
             fsync_dir(self.tmp)
         return Path(name)
-
-    def _remove_recorded_checkouts(self) -> int:
-        """Remove the ``DEST.tmp-*`` directories (and their ``.lock`` files) that records of
-        killed checkouts name; a record naming anything else is dropped, never followed."""
-        removed = 0
-        for record in sorted(self.tmp.glob(f"{CHECKOUT_RECORD}*.path")):
-            try:
-                temp = Path(os.fsdecode(record.read_bytes()))
-            except OSError:
-                continue
-            if temp.is_absolute() and _CHECKOUT_TEMP.fullmatch(temp.name) and temp.parent.is_dir():
-                if os.path.lexists(temp):
-                    log.info("removing %s, left by a checkout that was killed", temp)
-                    remove_tree(temp)
-                    removed += 1
-                temp.with_name(temp.name + ".lock").unlink(missing_ok=True)
-            else:
-                log.warning("ignoring checkout record %s: %s is no checkout temp", record, temp)
-            record.unlink(missing_ok=True)
-        return removed
-
-    def gc(self, timeout: float | None = STORE_LOCK_WAIT) -> GcReport:
-        """Under :meth:`exclusive`: remove blobs not reachable from index.json, cached layers
-        whose diff_id no stored image lists, every temp file, the per-blob/per-layer lock
-        files and the ``DEST.tmp-*`` directories of killed checkouts (as recorded by
-        :meth:`record_checkout_temp`). Returns counts and bytes freed."""
-        if not self.oci.is_dir():
-            return GcReport()  # no store here (init creates oci/ first): nothing to collect
-        self.init()
-        with self.exclusive(timeout=timeout):
-            reachable, diff_ids, _ = self._walk()
-            held_images, held_layers = self._live_holds(drop_stale=True)
-            diff_ids |= held_layers
-            blobs_removed = bytes_freed = kept = 0
-            for digest, path in self._stored_blobs():
-                if digest in reachable:
-                    kept += 1
-                    continue
-                try:
-                    bytes_freed += path.lstat().st_size
-                except FileNotFoundError:
-                    continue
-                remove_tree(path)
-                blobs_removed += 1
-            if blobs_removed:
-                for algdir in self.blobs.iterdir():
-                    fsync_dir(algdir)
-            layers_removed = 0
-            if self.layers.is_dir():
-                for algdir in self.layers.iterdir():
-                    if not algdir.is_dir() or algdir.name not in DIGEST_ALGORITHMS:
-                        remove_tree(algdir)
-                        layers_removed += 1
-                        continue
-                    for entry in algdir.iterdir():
-                        if f"{algdir.name}:{entry.name}" not in diff_ids:
-                            remove_tree(entry)
-                            layers_removed += 1
-            if self.trees.is_dir():
-                for algdir in self.trees.iterdir():
-                    for entry in list(algdir.iterdir()) if algdir.is_dir() else [algdir]:
-                        digest = f"{algdir.name}:{entry.name}"
-                        if entry.name.startswith(".") or (
-                            digest not in reachable and digest not in held_images
-                        ):
-                            remove_tree(entry)
-                            layers_removed += 1
-            temp_removed = 0
-            checkouts_removed = 0
-            if self.tmp.is_dir():
-                checkouts_removed = self._remove_recorded_checkouts()
-                for entry in self.tmp.iterdir():
-                    remove_tree(entry)
-                    temp_removed += 1
-            # atomic_writer temps of index.json / oci-layout left by a process killed mid-write
-            # (under the index lock: init() may be writing index.json right now)
-            with flocked(self._index_lock, what="the store index"):
-                for entry in self.oci.glob(".*.tmp"):
-                    entry.unlink(missing_ok=True)
-                    temp_removed += 1
-            locks_removed = 0
-            for sub in ("blobs", "layers", "trees"):
-                d = self.locks / sub
-                if d.is_dir():
-                    for entry in d.iterdir():
-                        entry.unlink(missing_ok=True)
-                        locks_removed += 1
-            return GcReport(
-                blobs_removed,
-                bytes_freed,
-                layers_removed,
-                temp_removed,
-                locks_removed,
-                kept,
-                checkouts_removed,
-            )
-
-    def fsck(self, *, repair: bool = False) -> FsckReport:
-        """Re-hash every blob (streamed), check index.json, the oci-layout file and that every
-        blob reachable from index.json is present and parses; check every layer-cache entry
-        against its record (every path, type, mode, owner, size, mtime and file content). Holds
-        :meth:`reading` (pulls may run meanwhile; gc may not; a read-only store can be checked).
-        Without ``repair`` it never changes
-        anything; with ``repair`` each damaged cache entry whose blob is intact is extracted
-        again from it (one whose blob is gone is removed), and the report describes the store
-        after that."""
-        from bootstrap.image import unpack
-
-        if not self.oci.exists():
-            return FsckReport()  # no store yet: nothing stored, nothing damaged
-        repaired: list[str] = []
-        if repair:
-            before = self.fsck()
-            bad = [c for c in before.layers if not c.ok]
-            if bad:
-                self.init()  # a writer from here on: a read-only store fails clearly
-            with self.using():
-                for check in bad:
-                    if check.blob in before.damaged or check.blob in before.missing:
-                        check = replace(check, blob="")  # cannot be trusted: drop the entry
-                    with contextlib.suppress(UsageError):
-                        unpack.repair_layer(self, check)
-                    repaired.append(check.diff_id)
-            if not repaired:
-                return before
-            # image trees are hardlinked from the cache: they still hold the damaged inodes.
-            # Those no deployment uses are dropped (composed again when needed); held ones are
-            # kept until their deployments are updated or removed.
-            with self.exclusive():
-                held, _ = self._live_holds(drop_stale=False)
-                for algdir in self.trees.iterdir() if self.trees.is_dir() else ():
-                    for entry in list(algdir.iterdir()):
-                        if f"{algdir.name}:{entry.name}" not in held:
-                            remove_tree(entry)
-        damaged: list[str] = []
-        missing: list[str] = []
-        problems: list[str] = []
-        with self.reading():
-            layout = self.oci / "oci-layout"
-            try:
-                version = json.loads(layout.read_bytes()).get("imageLayoutVersion")
-                if not isinstance(version, str):
-                    problems.append(f"{layout}: no imageLayoutVersion")
-            except (OSError, ValueError, AttributeError) as exc:
-                problems.append(f"{layout}: {type(exc).__name__}: {exc}")
-            checked = nbytes = 0
-            names: set[str] = set()
-            for digest, path in self._stored_blobs():
-                try:
-                    check_digest(digest)
-                except IntegrityError:
-                    problems.append(f"{path}: not a blob name")
-                    continue
-                names.add(digest)
-                checked += 1
-                nbytes += path.stat().st_size
-                if _hash_file(path, digest) != digest:
-                    damaged.append(digest)
-
-            def on_problem(kind: str, text: str) -> None:
-                if kind == "missing":
-                    missing.append(text)
-                elif kind == "damaged":
-                    if text not in damaged:
-                        damaged.append(text)
-                else:
-                    problems.append(text)
-
-            try:
-                reachable, _, refs = self._walk(on_problem)
-            except IntegrityError as exc:
-                problems.append(exc.message)
-                reachable, refs = set(), 0
-            unreferenced = len(names - reachable)
-            layers = tuple(
-                unpack.verify_layer(path, diff_id) for diff_id, path in self._cached_layers()
-            )
-        return FsckReport(
-            checked,
-            nbytes,
-            tuple(sorted(set(damaged))),
-            tuple(sorted(set(missing))),
-            tuple(problems),
-            unreferenced,
-            refs,
-            layers,
-            tuple(repaired),
-        )
-
-    def _cached_layers(self) -> Iterator[tuple[str, Path]]:
-        """(diff_id, path) of every complete layer-cache entry (temp dirs of fills in progress
-        start with a dot and are skipped)."""
-        if not self.layers.is_dir():
-            return
-        for algdir in sorted(self.layers.iterdir()):
-            if algdir.name not in DIGEST_ALGORITHMS or not algdir.is_dir():
-                continue
-            for p in sorted(algdir.iterdir()):
-                if not p.name.startswith("."):
-                    yield f"{algdir.name}:{p.name}", p
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -1176,7 +782,7 @@ def _split(digest: str, where: str = "digest") -> tuple[str, str]:
     return split_digest(digest, where)
 
 
-def _ref_name(entry: dict[str, Any]) -> str | None:
+def ref_name(entry: dict[str, Any]) -> str | None:
     ann = entry.get("annotations")
     if isinstance(ann, dict):
         name = ann.get(REF_NAME_ANNOTATION)
@@ -1190,7 +796,7 @@ def _size(entry: dict[str, Any]) -> int:
     return size if isinstance(size, int) else 0
 
 
-def _hash_file(path: Path, digest: str) -> str:
+def hash_file(path: Path, digest: str) -> str:
     alg, _ = _split(digest)
     hasher = new_hasher(digest)
     with open(path, "rb") as fh:

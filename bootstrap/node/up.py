@@ -463,7 +463,7 @@ def _pull_one(store: Store, name: str, verifier: Verifier, chain: _Chain) -> Non
 
     started = time.monotonic()
     # its own client, from the environment
-    from bootstrap.image.unpack import UnpackOptions
+    from bootstrap.image.apply import UnpackOptions
 
     # layers are inflated into the layer cache while they download (one pass)
     result = pull_image(store, Reference.parse(name), verifier=verifier, extract=UnpackOptions())
