@@ -1,27 +1,16 @@
-"""The registry v2 client: manifests and blobs over HTTP(S), with auth, mirrors and resume.
+"""The registry v2 protocol: manifests and blobs, mirrors in order, resumed blob downloads.
 
 One :class:`RegistryClient` serves one pull (or many); it is safe to use from several threads
-(layers download in parallel). Per endpoint host it pings ``/v2/`` once to learn the scheme and
-the auth challenges (``Bearer`` with a token per (realm, service, scope), or ``Basic``), then
-sends every request with the matching ``Authorization``. A 401 drops the cached token and
-fetches a fresh one once; a second 401 is an error with a hint about credentials.
-
-Transport: only sessions from :func:`bootstrap.http.new_session` (timeouts, retries of connect
-errors and 429/5xx with ``Retry-After``). TLS verification uses the system CAs (OpenSSL's
-hashed directory; certifi where the system has none) plus the host's ``certs.d`` CA files;
-client certificates come from ``certs.d`` too. Insecure endpoints (``registries.conf``) skip
-verification and fall back to plain http, as containers/image does.
-Redirects (blob storage) are followed; requests drops ``Authorization`` on a cross-host redirect.
+(layers download in parallel). Requests go through its
+:class:`~bootstrap.image.transport.Transport` (sessions, TLS, ping, auth and tokens).
 
 Endpoints (mirrors, then the registry itself) are tried in order. A mirror that is not the last
 endpoint fails fast: a connect error (refused, unreachable, DNS failure, connect timeout) is not
 retried, the next endpoint is tried at once, and the mirror is skipped for
-:data:`DOWN_SECONDS` by this client; 429/5xx from it are retried by the session's policy, then
-the next endpoint is tried. The last endpoint, and the registry itself, get the full policy.
-The https→http fallback of an insecure endpoint does not repeat a connect failure: with an
-explicit port (the same for both schemes) an unreachable https port is not tried again as http;
-with the default ports the https probe fails fast and only the http one gets the policy. Each
-endpoint's failure is logged once at INFO.
+:data:`~bootstrap.image.transport.DOWN_SECONDS` by this client; 429/5xx from it are retried by
+the session's policy, then the next endpoint is tried. The last endpoint, and the registry
+itself, get the full policy. Each endpoint's failure is logged once at INFO. A blob download
+that stalls or breaks mid-body is resumed with ``Range`` from the bytes kept.
 
 Errors: network and registry failures raise :class:`RegistryError` (exit 3), content that is not
 what it claims :class:`IntegrityError` (exit 4), bad configuration :class:`UsageError` (exit 2).
@@ -29,38 +18,19 @@ what it claims :class:`IntegrityError` (exit 4), bad configuration :class:`Usage
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import requests
-import urllib3
-from urllib3.util.retry import Retry
 
-from bootstrap.errors import BootstrapError, IntegrityError, RegistryError, UsageError
-from bootstrap.http import CONNECT_TIMEOUT, READ_TIMEOUT, ExtraCAs, new_session
+from bootstrap.errors import IntegrityError, RegistryError
 from bootstrap.image import registries
-from bootstrap.image.auth import (
-    AuthEntry,
-    Challenge,
-    Credentials,
-    Token,
-    TokenCache,
-    load_credentials,
-    parse_www_authenticate,
-    token_from_response,
-)
+from bootstrap.image.auth import Credentials, TokenCache, load_credentials
 from bootstrap.image.manifest import (
     KNOWN_TYPES,
     MANIFEST_ACCEPT,
@@ -79,37 +49,23 @@ from bootstrap.image.model import (
 )
 from bootstrap.image.reference import Reference
 from bootstrap.image.registries import Endpoint, RegistriesConf
+from bootstrap.image.transport import (
+    NET_ERRORS,
+    NotFoundError,
+    TransientError,
+    Transport,
+    UnreachableError,
+    reason,
+)
+
+__all__ = ["FetchedManifest", "NotFoundError", "RegistryClient", "TransientError"]
 
 CHUNK_SIZE = 1024 * 1024
 BLOB_ATTEMPTS = 6
 BLOB_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
-MAX_TOKEN_BYTES = 1024 * 1024
-MAX_ERROR_BODY = 64 * 1024
-DOWN_SECONDS = 60.0  # a mirror that refused a connection is skipped this long (not if last)
 
 log = logging.getLogger(__name__)
-
-_NET_ERRORS: tuple[type[Exception], ...] = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    OSError,
-)
-_TOKEN_ERRORS: tuple[type[Exception], ...] = (ValueError, *_NET_ERRORS)
-
-
-class NotFoundError(RegistryError):
-    """The registry answered 404 for a manifest or blob (exit 3). Defined here, not in
-    bootstrap.errors, so callers can tell "missing" from "unreachable"."""
-
-
-class TransientError(RegistryError):
-    """A failure worth retrying or trying elsewhere: connection refused/reset, timeout, 5xx."""
-
-
-class UnreachableError(TransientError):
-    """No connection could be made: refused, unreachable, DNS failure, connect timeout (also
-    to the proxy). Other endpoints are tried at once; see the module docstring."""
 
 
 @dataclass(frozen=True)
@@ -123,109 +79,6 @@ class FetchedManifest:
     digest: str
     endpoint: str
     reference: Reference | None = None
-
-
-@dataclass
-class _HostState:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    pinged: bool = False
-    scheme: str = "https"
-    challenges: tuple[Challenge, ...] = ()
-    down: tuple[str, str] | None = None  # (message, hint) of the last connect failure
-    down_until: float = 0.0  # time.monotonic() until which fail-fast uses skip this host
-
-
-def _is_connect_error(exc: requests.RequestException) -> bool:
-    """True if no connection was made (refused, unreachable, DNS, connect timeout, proxy down);
-    False for failures after connecting (reset, read timeout, TLS)."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
-        return True
-    if not isinstance(exc, requests.ConnectionError) or isinstance(
-        exc, requests.exceptions.SSLError
-    ):
-        return False
-    inner: object = exc.args[0] if exc.args else None
-    if isinstance(inner, urllib3.exceptions.MaxRetryError):
-        inner = inner.reason
-    if isinstance(inner, urllib3.exceptions.ProxyError):
-        inner = inner.original_error
-    # NewConnectionError (refused, unreachable) and NameResolutionError subclass it
-    return isinstance(inner, urllib3.exceptions.ConnectTimeoutError)
-
-
-def _explicit_port(api_host: str) -> bool:
-    try:
-        return urlsplit(f"//{api_host}").port is not None
-    except ValueError:
-        return False
-
-
-def _fail_fast_like(session: requests.Session) -> requests.Session:
-    """A session from :func:`new_session` with the 429/5xx retries, backoff and timeouts of
-    ``session`` (when it came from :func:`new_session`), but no retries of connect errors."""
-    retry = getattr(session.get_adapter("https://"), "max_retries", None)
-    retries, backoff = 4, 0.5
-    if isinstance(retry, Retry):
-        count = retry.status if retry.status is not None else retry.total
-        retries = count if isinstance(count, int) else retries
-        backoff = retry.backoff_factor
-    connect_timeout, read_timeout = getattr(
-        session, "default_timeout", (CONNECT_TIMEOUT, READ_TIMEOUT)
-    )
-    return new_session(
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        retries=retries,
-        backoff=backoff,
-        connect_retries=0,
-    )
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason for a network exception: '[Errno 111] Connection refused', 'read timed
-    out', ..."""
-    text = str(exc)
-    m = re.search(r"\[SSL: [A-Z_]+\] [^'\"(]+", text)
-    if m:
-        return m.group(0).strip()
-    m = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
-    if m:
-        return m.group(0).strip()
-    low = text.lower()
-    if "read timed out" in low or isinstance(
-        exc, requests.exceptions.ReadTimeout | urllib3.exceptions.ReadTimeoutError
-    ):
-        return "read timed out"
-    if "connect timeout" in low or isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "connect timed out"
-    if "certificate verify failed" in low:
-        m = re.search(r"certificate verify failed: ([^(')\"]+)", text)
-        return "certificate verify failed" + (f": {m.group(1).strip()}" if m else "")
-    if "connection reset" in low or "connectionreseterror" in low:
-        return "connection reset by peer"
-    if "incompleteread" in low or "incomplete read" in low or "ended prematurely" in low:
-        return "connection closed before the body was complete"
-    if "connection aborted" in low or "remotedisconnected" in low:
-        return "connection closed by the server"
-    name = type(exc).__name__
-    return f"{name}: {text[:200]}" if text else name
-
-
-def _registry_message(resp: requests.Response) -> str:
-    """The registry's JSON error message(s), if any."""
-    try:
-        body = resp.raw.read(MAX_ERROR_BODY, decode_content=True) if resp.raw else b""
-        doc = json.loads(body)
-        errs = doc.get("errors") if isinstance(doc, dict) else None
-        if isinstance(errs, list):
-            parts = []
-            for e in errs[:3]:
-                if isinstance(e, dict):
-                    parts.append(f"{e.get('code', '')}: {e.get('message', '')}".strip(": "))
-            return "; ".join(p for p in parts if p)
-    except Exception:
-        return ""
-    return ""
 
 
 class RegistryClient:
@@ -243,28 +96,21 @@ class RegistryClient:
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
         """``session`` serves the last endpoint and the registry itself (full retry policy;
-        default :func:`new_session`); ``mirror_session`` the mirrors before it (must not retry
-        connect errors; default: like ``session`` but with ``connect_retries=0``). Sessions
-        passed in are not closed by :meth:`close`."""
+        default :func:`~bootstrap.http.new_session`); ``mirror_session`` the mirrors before it
+        (must not retry connect errors; default: like ``session`` but with
+        ``connect_retries=0``). Sessions passed in are not closed by :meth:`close`.
+        ``blob_attempts``, ``blob_backoff``: how often and how patiently a broken blob download
+        is resumed; ``chunk_size``: bytes per read of a body."""
         self.conf = conf if conf is not None else RegistriesConf()
         self.credentials = credentials if credentials is not None else Credentials.empty()
-        self._session = session if session is not None else new_session()
-        self._own_session = session is None
-        self._fast = (
-            mirror_session if mirror_session is not None else _fail_fast_like(self._session)
+        self.transport = Transport(
+            self.conf, self.credentials, session, mirror_session=mirror_session
         )
-        self._own_fast = mirror_session is None
         self._logged: set[str] = set()
+        self._lock = threading.Lock()
         self._blob_attempts = max(1, blob_attempts)
         self._blob_backoff = blob_backoff
         self._chunk_size = chunk_size
-        self.tokens = TokenCache()
-        self._hosts: dict[tuple[Any, ...], _HostState] = {}
-        self._lock = threading.Lock()
-        self._bundles: dict[tuple[str, ...], ExtraCAs] = {}
-        self._bundle_dir: str | None = None
-        self._entries: dict[tuple[str, str], AuthEntry | None] = {}
-        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     @classmethod
     def from_environment(cls, session: requests.Session | None = None) -> RegistryClient:
@@ -278,370 +124,17 @@ class RegistryClient:
         self.close()
 
     def close(self) -> None:
-        """Close the session (if this client made it) and remove temporary CA bundles."""
-        if self._own_session:
-            self._session.close()
-        if self._own_fast:
-            self._fast.close()
-        with self._lock:
-            if self._finalizer is not None:
-                self._finalizer()  # removes the CA bundle directory (once)
-                self._finalizer = None
-            self._bundle_dir = None
-            self._bundles.clear()
+        """Close the sessions (those this client made) and remove temporary CA bundles."""
+        self.transport.close()
 
-    # --- TLS -------------------------------------------------------------------------------
-
-    def _ca_bundle(self, files: tuple[str, ...]) -> ExtraCAs:
-        with self._lock:
-            path = self._bundles.get(files)
-            if path is not None:
-                return path
-            if self._bundle_dir is None:
-                self._bundle_dir = tempfile.mkdtemp(prefix="bootstrap-ca-")
-                # removed by close(), else when the client is collected or at exit
-                self._finalizer = weakref.finalize(
-                    self, shutil.rmtree, self._bundle_dir, ignore_errors=True
-                )
-            parts: list[bytes] = []  # trusted besides the system roots (ExtraCAs)
-            for f in files:
-                try:
-                    with open(f, "rb") as fh:
-                        parts.append(fh.read())
-                except OSError as exc:
-                    raise UsageError(
-                        f"certs.d {f}: cannot read: {exc.strerror}", "check its permissions"
-                    ) from exc
-            path = ExtraCAs(os.path.join(self._bundle_dir, f"ca-{len(self._bundles)}.pem"))
-            with open(path, "wb") as fh:
-                fh.write(b"\n".join(parts))
-            self._bundles[files] = path
-            return path
-
-    def _tls_kwargs(self, ep: Endpoint, scheme: str) -> dict[str, Any]:
-        if scheme != "https":
-            return {}
-        verify: bool | str = True
-        if ep.insecure:
-            verify = False
-        elif ep.tls.ca_files:
-            verify = self._ca_bundle(ep.tls.ca_files)
-        kw: dict[str, Any] = {"verify": verify}
-        if ep.tls.client_certs:
-            kw["cert"] = ep.tls.client_certs[0]
-        return kw
-
-    # --- low-level HTTP --------------------------------------------------------------------
-
-    def _send(
-        self, ep: Endpoint, method: str, url: str, *, fast: bool = False, **kw: Any
-    ) -> requests.Response:
-        """One request with the full policy, or with the fail-fast session if ``fast``.
-        Raises :class:`UnreachableError` if no connection could be made."""
-        session = self._fast if fast else self._session
-        try:
-            return session.request(method, url, **kw)
-        except requests.exceptions.SSLError as exc:
-            dirs = registries.certs_dirs() if self.conf.certs_dirs is None else self.conf.certs_dirs
-            first = str(dirs[0]) if dirs else "/etc/containers/certs.d"
-            if "WRONG_VERSION_NUMBER" in str(exc) or "record layer failure" in str(exc):
-                raise RegistryError(
-                    f"{ep.host}: TLS failed: {_reason(exc)} (the server may speak plain http)",
-                    f"if {ep.host} is a plain-http registry, set insecure = true for it in "
-                    "registries.conf",
-                ) from exc
-            raise RegistryError(
-                f"{ep.host}: TLS failed: {_reason(exc)}",
-                f"put the registry's CA certificate in {first}/{ep.host}/ca.crt "
-                f"(certs.d searched: {':'.join(str(d) for d in dirs)}), "
-                "or mark the registry insecure in registries.conf",
-            ) from exc
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            cls = UnreachableError if _is_connect_error(exc) else TransientError
-            raise cls(
-                f"{ep.host}: cannot reach {url.split('?')[0]}: {_reason(exc)}",
-                "check the address, the network and proxy settings (HTTPS_PROXY, NO_PROXY)",
-            ) from exc
-        except requests.RequestException as exc:
-            raise RegistryError(
-                f"{ep.host}: {method} {url.split('?')[0]} failed: {_reason(exc)}",
-                "check the registry address and the network",
-            ) from exc
-
-    def _host(self, ep: Endpoint, fast: bool = False) -> _HostState:
-        """The pinged state of ``ep``'s host. With ``fast``, a host that failed to connect
-        less than :data:`DOWN_SECONDS` ago raises :class:`UnreachableError` at once."""
-        key = (ep.api_host, ep.insecure, ep.tls)
-        with self._lock:
-            state = self._hosts.get(key)
-            if state is None:
-                state = self._hosts[key] = _HostState()
-        with state.lock:
-            self._check_down(state, fast)
-            if not state.pinged:
-                try:
-                    self._ping(ep, state, fast)
-                except UnreachableError as exc:
-                    self._mark_down(state, exc)
-                    raise
-                state.down = None
-        return state
-
-    @staticmethod
-    def _check_down(state: _HostState, fast: bool) -> None:
-        if fast and state.down is not None and time.monotonic() < state.down_until:
-            message, hint = state.down
-            raise UnreachableError(f"{message} (skipped: failed moments ago)", hint)
-
-    @staticmethod
-    def _mark_down(state: _HostState, exc: UnreachableError) -> None:
-        state.down = (exc.message, exc.hint)
-        state.down_until = time.monotonic() + DOWN_SECONDS
-
-    def _ping(self, ep: Endpoint, state: _HostState, fast: bool = False) -> None:
-        """Learn ``ep``'s scheme and auth challenges from ``GET /v2/``.
-
-        An insecure endpoint tries https, then http. With an explicit port (the same for both)
-        http is not tried after a connect failure: a refused port refuses both. With the
-        default ports (443, 80) the https probe fails fast and the http one gets the policy."""
-        schemes = ("https", "http") if ep.insecure else ("https",)
-        same_port = _explicit_port(ep.api_host)
-        if ep.insecure:
-            # configured insecure on purpose: no warning per request
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        error: BootstrapError | None = None
-        for scheme in schemes:
-            url = f"{scheme}://{ep.api_host}/v2/"
-            probe_fast = fast or (scheme == "https" and ep.insecure and not same_port)
-            try:
-                resp = self._send(ep, "GET", url, fast=probe_fast, **self._tls_kwargs(ep, scheme))
-            except UnreachableError as exc:
-                if error is not None and not isinstance(error, UnreachableError):
-                    raise error from exc  # https got an answer: that says more
-                error = exc
-                if same_port:
-                    break
-                continue
-            except RegistryError as exc:
-                error = exc
-                continue
-            with resp:
-                if resp.status_code not in (200, 401):
-                    error = TransientError(
-                        f"{ep.host}: {url} answered HTTP {resp.status_code}; "
-                        "not a registry v2 endpoint",
-                        "check the registry address (host[:port]) and that it is a v2 registry",
-                    )
-                    continue
-                state.challenges = tuple(
-                    parse_www_authenticate(resp.headers.get("WWW-Authenticate", ""))
-                )
-                state.scheme = scheme
-                state.pinged = True
-                return
-        assert error is not None
-        raise error
+    @property
+    def tokens(self) -> TokenCache:
+        """The bearer tokens cached by this client's transport."""
+        return self.transport.tokens
 
     def ping(self, ref: Reference) -> str:
         """Ping the registry of ``ref`` itself (not its mirrors) and return ``scheme://host``."""
-        ep = self.conf.endpoints(ref)[-1]
-        state = self._host(ep)
-        return f"{state.scheme}://{ep.api_host}"
-
-    # --- auth ------------------------------------------------------------------------------
-
-    def _entry(self, ep: Endpoint) -> AuthEntry | None:
-        """The credential for ``ep``'s repository, looked up once per client (credential
-        helpers are subprocesses)."""
-        key = (ep.host, ep.reference.path)
-        with self._lock:
-            if key in self._entries:
-                return self._entries[key]
-        entry = self.credentials.entry_for(ep.host, ep.reference.path)
-        with self._lock:
-            self._entries[key] = entry
-        return entry
-
-    def _authorization(
-        self,
-        ep: Endpoint,
-        challenges: tuple[Challenge, ...],
-        extra_scope: str | None = None,
-        fast: bool = False,
-    ) -> tuple[dict[str, str], tuple[str, str, str, str] | None]:
-        """Headers to authorize a request for ``ep.reference``'s repository, and the token
-        cache key used (None for basic/anonymous)."""
-        entry = self._entry(ep)
-        for ch in challenges:
-            if ch.scheme == "basic":
-                if entry is not None and (entry.username or entry.password):
-                    pair = f"{entry.username}:{entry.password}".encode()
-                    return {"Authorization": "Basic " + base64.b64encode(pair).decode()}, None
-                return {}, None
-            if ch.scheme == "bearer":
-                realm = ch.params.get("realm", "")
-                if not realm:
-                    raise RegistryError(
-                        f"{ep.host}: bearer challenge without a realm",
-                        "the registry's auth configuration is broken",
-                    )
-                service = ch.params.get("service", "")
-                scopes = [f"repository:{ep.reference.path}:pull"]
-                if extra_scope and extra_scope not in scopes:
-                    scopes.append(extra_scope)
-                account = entry.username if entry is not None else ""
-                key = (realm, service, " ".join(scopes), account)
-                token = self.tokens.get(key)
-                if token is None:
-                    tok = self._fetch_token(ep, realm, service, scopes, entry, fast)
-                    self.tokens.put(key, tok)
-                    token = tok.value
-                return {"Authorization": f"Bearer {token}"}, key
-        return {}, None
-
-    def _fetch_token(
-        self,
-        ep: Endpoint,
-        realm: str,
-        service: str,
-        scopes: list[str],
-        entry: AuthEntry | None,
-        fast: bool,
-    ) -> Token:
-        scheme = realm.split("://", 1)[0].lower()
-        if scheme not in ("http", "https"):
-            raise RegistryError(
-                f"{ep.host}: token realm {realm!r} is not an http(s) URL",
-                "the registry's auth configuration is broken",
-            )
-        tls = self._tls_kwargs(ep, scheme)
-        params: list[tuple[str, str]] = []
-        if service:
-            params.append(("service", service))
-        params.extend(("scope", s) for s in scopes)
-        if entry is not None and entry.identity_token:
-            form = [
-                *params,
-                ("grant_type", "refresh_token"),
-                ("refresh_token", entry.identity_token),
-                ("client_id", "bootstrap"),
-            ]
-            resp = self._send(ep, "POST", realm, fast=fast, data=form, stream=True, **tls)
-        else:
-            auth = None
-            if entry is not None and (entry.username or entry.password):
-                params.append(("account", entry.username))
-                auth = (entry.username, entry.password)
-            resp = self._send(
-                ep, "GET", realm, fast=fast, params=params, auth=auth, stream=True, **tls
-            )
-        with resp:
-            if resp.status_code in (401, 403):
-                raise self._denied(ep, entry, f"token server {realm} answered {resp.status_code}")
-            if resp.status_code != 200:
-                cls = TransientError if resp.status_code >= 500 else RegistryError
-                raise cls(
-                    f"{ep.host}: token server {realm} answered HTTP {resp.status_code}",
-                    "the registry's token service is failing; try again later",
-                )
-            try:
-                body = resp.raw.read(MAX_TOKEN_BYTES + 1, decode_content=True)
-                if len(body) > MAX_TOKEN_BYTES:
-                    raise ValueError("token answer larger than 1 MiB")
-                doc = json.loads(body)
-            except _TOKEN_ERRORS as exc:
-                raise RegistryError(
-                    f"{ep.host}: token server {realm} sent no usable JSON: {_reason(exc)}",
-                    "the registry's token service is broken",
-                ) from exc
-        return token_from_response(doc)
-
-    def _denied(self, ep: Endpoint, entry: AuthEntry | None, what: str) -> RegistryError:
-        repo = f"{ep.host}/{ep.reference.path}"
-        if entry is not None and (entry.username or entry.identity_token):
-            who = entry.username or "(identity token)"
-            return RegistryError(
-                f"{repo}: authentication failed for user {who!r}: {what}",
-                f"check the credentials for {ep.host} in {entry.source} "
-                "(wrong password, expired token, or no pull access)",
-            )
-        return RegistryError(
-            f"{repo}: access denied without credentials: {what}",
-            f"add credentials for {ep.host} to an auth file ($REGISTRY_AUTH_FILE, "
-            "/etc/containers/auth.json or ~/.docker/config.json), or check the repository name",
-        )
-
-    def _request(
-        self,
-        ep: Endpoint,
-        path: str,
-        headers: Mapping[str, str],
-        fast: bool = False,
-        method: str = "GET",
-    ) -> requests.Response:
-        """``method`` (GET or HEAD) ``path`` on ``ep`` with auth; streams. Retries once with a
-        fresh token on 401. ``fast``: connect errors are not retried, and mark the host down
-        (see :meth:`_host`)."""
-        state = self._host(ep, fast)
-        try:
-            resp = self._request_at(ep, state, path, headers, fast, method)
-        except UnreachableError as exc:
-            with state.lock:
-                self._mark_down(state, exc)
-            raise
-        if state.down is not None:
-            with state.lock:
-                state.down = None
-        return resp
-
-    def _request_at(
-        self,
-        ep: Endpoint,
-        state: _HostState,
-        path: str,
-        headers: Mapping[str, str],
-        fast: bool,
-        method: str = "GET",
-    ) -> requests.Response:
-        url = f"{state.scheme}://{ep.api_host}{path}"
-        tls = self._tls_kwargs(ep, state.scheme)
-        auth, key = self._authorization(ep, state.challenges, fast=fast)
-        resp = self._send(
-            ep, method, url, fast=fast, headers={**headers, **auth}, stream=True, **tls
-        )
-        if resp.status_code != 401:
-            return resp
-        fresh = tuple(parse_www_authenticate(resp.headers.get("WWW-Authenticate", "")))
-        resp.close()
-        extra = None
-        for ch in fresh:
-            if ch.scheme == "bearer" and ch.params.get("scope"):
-                extra = ch.params["scope"]
-        if key is not None:
-            self.tokens.drop(key, auth.get("Authorization", "")[len("Bearer ") :])
-        challenges = fresh if any(c.scheme in ("bearer", "basic") for c in fresh) else ()
-        challenges = challenges or state.challenges
-        if not challenges and not auth:
-            raise self._denied(ep, self._entry(ep), f"{path} answered 401 with no challenge")
-        auth2, _ = self._authorization(ep, challenges, extra, fast)
-        resp = self._send(
-            ep, method, url, fast=fast, headers={**headers, **auth2}, stream=True, **tls
-        )
-        if resp.status_code == 401:
-            resp.close()
-            raise self._denied(ep, self._entry(ep), f"{method} {path} answered 401")
-        return resp
-
-    def _status_error(self, ep: Endpoint, resp: requests.Response, what: str) -> RegistryError:
-        detail = _registry_message(resp)
-        msg = f"{what} at {ep.host}: HTTP {resp.status_code}" + (f" ({detail})" if detail else "")
-        if resp.status_code == 403:
-            return self._denied(ep, self._entry(ep), f"HTTP 403 {detail}".strip())
-        if resp.status_code == 404:
-            return NotFoundError(msg, "check the repository name, tag and digest")
-        if resp.status_code >= 500 or resp.status_code == 429:
-            return TransientError(msg, "the registry is failing; try again later")
-        return RegistryError(msg, "the registry refused the request")
+        return self.transport.base_url(self.conf.endpoints(ref)[-1])
 
     # --- manifests -------------------------------------------------------------------------
 
@@ -695,12 +188,12 @@ class RegistryClient:
             tag = ref.digest or r.tag or "latest"
             what = f"manifest {r.domain}/{r.path}:{tag}".replace(":sha", "@sha")
             try:
-                resp = self._request(
+                resp = self.transport.request(
                     ep, f"/v2/{r.path}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT}, fast, "HEAD"
                 )
                 with resp:
                     if resp.status_code != 200:
-                        raise self._status_error(ep, resp, what)
+                        raise self.transport.status_error(ep, resp, what)
                     header = resp.headers.get("Docker-Content-Digest", "").strip()
                 if header:
                     return check_digest(header, f"{what}: Docker-Content-Digest")
@@ -735,12 +228,12 @@ class RegistryClient:
         ref = ep.reference
         tag_or_digest = want or ref.tag or "latest"
         what = f"manifest {ref.domain}/{ref.path}:{tag_or_digest}".replace(":sha", "@sha")
-        resp = self._request(
+        resp = self.transport.request(
             ep, f"/v2/{ref.path}/manifests/{tag_or_digest}", {"Accept": MANIFEST_ACCEPT}, fast
         )
         with resp:
             if resp.status_code != 200:
-                raise self._status_error(ep, resp, what)
+                raise self.transport.status_error(ep, resp, what)
             ctype = clean_media_type(resp.headers.get("Content-Type"))
             if ctype in (DOCKER_V1, DOCKER_V1_SIGNED):
                 raise schema1_error(what)
@@ -753,9 +246,9 @@ class RegistryClient:
                             f"{what}: larger than {MAX_MANIFEST_BYTES} bytes",
                             "refusing an oversized manifest; check the registry",
                         )
-            except _NET_ERRORS as exc:
+            except NET_ERRORS as exc:
                 raise TransientError(
-                    f"{what}: reading from {ep.host} failed: {_reason(exc)}",
+                    f"{what}: reading from {ep.host} failed: {reason(exc)}",
                     "check the network; try again",
                 ) from exc
         data = bytes(buf)
@@ -881,7 +374,7 @@ class RegistryClient:
             if offset:
                 headers["Range"] = f"bytes={offset}-"
             try:
-                resp = self._request(ep, path, headers, fast)
+                resp = self.transport.request(ep, path, headers, fast)
             except UnreachableError as exc:
                 if fast:  # another endpoint remains: try it now
                     if offset:
@@ -899,7 +392,7 @@ class RegistryClient:
                             "the registry serves wrong content; do not trust it",
                         )
                     if resp.status_code not in (200, 206):
-                        err = self._status_error(ep, resp, what)
+                        err = self.transport.status_error(ep, resp, what)
                         if not isinstance(err, TransientError):
                             if offset and isinstance(err, NotFoundError):
                                 raise _BlobProgress(offset, err)
@@ -966,8 +459,8 @@ class RegistryClient:
                 chunk = next(stream)
             except StopIteration:
                 break
-            except _NET_ERRORS as exc:
-                return offset, _reason(exc)
+            except NET_ERRORS as exc:
+                return offset, reason(exc)
             if skip:
                 if len(chunk) <= skip:
                     skip -= len(chunk)
