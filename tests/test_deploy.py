@@ -19,7 +19,7 @@ import pytest
 
 from bootstrap.locks import flocked
 from tests.harness.cli import bootstrap
-from tests.harness.imagebuilder import File, Layer, busybox_spec
+from tests.harness.imagebuilder import File, ImageSpec, Layer, Symlink, busybox_spec
 from tests.harness.node import Node
 from tests.harness.registry import Registry
 from tests.harness.registry_fixtures import _ensure_running
@@ -36,10 +36,58 @@ def registries_env(node: Node, reg: Registry) -> dict[str, str]:
     return {"REGISTRIES_CONFIG_PATH": REGISTRIES_CONF, "BOOTSTRAP_SETTLE_SECONDS": "2"}
 
 
+#: The definition of the hostfs:N images: the host's /etc/hostfs-test (installed from the
+#: image's /exports/hostfs) bound into the container, which copies app.conf to /run/hostfs-out
+#: at start — so the files must be in place before the unit starts.
+HOSTFS_DEFINITION = [
+    File(
+        "exports/config.json.template",
+        json.dumps(
+            {
+                "mounts": [
+                    {
+                        "destination": "/hostconf",
+                        "type": "bind",
+                        "source": "/etc/hostfs-test",
+                        "options": ["rbind", "ro"],
+                    },
+                    {
+                        "destination": "/out",
+                        "type": "bind",
+                        "source": "/run/hostfs-out",
+                        "options": ["rbind", "rw"],
+                    },
+                ]
+            }
+        ).encode(),
+    ),
+    File("exports/tmpfiles.template", b"d /run/hostfs-out 0755 root root -\n"),
+]
+SEEN_CMD = ("sh", "-c", "cat /hostconf/app.conf > /out/seen; exec sleep 3600")
+
+
+def hostfs_spec(version: str, cmd: tuple[str, ...] = SEEN_CMD, **files: bytes) -> ImageSpec:
+    """busybox with HOSTFS_DEFINITION and an /exports/hostfs: /etc/hostfs-test/app.conf
+    ("VERSION"), keep.conf (the same in every version), /opt/hostfs-test/bin/tool (0755),
+    bin/link -> ``link`` (default tool), plus ``files`` (name in bin/ -> content, 0755)."""
+    h = "exports/hostfs"
+    entries: list[File | Symlink] = [
+        *HOSTFS_DEFINITION,
+        File(f"{h}/etc/hostfs-test/app.conf", f"{version}\n".encode()),
+        File(f"{h}/etc/hostfs-test/keep.conf", b"the same in every version\n"),
+        File(f"{h}/opt/hostfs-test/bin/tool", f"#!/bin/sh\necho {version}\n".encode(), mode=0o755),
+        Symlink(f"{h}/opt/hostfs-test/bin/link", "tool"),
+    ]
+    entries += [File(f"{h}/opt/hostfs-test/bin/{n}", c, mode=0o755) for n, c in files.items()]
+    return busybox_spec(cmd=cmd, extra=[Layer(entries)])
+
+
 @pytest.fixture(scope="module")
 def images(_registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Images pushed to the registry: app:1 and app:2 (busybox ``sleep``, a pid 1 that ignores
-    SIGTERM), bad:1 (exits at once with status 1), exports:1 (ships a definition in /exports)."""
+    SIGTERM), bad:1 (exits at once with status 1), exports:1 (ships a definition in /exports),
+    hostfs:1, hostfs:2, hostfs-bad:1 (files for the host in /exports/hostfs, see
+    :func:`hostfs_spec`; the last exits at once)."""
     from tests.harness.imagebuilder import build_image
 
     reg = _ensure_running(_registry_plain)
@@ -65,6 +113,9 @@ def images(_registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) 
                 )
             ],
         ),
+        "hostfs:1": hostfs_spec("v1", **{"old-only": b"only in v1"}),
+        "hostfs:2": hostfs_spec("v2", **{"new-only": b"only in v2"}),
+        "hostfs-bad:1": hostfs_spec("v3", ("sh", "-c", "exit 1"), **{"v3-only": b"v3"}),
     }
     refs = {}
     for name, spec in specs.items():
@@ -409,6 +460,181 @@ def test_definition_templates_tmpfiles_and_exports(
         assert node.bootstrap("uninstall", name, env=env).rc == 0
     assert not node.path("/etc/tmpfiles.d/bootstrap-c2.conf").exists()
     assert not node.path("/etc/systemd/system/c2.service").exists()
+
+
+HOSTFS_DIRS = ("/etc/hostfs-test", "/opt/hostfs-test")
+
+
+def host_tree(node: Node) -> dict[str, object]:
+    """Below HOSTFS_DIRS in the node: path -> "dir", "-> TARGET" or (content, mode)."""
+    out: dict[str, object] = {}
+    root = node.path("/")
+    for top in HOSTFS_DIRS:
+        if not os.path.lexists(node.path(top)):
+            continue
+        out[top] = "dir"
+        for dirpath, dirs, files in os.walk(node.path(top)):
+            for n in dirs + files:
+                p = Path(dirpath) / n
+                where = "/" + str(p.relative_to(root))
+                if p.is_symlink():
+                    out[where] = "-> " + os.readlink(p)
+                elif p.is_dir():
+                    out[where] = "dir"
+                else:
+                    out[where] = (p.read_bytes(), p.stat().st_mode & 0o7777)
+    return out
+
+
+def hostfs_files(version: str, **bins: bytes) -> dict[str, object]:
+    """What :func:`host_tree` shows with hostfs:VERSION's files installed."""
+    tree: dict[str, object] = {
+        "/etc/hostfs-test": "dir",
+        "/etc/hostfs-test/app.conf": (f"{version}\n".encode(), 0o644),
+        "/etc/hostfs-test/keep.conf": (b"the same in every version\n", 0o644),
+        "/opt/hostfs-test": "dir",
+        "/opt/hostfs-test/bin": "dir",
+        "/opt/hostfs-test/bin/tool": (f"#!/bin/sh\necho {version}\n".encode(), 0o755),
+        "/opt/hostfs-test/bin/link": "-> tool",
+    }
+    tree.update({f"/opt/hostfs-test/bin/{n}": (c, 0o755) for n, c in bins.items()})
+    return tree
+
+
+#: A host-file transition of h1 into SLOT (from what SLOT_FROM records) with the symlink
+#: flipped to SLOT, cut short like a killed command: HALF of the operations, or all of them
+#: and the record (the run that follows must repair it).
+INTERRUPTED_TRANSITION = """
+import os
+from pathlib import Path
+from bootstrap.deploy import hostfs
+c = Path("/var/lib/bootstrap/containers")
+slot = c / SLOT
+t = hostfs.prepare(
+    "h1", hostfs.claims(c / SLOT_FROM), hostfs.scan(slot / "lower", "t"), strict=False
+)
+t.begin(slot)
+os.symlink(SLOT, c / ".h1.link.tmp")
+os.replace(c / ".h1.link.tmp", c / "h1")
+if HALF:
+    t.ops = t.ops[: len(t.ops) // 2]
+    t.apply()
+else:
+    t.finish(slot)
+"""
+
+
+@pytest.mark.node
+def test_host_files_install_update_rollback_interrupted_uninstall(
+    shared_node: Node, images: dict[str, str], registry: Registry
+) -> None:
+    """An image's /exports/hostfs on the node's own /: refused over a file that is not ours
+    (nothing installed), in place before the unit starts, replaced/removed by update (a file
+    the operator changed is kept, with a warning), restored after a failed update, by rollback
+    and by the command after a killed one, removed by uninstall (changed ones kept)."""
+    node = shared_node
+    env = registries_env(node, registry)
+    node.run("rm", "-rf", *HOSTFS_DIRS, "/run/hostfs-out")
+    v1 = hostfs_files("v1", **{"old-only": b"only in v1"})
+    v2 = hostfs_files("v2", **{"new-only": b"only in v2"})
+    tuned = {"/etc/hostfs-test/keep.conf": (b"tuned\n", 0o644)}
+
+    # a host file that is not the container's: refused before anything changes
+    node.write_file("/etc/hostfs-test/app.conf", "the operator's\n")
+    ran = node.bootstrap("install", "h1", images["hostfs:1"], env=env)
+    assert ran.rc == 2, ran.stderr
+    line = "h1: /etc/hostfs-test/app.conf exists (file) and was not installed by h1"
+    assert line in ran.stderr and "remove or move away /etc/hostfs-test/app.conf" in ran.stderr
+    assert host_tree(node) == {
+        "/etc/hostfs-test": "dir",
+        "/etc/hostfs-test/app.conf": (b"the operator's\n", 0o644),
+    }
+    assert not [p for p in node.path(CONTAINERS).iterdir() if p.name.startswith("h1")]
+    assert not node.path("/etc/systemd/system/h1.service").exists()
+    node.run("rm", "-rf", "/etc/hostfs-test")
+
+    # install: in place before the unit starts (it binds /etc/hostfs-test and reads app.conf)
+    ran = node.bootstrap("--json", "install", "h1", images["hostfs:1"], env=env)
+    assert ran.rc == 0, ran.stderr
+    assert host_tree(node) == v1
+    assert wait_for_text(node, "/run/hostfs-out/seen", "v1\n")
+    files = {f["path"]: f for f in ran.json()["deployment"]["host_files"]}
+    assert files["/opt/hostfs-test/bin/tool"]["mode"] == "0755"
+    assert files["/opt/hostfs-test/bin/link"] == {
+        "path": "/opt/hostfs-test/bin/link", "type": "symlink", "target": "tool",
+        "adopted": False,
+    }  # fmt: skip
+    assert set(files) == set(v1) and "/etc" not in files and "/opt" not in files
+    st = node.bootstrap("--json", "status", "h1", env=env).json()
+    assert st["active"]["host_files"] == ran.json()["deployment"]["host_files"]
+    text = node.bootstrap("status", "h1", env=env).stdout
+    assert "host:     5 files/symlinks, 3 directories from /exports/hostfs" in text
+
+    # the operator changes a file; update keeps it (one warning line) and replaces the rest
+    node.write_file("/etc/hostfs-test/keep.conf", "tuned\n")
+    ran = node.bootstrap("update", "h1", images["hostfs:2"], env=env)
+    assert ran.rc == 0, ran.stderr
+    assert [x for x in ran.stderr.splitlines() if "hostfs-test" in x] == [
+        "h1: kept /etc/hostfs-test/keep.conf: changed since h1 installed it (no longer managed "
+        "by bootstrap); not replaced"
+    ]
+    assert host_tree(node) == {**v2, **tuned}
+    assert wait_for_text(node, "/run/hostfs-out/seen", "v2\n")
+
+    # a failed update puts the files back as they were
+    ran = node.bootstrap("update", "h1", images["hostfs-bad:1"], env=env)
+    assert ran.rc == 5 and "rolled back" in ran.stderr, ran.stderr
+    assert host_tree(node) == {**v2, **tuned}
+    assert active(node, "h1.service") == "active" and link_target(node, "h1") == "h1.1"
+
+    # rollback brings back the rollback target's files; the tuned file stays the operator's
+    ran = node.bootstrap("rollback", "h1", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert host_tree(node) == {**v1, **tuned}
+    assert wait_for_text(node, "/run/hostfs-out/seen", "v1\n")
+
+    # killed during an update (symlink on the staged slot, files half or all switched): the
+    # next command goes back to the slot recorded and puts its files back
+    for half in (True, False):
+        node.run("cp", "-a", f"{CONTAINERS}/h1.1", f"{CONTAINERS}/h1.new")
+        node.write_file(f"{CONTAINERS}/h1.new/.previous", "h1.0")
+        code = INTERRUPTED_TRANSITION.replace("SLOT_FROM", '"h1.0"').replace("SLOT", '"h1.new"')
+        node.python(code.replace("HALF", str(half)))
+        assert link_target(node, "h1") == "h1.new" and host_tree(node) != {**v1, **tuned}
+        ran = node.bootstrap("update", "h1", "--no-pull", env=env)
+        assert ran.rc == 0 and "nothing changed" in ran.stdout, ran.stderr
+        assert link_target(node, "h1") == "h1.0"
+        assert host_tree(node) == {**v1, **tuned}
+        assert not node.path(f"{CONTAINERS}/h1.new").exists()
+        assert not list(node.path(CONTAINERS).glob("*/hostfs.pending"))
+    # ... killed during a rollback (symlink already on the target): the next command finishes it
+    code = INTERRUPTED_TRANSITION.replace("SLOT_FROM", '"h1.0"').replace("SLOT", '"h1.1"')
+    node.python(code.replace("HALF", "True"))
+    assert node.path(f"{CONTAINERS}/h1.1/hostfs.pending").exists()
+    ran = node.bootstrap("update", "h1", "--no-pull", env=env)
+    assert ran.rc == 0 and "nothing changed" in ran.stdout, ran.stderr
+    assert "a change of its host files was interrupted" in ran.stderr
+    assert host_tree(node) == {**v2, **tuned}
+    assert not list(node.path(CONTAINERS).glob("*/hostfs.pending"))
+    assert node.bootstrap("rollback", "h1", env=env).rc == 0
+    assert host_tree(node) == {**v1, **tuned}
+
+    # uninstall removes the files that are still ours as installed; a changed one is kept
+    node.run("chmod", "0700", "/opt/hostfs-test/bin/tool")
+    ran = node.bootstrap("uninstall", "h1", env=env)
+    assert ran.rc == 0, ran.stderr
+    assert [x for x in ran.stderr.splitlines() if x.startswith("h1: kept")] == [
+        "h1: kept /opt/hostfs-test/bin/tool: changed since h1 installed it (not removed; no "
+        "longer managed by bootstrap)"
+    ]
+    assert host_tree(node) == {
+        "/etc/hostfs-test": "dir",
+        "/etc/hostfs-test/keep.conf": (b"tuned\n", 0o644),
+        "/opt/hostfs-test": "dir",
+        "/opt/hostfs-test/bin": "dir",
+        "/opt/hostfs-test/bin/tool": (b"#!/bin/sh\necho v1\n", 0o700),
+    }
+    node.run("rm", "-rf", *HOSTFS_DIRS)
 
 
 NOTIFY_PY = (

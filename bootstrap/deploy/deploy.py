@@ -6,7 +6,8 @@ Layout under ``$STATE/containers``::
     NAME -> NAME.0        the active deployment (a symlink, flipped atomically)
     NAME.0/ NAME.1/       deployments: rootfs/, config.json, info.json, NAME.service,
                           tmpfiles.conf (when the definition has one), definition/ (a copy of a
-                          --definition directory)
+                          --definition directory), hostfs.json (the host files it owns) and
+                          hostfs.pending (while its host files are being changed)
     NAME.new/             a deployment being staged or proven by an update (transient)
 
 The unit runs ``runc run --bundle $STATE/containers/NAME NAME``: the bundle is the symlink, so a
@@ -15,8 +16,23 @@ unit is the same whichever slot is active. Per-container operations hold an floc
 seconds, default 60, then exits 6).
 
 Everything that can be checked before touching disk is (definition files, variables, values,
-the runtime config); a failure later removes what was staged, so a failed command leaves the
-deployments, the unit and the tmpfiles file as they were.
+the runtime config, conflicts of the image's host files); a failure later removes what was
+staged, so a failed command leaves the deployments, the unit, the tmpfiles file and the host
+files as they were.
+
+Host files (the image's ``/exports/hostfs``, see :mod:`bootstrap.deploy.hostfs`) change with
+the symlink, before the unit (re)starts, so a daemon finds its config and plugins in place:
+the transition into a slot is planned (conflicts refused), marked in that slot
+(``hostfs.pending``) *before* the symlink is flipped to it, carried out, then recorded
+(``hostfs.json``) — and only then is the unit installed and (re)started. So whenever a command
+is killed, the slot the symlink points to either has no mark (the host holds its files) or has
+one, or the symlink is being moved back by recovery: :meth:`Deployer._recover` (run under the
+lock before every command) then makes the host files those of the slot the symlink points to
+after it repaired the symlink, taking as ours every state any slot's record or mark names.
+A failed update or rollback (:meth:`Deployer._restore`) does the same before restarting the
+slot it goes back to. Install refuses, before anything is written, a shipped path the host
+holds that is not the container's; update refuses new ones the same way; rollback, restore,
+recovery and uninstall never fail on them (they keep the host's file, with a warning line).
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.deploy import definition as defn
+from bootstrap.deploy import hostfs
 from bootstrap.deploy.definition import Definition, TemplateFile
 from bootstrap.deploy.listing import ListResult
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
@@ -169,6 +186,8 @@ class Deployment:
     ready_timeout: float = 300.0
     #: The signature-policy requirement that admitted the image ("" when none was recorded).
     admitted: str = ""
+    #: The host files this deployment owns (its ``hostfs.json``; see :mod:`.hostfs`).
+    host_files: tuple[hostfs.Entry, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
@@ -197,6 +216,7 @@ class Deployment:
                 cri_socket=str(doc.get("cri_socket") or ""),
                 ready_timeout=float(doc.get("ready_timeout", 300.0)),
                 admitted=str(doc.get("admitted", "")),
+                host_files=hostfs.load(path),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BootstrapError(
@@ -223,6 +243,7 @@ class Deployment:
             "unit_dir": self.unit_dir,
             **self.extra(),
             "admitted": self.admitted,
+            "host_files": [e.to_json() for e in self.host_files],
         }
 
     def extra(self) -> dict[str, Any]:
@@ -447,6 +468,13 @@ class ContainerStatus:
             lines.append(f"  update:   {a.auto_update} ({a.auto_update_from})")
             if self.active.admitted:
                 lines.append(f"  trust:    {self.active.admitted}")
+            if self.active.host_files:
+                files = [e for e in self.active.host_files if e.type != hostfs.DIRECTORY]
+                dirs = len(self.active.host_files) - len(files)
+                lines.append(
+                    f"  host:     {len(files)} files/symlinks, {dirs} directories from "
+                    "/exports/hostfs"
+                )
         if self.previous:
             lines.append(f"  rollback: {self.previous.image} ({self.previous.digest[:19]})")
         if self.unit:
@@ -501,7 +529,9 @@ class Deployer:
         """Repair what an update killed midway left (see :data:`PREVIOUS`): a symlink on an
         unproven staged deployment goes back to the slot recorded in it; a symlink dangling
         because the proven staged deployment was already renamed into its slot follows it;
-        stale staged/trash directories and markers are removed."""
+        stale staged/trash directories and markers are removed. When the symlink moved, or a
+        host-file transition was left unfinished (``hostfs.pending`` in a slot), the host files
+        are made those of the slot the symlink points to (:meth:`_settle_host_files`)."""
         if paths.link.is_symlink():
             target = os.readlink(paths.link)
             slots = [p for p in (paths.slot(0), paths.slot(1)) if (p / INFO).exists()]
@@ -516,15 +546,64 @@ class Deployer:
                 back = marked[0] if marked else _newest(slots)
             if back is not None:
                 log.warning("%s: an update was interrupted; making %s live", paths.name, back)
-                _flip(paths, back)
+                self._settle_host_files(paths, back, flip=True)
                 self._install_unit(paths, back, Path(Deployment.load(back).unit_dir))
                 self.manager.reload()
+        live = paths.active()
+        if live is not None and any(hostfs.pending(s) for s in _all_slots(paths)):
+            log.warning("%s: a change of its host files was interrupted; finishing it", paths.name)
+            self._settle_host_files(paths, live)
         for slot in (paths.slot(0), paths.slot(1)):
             (slot / PREVIOUS).unlink(missing_ok=True)
         for stale in (paths.staged, paths.trash):
             if os.path.lexists(stale) and paths.active() != stale:
                 log.info("removing stale %s", stale)
                 _remove_slot(stale)
+
+    def _settle_host_files(
+        self,
+        paths: Paths,
+        live: Path,
+        *,
+        flip: bool = False,
+        owned_by: tuple[Path | None, ...] | None = None,
+    ) -> None:
+        """Make the host files those ``live`` ships, taking as ours every state that the slots
+        ``owned_by`` (default: all of the container's) record or mark (:func:`hostfs.claims`);
+        host files that are not ours are kept (a warning each). With ``flip``, ``live`` is
+        marked, then the symlink flipped to it, then the files changed. A failure is logged,
+        not raised (the symlink is still flipped; the mark stays, so the next command tries
+        again)."""
+        transition = None
+        try:
+            slots = _all_slots(paths) if owned_by is None else owned_by
+            owned = [e for slot in slots if slot is not None for e in hostfs.claims(slot)]
+            transition = hostfs.prepare(paths.name, owned, self._shipped(live), strict=False)
+            transition.begin(live)
+        except BootstrapError as err:
+            log.error("%s: cannot restore the host files of %s: %s", paths.name, live, err)
+        if flip:
+            _flip(paths, live)
+        if transition is None:
+            return
+        try:
+            transition.finish(live)
+        except BootstrapError as err:
+            log.error("%s: cannot restore the host files of %s: %s", paths.name, live, err)
+            return
+        for slot in _all_slots(paths):
+            if slot != live:
+                hostfs.clear_pending(slot)
+
+    def _shipped(self, slot: Path) -> hostfs.Shipped:
+        """The host files deployment ``slot`` ships: its image tree's ``exports/hostfs`` (the
+        ``lower`` link of an overlay deployment, else its ``rootfs/`` checkout)."""
+        tree = slot / "lower" if (slot / "lower").is_symlink() else slot / "rootfs"
+        try:
+            image = Deployment.load(slot).image
+        except BootstrapError:
+            image = slot.name
+        return hostfs.scan(tree, f"{image}:/exports/hostfs")
 
     def image(self, reference: str, *, pull: str = "missing") -> Image:
         """The stored image for ``reference``; ``pull`` is ``"missing"`` (pull only when not
@@ -779,8 +858,15 @@ class Deployer:
             for leftover in (paths.slot(0), paths.slot(1)):
                 _remove_slot(leftover)
             os.rename(paths.staged, slot)
+            try:  # host-file conflicts are refused before the slot is live
+                host = hostfs.prepare(name, (), self._shipped(slot), strict=True)
+                host.begin(slot)
+            except BaseException:
+                _remove_slot(slot)
+                raise
             _flip(paths, slot)
             try:
+                host.finish(slot)
                 self._install_unit(paths, slot, udir)
                 self.manager.reload()
                 self.manager.enable([self._unit_arg(paths, udir)])
@@ -808,7 +894,7 @@ class Deployer:
                 name,
                 True,
                 f"{name}: installed {image.name} ({image.manifest.digest[:19]}) in {slot}; "
-                f"{paths.unit} enabled and {how}",
+                f"{paths.unit} enabled and {how}{_host_note(deployment)}",
                 deployment,
                 unit,
             )
@@ -883,14 +969,25 @@ class Deployer:
                 plan(paths, image, definition, values, udir)
             uuid_value = current.values.get("UUID")
             staged = self._stage(paths, image, definition, values, udir, uuid_value, options)
+            try:  # new host files the host holds already are refused before anything changes
+                owned = hostfs.claims(active)
+                known = {e.path for e in self._shipped(active).entries}
+                host = hostfs.prepare(
+                    name, owned, self._shipped(paths.staged), strict=True, known=known
+                )
+            except BaseException:
+                _remove_slot(paths.staged)
+                raise
             health = staged.definition.health
             job_timeout: dict[str, float] = {"timeout": start_job_timeout(staged)}
             if health and health.start_period > 0 and staged.definition.readiness == "notify":
                 job_timeout["timeout"] = health.start_period  # READY=1 within it
             was_running = self.manager.state(paths.unit).running
             write_atomic(paths.staged / PREVIOUS, active.name)
+            host.begin(paths.staged)
             _flip(paths, paths.staged)
             try:
+                host.finish(paths.staged)
                 self._install_unit(paths, paths.staged, udir)
                 self.manager.reload()
                 self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
@@ -900,7 +997,7 @@ class Deployer:
                     unit = self.manager.state(paths.unit)
             except BaseException as exc:
                 err = exc if isinstance(exc, BootstrapError) else BootstrapError(str(exc))
-                self._restore(paths, active, udir, was_running, err)
+                self._restore(paths, active, udir, was_running, err, failed=paths.staged)
                 _remove_slot(paths.staged)
                 if not isinstance(exc, BootstrapError):
                     raise
@@ -923,7 +1020,8 @@ class Deployer:
                 name,
                 True,
                 f"{name}: updated to {image.name} ({image.manifest.digest[:19]}) in "
-                f"{older.name}, {how}; rollback target: {current.image} in {active.name}",
+                f"{older.name}, {how}; rollback target: {current.image} in {active.name}"
+                f"{_host_note(deployment)}",
                 deployment,
                 unit,
             )
@@ -957,10 +1055,19 @@ class Deployer:
         return Deployment.load(slot)
 
     def _restore(
-        self, paths: Paths, slot: Path, udir: Path, was_running: bool, cause: BootstrapError
+        self,
+        paths: Paths,
+        slot: Path,
+        udir: Path,
+        was_running: bool,
+        cause: BootstrapError,
+        *,
+        failed: Path | None = None,
     ) -> None:
-        """Make ``slot`` live again after a failed switch; restart it when it was running."""
-        _flip(paths, slot)
+        """Make ``slot`` live again after a failed switch to ``failed``: its host files back
+        (taking as ours what either slot records or marks; files not ours kept), its unit;
+        restart it when it was running."""
+        self._settle_host_files(paths, slot, flip=True, owned_by=(slot, failed))
         try:
             self._install_unit(paths, slot, udir)
             self.manager.reload()
@@ -996,14 +1103,17 @@ class Deployer:
             udir = Path(current.unit_dir)
             # systemd must be reachable before anything changes
             was_running = self.manager.state(paths.unit).running
+            host = hostfs.prepare(name, hostfs.claims(active), self._shipped(target), strict=False)
+            host.begin(target)
             _flip(paths, target)
             try:
+                host.finish(target)
                 self._install_unit(paths, target, udir)
                 self.manager.reload()
                 self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
                 unit = self.manager.restart(paths.unit) if was_running else None
             except BootstrapError as err:
-                self._restore(paths, active, udir, was_running, err)
+                self._restore(paths, active, udir, was_running, err, failed=target)
                 raise SystemdError(
                     f"rollback of {name} to {previous.image} ({target.name}) failed; it stays "
                     f"on {current.image} ({active.name}): {err.message}",
@@ -1015,7 +1125,7 @@ class Deployer:
                 True,
                 f"{name}: rolled back to {previous.image} ({previous.digest[:19]}) in "
                 f"{target.name}; {current.image} in {active.name} is now the rollback target",
-                previous,
+                Deployment.load(target),
                 unit,
             )
 
@@ -1057,6 +1167,12 @@ class Deployer:
         if live_tmpfiles.exists():
             run(["systemd-tmpfiles", "--remove", live_tmpfiles], check=False, timeout=60)
             live_tmpfiles.unlink()
+        live = paths.active()
+        sources = [live] if live is not None else [paths.slot(0), paths.slot(1)]
+        sources += [s for s in _all_slots(paths) if s not in sources and hostfs.pending(s)]
+        owned = [e for s in sources for e in hostfs.claims(s)]
+        if owned:  # ours removed, modified ones kept (a warning each), adopted ones left
+            hostfs.prepare(paths.name, owned, hostfs.NOTHING, strict=False).apply()
         runc.delete(paths.name)
         paths.link.unlink(missing_ok=True)
         for p in (paths.slot(0), paths.slot(1), paths.staged, paths.trash):
@@ -1191,6 +1307,16 @@ def _remove_slot(path: Path) -> None:
     if os.path.lexists(path):
         unmount_below(path)
     remove_tree(path)
+
+
+def _all_slots(paths: Paths) -> tuple[Path, ...]:
+    """Every deployment directory a container may have: both slots and the staged one."""
+    return (paths.slot(0), paths.slot(1), paths.staged)
+
+
+def _host_note(deployment: Deployment) -> str:
+    n = sum(1 for e in deployment.host_files if e.type != hostfs.DIRECTORY)
+    return f"; {n} host files from /exports/hostfs" if n else ""
 
 
 def _require_active(paths: Paths) -> Path:
