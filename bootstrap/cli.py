@@ -23,7 +23,7 @@ from bootstrap.progress import StderrHandler
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:
-    from bootstrap.image.pull import ImageVerifier
+    from bootstrap.image.api import ImageVerifier
 
 log = logging.getLogger("bootstrap")
 
@@ -164,11 +164,11 @@ def _pull(s: Settings, a: argparse.Namespace) -> Result:
 
 
 def _import(s: Settings, a: argparse.Namespace) -> Result:
-    from bootstrap.image import archive
+    from bootstrap.image import api
     from bootstrap.trust.verify import Verifier
 
     verifier = Verifier.from_settings(s)
-    return archive.import_command(s, a.path, name=a.name, admit=verifier.check_archive)
+    return api.import_archive(s, a.path, name=a.name, admit=verifier.check_archive)
 
 
 def _images(s: Settings, a: argparse.Namespace) -> Result:

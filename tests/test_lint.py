@@ -1,4 +1,4 @@
-"""Static checks run as tests: ruff lint, ruff format, mypy --strict."""
+"""Static checks run as tests: ruff lint, ruff format, mypy --strict, the import contracts."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ def test_ruff_format() -> None:
 @pytest.mark.slow
 def test_mypy_strict() -> None:
     _run(str(BIN / "mypy"), "--strict", "bootstrap")
+
+
+def test_import_contracts() -> None:
+    """The allowed imports between stages and inside image/ ([tool.importlinter] in
+    pyproject.toml): a new arrow against the flow fails here."""
+    _run(str(BIN / "lint-imports"), "--no-cache")

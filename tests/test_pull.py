@@ -364,3 +364,32 @@ def test_pull_through_mirrors_first_down(
     assert ran.stdout.strip() == built.digest
     assert [r.name for r in store.images()] == [ref]
     assert maintenance.fsck(store).ok
+
+
+def test_pull_and_install_of_a_short_name_fetch_the_same_image(
+    registry: Registry,
+    busybox_image: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``bootstrap pull NAME`` and ``bootstrap install X NAME`` obtain a short name the same way
+    (registries.conf's search registries; install used to normalize it to docker.io): the
+    deployer's image lookup, which install calls first, gets what pull got."""
+    from bootstrap.deploy.deploy import Deployer
+
+    name = repo_name(request)
+    registry.push(busybox_image, "latest", f"{name}:1")
+    env = client_env(registry, tmp_path)
+    conf = Path(env["REGISTRIES_CONFIG_PATH"])
+    conf.write_text(f'unqualified-search-registries = ["{registry.host}"]\n' + conf.read_text())
+    ran = bootstrap("--json", "pull", f"{name}:1", store=tmp_path / "a", env=env, check=True)
+    pulled = ran.json()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    image = Deployer(tmp_path / "state", Store(tmp_path / "b")).image(f"{name}:1")
+    assert image.name == pulled["name"] == f"{registry.host}/{name}:1"
+    assert image.manifest.digest == pulled["manifest_digest"]
+    assert Deployer(tmp_path / "state", Store(tmp_path / "a")).image(f"{name}:1", pull="never") == (
+        image
+    )

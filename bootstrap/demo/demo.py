@@ -349,7 +349,7 @@ def _registry_addr(workload: Workload) -> str | None:
     """The loopback registry (``127.0.0.1:PORT``) all of a ``bootstrap up`` workload's images
     name, which the demo serves them from; None to import them instead (the busybox
     fallback, or images named elsewhere)."""
-    from bootstrap.image.reference import Reference
+    from bootstrap.image.api import Reference
 
     if not workload.images or workload.provision[:1] != ("up",):
         return None

@@ -162,7 +162,7 @@ def _check(resp: Any, want: int, what: str) -> None:
 def push_archive(session: Any, base: str, archive: Path, ref: str) -> None:
     """Push the image of oci-archive ``archive`` to ``base`` (``http://HOST:PORT``) as
     ``ref``'s repository and tag."""
-    from bootstrap.image.reference import Reference
+    from bootstrap.image.api import Reference
 
     reference = Reference.parse(ref)
     repo, tag = reference.path, reference.tag or "latest"

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the deployer (and systemd's bus) is imported by the calls t
 @contextmanager
 def _deployer(settings: Settings) -> Iterator[Deployer]:
     from bootstrap.deploy.deploy import Deployer
-    from bootstrap.image.store import Store
+    from bootstrap.image.api import Store
     from bootstrap.progress import make_progress
 
     with make_progress(settings) as progress:

@@ -26,6 +26,7 @@ from typing import Any
 
 from bootstrap.deploy.deploy import Deployer, Deployment, Paths, RolledBackError
 from bootstrap.errors import BootstrapError, ExitCode, UsageError
+from bootstrap.image import api
 from bootstrap.systemd import units
 
 log = logging.getLogger(__name__)
@@ -122,14 +123,15 @@ def auto_update(
     names: Sequence[str] = (),
     *,
     dry_run: bool = False,
-    client: Any = None,
+    remote: api.Remote | None = None,
 ) -> Report:
     """Run one auto-update pass over ``names`` (default: every installed container).
 
     Returns the :class:`Report` (its ``exit_code`` is 5 when something rolled back or failed);
     raises :class:`UsageError` (exit 2) for a name that is not installed, before anything is
-    looked up. ``client``: a :class:`RegistryClient` to use (default: one from the
-    environment, created when the first ``registry`` container is reached)."""
+    looked up. ``remote``: where registry digests are looked up (default: an
+    :class:`~bootstrap.image.api.Remote` of this pass, whose client is opened when the first
+    ``registry`` container is reached)."""
     started = time.monotonic()
     wanted = [units.check_name(n) for n in names] or deployer.names()
     deployments = []
@@ -145,14 +147,10 @@ def auto_update(
                 raise UsageError(f"{name} is not installed", "see 'bootstrap list'")
             deployments.append(Deployment.load(active))
     outcomes: list[Outcome] = []
-    own = None
+    lookup = remote if remote is not None else api.Remote()
     try:
         for current in order(deployments):
-            if current.auto_update == "registry" and client is None:
-                from bootstrap.image.registry import RegistryClient
-
-                own = client = RegistryClient.from_environment()
-            outcome = _one(deployer, current, client, dry_run)
+            outcome = _one(deployer, current, lookup, dry_run)
             _log(outcome)
             outcomes.append(outcome)
             if outcome.result == "updated" and current.cri_socket:
@@ -166,12 +164,12 @@ def auto_update(
                     log.warning("auto-update: stopping; not looked at: %s", ", ".join(left))
                 break
     finally:
-        if own is not None:
-            own.close()
+        if remote is None:
+            lookup.close()
     return Report(tuple(outcomes), dry_run, time.monotonic() - started)
 
 
-def _one(deployer: Deployer, current: Deployment, client: Any, dry_run: bool) -> Outcome:
+def _one(deployer: Deployer, current: Deployment, remote: api.Remote, dry_run: bool) -> Outcome:
     name, policy = current.name, current.auto_update
 
     def outcome(to: str, result: str, message: str) -> Outcome:
@@ -180,7 +178,7 @@ def _one(deployer: Deployer, current: Deployment, client: Any, dry_run: bool) ->
     if policy not in ("registry", "local"):
         return outcome("", "unchanged", "auto-update is off")
     try:
-        now = _digest_now(deployer, current, client)
+        now = _digest_now(deployer, current, remote)
     except BootstrapError as err:
         return outcome("", "failed", f"cannot look up {current.image}: {err.message}")
     if now == current.source_digest:
@@ -201,11 +199,9 @@ def _one(deployer: Deployer, current: Deployment, client: Any, dry_run: bool) ->
     return outcome(new, "updated", result.message)
 
 
-def _digest_now(deployer: Deployer, current: Deployment, client: Any) -> str:
+def _digest_now(deployer: Deployer, current: Deployment, remote: api.Remote) -> str:
     if current.auto_update == "registry":
-        from bootstrap.image.reference import Reference
-
-        return str(client.head_digest(Reference.parse(current.image)))
+        return remote.digest(current.image).digest
     return deployer.source_digest(deployer.image(current.image, pull="never"))
 
 

@@ -55,7 +55,8 @@ from bootstrap.deploy.definition import Definition, TemplateFile
 from bootstrap.deploy.listing import ListResult
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
 from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
-from bootstrap.image.model import Image
+from bootstrap.image import api
+from bootstrap.image.api import Image
 from bootstrap.locks import flocked
 from bootstrap.process import run
 from bootstrap.runtime import config as rtconfig
@@ -606,39 +607,25 @@ class Deployer:
         return hostfs.scan(tree, f"{image}:/exports/hostfs")
 
     def image(self, reference: str, *, pull: str = "missing") -> Image:
-        """The stored image for ``reference``; ``pull`` is ``"missing"`` (pull only when not
+        """The stored image for ``reference``, obtained as ``bootstrap pull`` and ``checkout``
+        obtain it (registries.conf aliases and search registries, signature policy, layers
+        inflated as they download); ``pull`` is the policy: ``"missing"`` (pull only when not
         stored), ``"always"`` or ``"never"``."""
-        from bootstrap.image.pull import pull_image
-        from bootstrap.image.reference import Reference
+        return api.obtain(
+            self.store, reference, policy=pull, verifier=self._verifier_once, progress=self.progress
+        ).image
 
-        ref = Reference.parse(reference)
-        name = str(ref)
-        self.store.init()
-        stored = True
-        try:
-            self.store.resolve(name)
-        except UsageError:
-            stored = False
-        if pull == "always" or (pull == "missing" and not stored):
-            log.info("pulling %s", name)
-            kwargs: dict[str, Any] = {}
-            if self.progress is not None:
-                kwargs["progress"] = self.progress
-            if self._verifier_factory is not None:
-                if self._verifier is None:  # loaded on first pull: list/rollback need no policy
-                    self._verifier = self._verifier_factory()
-                kwargs["verifier"] = self._verifier
-            from bootstrap.image.apply import UnpackOptions
-
-            # the layer cache is filled as the layers download: the rootfs is built from it next
-            return pull_image(self.store, ref, extract=UnpackOptions(), **kwargs).image
-        image: Image = self.store.image(name)
-        return image
+    def _verifier_once(self) -> Any:
+        """The signature verifier, loaded on the first pull (list and rollback need no policy)."""
+        if self._verifier is None and self._verifier_factory is not None:
+            self._verifier = self._verifier_factory()
+        return self._verifier
 
     def _admitted(self, name: str) -> str:
         """The signature-policy requirement that admitted stored image ``name`` ("" if none
         was recorded)."""
-        return next((r.admitted for r in self.store.images() if r.name == name), "")
+        found = api.provenance(self.store, name)
+        return found.admitted if found is not None else ""
 
     def _rootfs(self, paths: Paths, image: Image, staged: Path) -> Path:
         """Prepare the rootfs of the deployment being staged; returns the directory holding the
@@ -649,22 +636,9 @@ class Deployer:
         the slot's own, ``rootfs/`` the empty mount point the unit mounts the overlay on before
         runc starts. Otherwise ``rootfs/`` is a checkout with files of its own (reflinks or
         copies); nothing is shared with the cache either way."""
-        from bootstrap.image.compose import checkout, image_tree, overlay_supported
-
-        if overlay_supported() and _fits_mount_options(paths.root, self.store.root):
-            with self.store.using():
-                tree, _ = image_tree(self.store, image)
-                self.store.hold(
-                    [paths.slot(0), paths.slot(1), paths.staged],
-                    image.manifest.digest,
-                    image.config.diff_ids,
-                )
-                for sub in ("rootfs", "upper", "work"):
-                    (staged / sub).mkdir(mode=0o755)
-                os.symlink(tree, staged / "lower")
-            return tree
-        checkout(self.store, image, staged / "rootfs")
-        return staged / "rootfs"
+        overlay = api.overlay_supported() and _fits_mount_options(paths.root, self.store.root)
+        users = [paths.slot(0), paths.slot(1), paths.staged]
+        return api.deployment_rootfs(self.store, image, staged, users, overlay=overlay).files
 
     def _stage(
         self,
@@ -729,13 +703,8 @@ class Deployer:
     def source_digest(self, image: Image) -> str:
         """The digest the registry served for ``image``'s reference (what ``pull`` printed;
         the store keeps it when it differs from the stored manifest's)."""
-        from bootstrap.image.store import SOURCE_DIGEST_ANNOTATION
-
-        try:
-            desc = self.store.resolve(image.name)
-        except UsageError:
-            return image.manifest.digest
-        return str(desc.annotations.get(SOURCE_DIGEST_ANNOTATION) or desc.digest)
+        found = api.provenance(self.store, image.name)
+        return found.source_digest if found is not None else image.manifest.digest
 
     def _extra(self, image: Image, definition: Definition, options: Options) -> dict[str, Any]:
         policy, origin = options.auto_update, "install"

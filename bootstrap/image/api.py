@@ -1,35 +1,58 @@
-"""The image stage's CLI-facing API: ``pull``, ``checkout``, ``images``, ``rmi``, ``gc``, ``fsck``.
+"""The image stage's facade: the only image module other stages (and the CLI) import.
 
-Each function takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments as the
-command line gave them, does one thing, and returns a frozen result with ``to_json()`` and
-``to_text()``. Errors are :class:`~bootstrap.errors.BootstrapError` subclasses carrying the exit
-code (2 bad reference or platform, 3 registry, 4 integrity, 6 store busy).
+Commands: ``pull``, ``checkout``, ``import_archive``, ``images``, ``rmi``, ``gc``, ``fsck``; each
+takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments as the command line
+gave them and returns a frozen result with ``to_json()`` and ``to_text()``. For the stages after
+this one: :func:`obtain` (the one way an image is had: resolution, pull policy, verification,
+one-pass extraction), :func:`deployment_rootfs` (a deployment's view of an image, held against
+gc), :func:`provenance` (what the registry served, what admitted it) and :class:`Remote` (what a
+registry serves now). What they hand back are frozen dataclasses; the vocabulary
+(:class:`Reference`, :class:`Image`, :class:`ImageConfig`, :class:`Platform`, :class:`Store`)
+is re-exported here. Nothing here imports the pull path (threads, requests) until a call needs
+it, so commands that need no network start fast. Errors are
+:class:`~bootstrap.errors.BootstrapError` subclasses carrying the exit code (2 bad reference,
+platform or policy, 3 registry, 4 integrity, 6 store busy, 7 refused by the signature policy).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bootstrap.errors import IntegrityError, UsageError
-from bootstrap.image.model import Platform
-from bootstrap.image.store import Store, StoredRef
+from bootstrap.errors import IntegrityError, RegistryError, UsageError
+from bootstrap.image.model import REF_NAME_ANNOTATION, Image, ImageConfig, Platform
+from bootstrap.image.obtain import POLICIES, Obtained, stored_name
+from bootstrap.image.reference import Reference
+from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store, StoredRef
 from bootstrap.image.stream import Digesting
-from bootstrap.progress import human_size, make_progress
+from bootstrap.progress import Progress, human_size, make_progress
 from bootstrap.settings import Settings
 
-if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by pull() alone
-    from bootstrap.image.apply import UnpackOptions
+if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the calls that pull
+    from bootstrap.image.archive import ArchiveAdmitter, ImportResult
     from bootstrap.image.compose import CheckoutResult
     from bootstrap.image.maintenance import FsckReport, GcReport
-    from bootstrap.image.model import Image
     from bootstrap.image.pull import ImageVerifier, PullResult
+    from bootstrap.image.registry import RegistryClient
+
+__all__ = [
+    "POLICIES",
+    "Digesting",
+    "Image",
+    "ImageConfig",
+    "ImageVerifier",
+    "Obtained",
+    "Platform",
+    "Reference",
+    "Store",
+    "StoredRef",
+    "stored_name",
+]
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Digesting"]  # the demo's image builder counts and hashes its layers with it
 
 
 @dataclass(frozen=True)
@@ -82,26 +105,67 @@ class FsckFailed(IntegrityError):
         self.result = report
 
 
-def stored_name(store: Store, text: str) -> str:
-    """The name under which what a user typed is stored: its normalized form when that is
-    stored; else, for a short name, the first of registries.conf's aliases/search candidates
-    that is stored (what ``pull`` of the same text would have stored); else the normalized
-    form (a later lookup then fails with the usual "bootstrap pull" hint). Invalid text:
-    UsageError (exit 2)."""
-    from bootstrap.image import registries
-    from bootstrap.image.reference import Reference, has_explicit_domain
+def open_store(settings: Settings) -> Store:
+    """The store ``settings`` names (nothing is created until something is written)."""
+    return Store(settings.store)
 
-    name = str(Reference.parse(text))
-    if has_explicit_domain(text):
-        return name  # no candidates to look for: the index is read once, by the caller
-    known = {ref.name for ref in store.images()}
-    if name in known:
-        return name
-    try:
-        candidates = registries.load().unqualified_search(text)
-    except UsageError:
-        return name  # a broken registries.conf does not stop local lookups
-    return next((str(c) for c in candidates if str(c) in known), name)
+
+# ---- obtaining an image ------------------------------------------------------------------------
+
+
+def obtain(
+    store: Store,
+    text: str,
+    *,
+    policy: str = "missing",
+    verifier: Callable[[], ImageVerifier | None] | None = None,
+    inflate: bool = True,
+    devices: bool = False,
+    platform: str | None = None,
+    jitter: float = 0.0,
+    progress: Progress | None = None,
+) -> Obtained:
+    """The image ``text`` names, per pull ``policy`` ("missing", "always", "never"): see
+    :func:`bootstrap.image.obtain.obtain`, which every command that needs an image goes
+    through. ``inflate``: a pull fills the layer cache in the same pass (what a checkout or a
+    deployment reads next; ``devices`` as for :func:`checkout`). ``verifier()`` is called once,
+    only when a pull happens."""
+    from bootstrap.image import obtain as obtaining
+
+    extract = None
+    if inflate:
+        from bootstrap.image.apply import UnpackOptions
+
+        extract = UnpackOptions(devices=devices)
+    return obtaining.obtain(
+        store,
+        text,
+        policy=policy,
+        platform=Platform.parse(platform) if platform else None,
+        verifier=verifier,
+        extract=extract,
+        jitter=jitter,
+        progress=progress,
+    )
+
+
+def is_stored(store: Store, text: str) -> bool:
+    """True when what ``text`` names is stored, found as :func:`obtain` finds it (short names
+    through registries.conf's aliases and search registries)."""
+    from bootstrap.image import obtain as obtaining
+
+    return obtaining.is_stored(store, stored_name(store, text))
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for a registry failure that may pass if tried again later (unreachable, 5xx, 429);
+    False for anything else (not found, unauthorized, a digest mismatch, a refused
+    signature)."""
+    if not isinstance(err, RegistryError):
+        return False
+    from bootstrap.image.transport import TransientError
+
+    return isinstance(err, TransientError)
 
 
 def pull(
@@ -110,51 +174,26 @@ def pull(
     *,
     platform: str | None = None,
     verifier: ImageVerifier | None = None,
-    extract: UnpackOptions | None = None,
     jitter: float = 0.0,
 ) -> PullResult:
-    """Pull ``ref`` into the store; the result's text is the digest the tag points at.
-
-    A short name (no registry) is tried against registries.conf's aliases and
-    ``unqualified-search-registries`` in order, else normalized as Docker does. ``verifier``
-    checks signatures before anything is stored. ``extract``: also fill the layer cache with
-    these options as the layers download (one pass; see
-    :func:`~bootstrap.image.pull.pull_image`). ``jitter``: first wait a random 0..``jitter``
-    seconds (nodes started together then do not reach a mirror in the same instant). Raises
-    UsageError (bad reference/platform), RegistryError, IntegrityError, BusyError, TrustError
-    (refused by the policy)."""
-    from bootstrap.image.pull import pull_image
-    from bootstrap.image.reference import Reference
-    from bootstrap.image.registry import RegistryClient
-
-    reference = Reference.parse(ref)
-    plat = Platform.parse(platform) if platform else None
+    """``bootstrap pull REF``: :func:`obtain` with policy "always" (the layer cache is not
+    filled); the result's text is the digest the tag points at. ``verifier`` checks signatures
+    before anything is stored. Raises UsageError (bad reference/platform), RegistryError,
+    IntegrityError, BusyError, TrustError (refused by the policy)."""
     store = Store(settings.store)
-    if jitter > 0:
-        import random
-        import time
-
-        delay = random.uniform(0, jitter)
-        log.info("waiting %.2fs (--jitter %g) before pulling", delay, jitter)
-        time.sleep(delay)
-    with RegistryClient.from_environment() as client:
-        candidates = client.conf.unqualified_search(ref)
-        fetched = None
-        if len(candidates) > 1:
-            reference, fetched = client.resolve(ref)  # the manifest found is the one pulled
-        elif candidates:
-            reference = candidates[0]
-        with make_progress(settings) as progress:
-            result = pull_image(
-                store,
-                reference,
-                platform=plat,
-                client=client,
-                progress=progress,
-                fetched=fetched,
-                verifier=verifier,
-                extract=extract,
-            )
+    with make_progress(settings) as progress:
+        got = obtain(
+            store,
+            ref,
+            policy="always",
+            verifier=lambda: verifier,
+            inflate=False,
+            platform=platform,
+            jitter=jitter,
+            progress=progress,
+        )
+    result = got.pulled
+    assert result is not None  # policy "always" pulls
     # logged after the bars are gone, so the line is not drawn over
     log.info(
         "pulled %s (%s): %s",
@@ -165,6 +204,178 @@ def pull(
         else "up to date",
     )
     return result
+
+
+def checkout(
+    settings: Settings,
+    ref: str,
+    dest: str,
+    *,
+    hardlink: bool,
+    devices: bool,
+    policy: str = "never",
+    verifier: Callable[[], ImageVerifier | None] | None = None,
+) -> CheckoutResult:
+    """``bootstrap checkout REF DEST [--copy | --hardlink] [--devices] [--pull POLICY]``: the
+    image :func:`obtain` finds or pulls for ``ref`` (``policy``, a pull filling the layer cache
+    in the same pass), composed into the new directory DEST. DEST and the store are checked
+    before anything is downloaded. Raises as :func:`~bootstrap.image.compose.checkout` and
+    :func:`obtain`; a ``ref`` not stored with policy "never" is a UsageError whose hint is the
+    pull command."""
+    import os
+
+    from bootstrap.image.compose import check_dest
+    from bootstrap.image.compose import checkout as compose
+    from bootstrap.image.obtain import check_policy
+
+    check_policy(policy)
+    store = Store(settings.store)
+    # a DEST inside the store's own dirs would be taken for a blob (fsck: damage) or removed
+    # by gc as an unused cache entry
+    real = Path(os.path.realpath(dest))
+    for own in (store.oci, store.tmp, store.locks, store.layers):
+        own_real = Path(os.path.realpath(own))
+        if real == own_real or own_real in real.parents:
+            raise UsageError(
+                f"{dest} is inside the store's {own.name}/ directory",
+                "check out somewhere outside the store",
+            )
+    check_dest(Path(os.path.abspath(dest)))  # before a pull, not only after it
+    got = obtain(store, ref, policy=policy, verifier=verifier, devices=devices)
+    done = compose(store, got.image, Path(dest), hardlink=hardlink, devices=devices)
+    return replace(done, pulled=True) if got.pulled is not None else done
+
+
+def import_archive(
+    settings: Settings, path: str, *, name: str | None, admit: ArchiveAdmitter | None = None
+) -> ImportResult:
+    """``bootstrap import PATH [--name REF]``: a docker-archive, oci-archive or plain rootfs tar
+    into the store (see :mod:`bootstrap.image.archive`)."""
+    from bootstrap.image import archive
+
+    return archive.import_command(settings, path, name=name, admit=admit)
+
+
+# ---- what deployments need ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a stored image came from: ``name`` as stored, ``digest`` of the stored manifest,
+    ``source_digest`` what the registry served for it (what ``pull`` printed; differs when a
+    Docker manifest was converted or an index resolved), ``admitted`` the signature-policy
+    requirement that admitted it ("" when none was recorded)."""
+
+    name: str
+    digest: str
+    source_digest: str
+    admitted: str
+
+
+def provenance(store: Store, name: str) -> Provenance | None:
+    """The provenance of stored ``name`` (a stored name), None when it is not stored."""
+    for m in store.index_entries():
+        ann = m.get("annotations") or {}
+        if ann.get(REF_NAME_ANNOTATION) != name:
+            continue
+        digest = str(m.get("digest", ""))
+        return Provenance(
+            name,
+            digest,
+            str(ann.get(SOURCE_DIGEST_ANNOTATION) or digest),
+            str(ann.get(ADMITTED_ANNOTATION) or ""),
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Rootfs:
+    """A deployment's view of an image. ``files``: the directory holding the image's files as
+    the container sees them (read ``/exports`` and users there). ``overlay``: ``lower`` in the
+    slot links to the image's composed tree in the store and ``rootfs/`` is the empty mount
+    point (with ``upper/`` and ``work/``), else ``rootfs/`` is a checkout with files of its
+    own. ``hold``: the store's record that keeps the tree and its layers from gc while a user
+    links to it (None for a checkout)."""
+
+    files: Path
+    overlay: bool
+    hold: Path | None = None
+
+
+def overlay_supported() -> bool:
+    """True when this process can mount overlayfs (root, kernel support, not disabled by
+    ``$BOOTSTRAP_NO_OVERLAY``)."""
+    from bootstrap.image.compose import overlay_supported as supported
+
+    return supported()
+
+
+def deployment_rootfs(
+    store: Store, image: Image, slot: Path, users: Sequence[Path], *, overlay: bool
+) -> Rootfs:
+    """Prepare the rootfs of a deployment being staged in ``slot`` (an existing, empty
+    directory). ``overlay``: the image's tree is composed once in the store (hardlinks into the
+    layer cache, never written), held for ``users`` (the paths whose ``lower`` link keeps it
+    alive: the deployment's slots), ``slot/lower`` links to it and ``rootfs/``, ``upper/``,
+    ``work/`` are made; else ``slot/rootfs`` is a checkout (reflinks or copies). Nothing is
+    shared with the cache a write could reach either way. Raises as
+    :func:`~bootstrap.image.compose.checkout`."""
+    import os
+
+    from bootstrap.image.compose import checkout as compose
+    from bootstrap.image.compose import image_tree
+
+    if overlay:
+        with store.using():
+            tree, _ = image_tree(store, image)
+            hold = store.hold(users, image.manifest.digest, image.config.diff_ids)
+            for sub in ("rootfs", "upper", "work"):
+                (slot / sub).mkdir(mode=0o755)
+            os.symlink(tree, slot / "lower")
+        return Rootfs(tree, True, hold)
+    compose(store, image, slot / "rootfs")
+    return Rootfs(slot / "rootfs", False)
+
+
+@dataclass(frozen=True)
+class RemoteDigest:
+    """What a registry serves for ``reference`` now: the manifest (or index) ``digest``, as
+    ``pull`` would print it."""
+
+    reference: str
+    digest: str
+
+
+class Remote:
+    """Looks up what registries serve now (``HEAD`` of the manifest), through one registry
+    client opened on first use and closed by :meth:`close` (or the ``with`` block)."""
+
+    def __init__(self) -> None:
+        self._client: RegistryClient | None = None
+
+    def digest(self, text: str) -> RemoteDigest:
+        """The digest the registry (or its mirrors) serves for ``text`` now. Raises
+        UsageError (bad reference), RegistryError."""
+        from bootstrap.image.registry import RegistryClient
+
+        reference = Reference.parse(text)
+        if self._client is None:
+            self._client = RegistryClient.from_environment()
+        return RemoteDigest(str(reference), self._client.head_digest(reference))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- the store ---------------------------------------------------------------------------------
 
 
 def images(settings: Settings) -> ImagesResult:
@@ -202,70 +413,3 @@ def fsck(settings: Settings, *, repair: bool = False) -> FsckReport:
             log.error("fsck: %s", line)
         raise FsckFailed(report)
     return report
-
-
-def checkout(
-    settings: Settings,
-    ref: str,
-    dest: str,
-    *,
-    hardlink: bool,
-    devices: bool,
-    policy: str = "never",
-    verifier: Callable[[], ImageVerifier] | None = None,
-) -> CheckoutResult:
-    """CLI entry: ``bootstrap checkout REF DEST [--copy | --hardlink] [--devices]
-    [--pull missing|always|never]``. ``ref`` is looked up as ``pull`` of the same text stored
-    it (registries.conf aliases, search registries). ``policy`` (``--pull``): "missing" pulls
-    ``ref`` when it is not stored, "always" pulls it first (the tag moves if the registry's
-    did), "never" only uses the store; a pull streams each layer into the layer cache as it
-    downloads (one pass over the bytes) and checks it against ``verifier()`` (built only when a
-    pull happens). DEST and the store are checked before anything is downloaded. Raises as
-    :func:`~bootstrap.image.compose.checkout` and :func:`pull`; a ``ref`` not stored with
-    policy "never" is a UsageError whose hint is the pull command."""
-    import dataclasses
-    import os
-    from pathlib import Path
-
-    from bootstrap.image.apply import UnpackOptions
-    from bootstrap.image.compose import check_dest
-    from bootstrap.image.compose import checkout as compose
-
-    if policy not in ("missing", "always", "never"):
-        raise UsageError(
-            f"--pull {policy!r}: expected missing, always or never", "e.g. --pull never"
-        )
-    store = Store(settings.store)
-    # a DEST inside the store's own dirs would be taken for a blob (fsck: damage) or removed
-    # by gc as an unused cache entry
-    real = Path(os.path.realpath(dest))
-    for own in (store.oci, store.tmp, store.locks, store.layers):
-        own_real = Path(os.path.realpath(own))
-        if real == own_real or own_real in real.parents:
-            raise UsageError(
-                f"{dest} is inside the store's {own.name}/ directory",
-                "check out somewhere outside the store",
-            )
-    check_dest(Path(os.path.abspath(dest)))  # before a pull, not only after it
-    store.init()
-    name = stored_name(store, ref)
-    image: Image | None = None
-    if policy != "never":
-        stored = True
-        try:
-            store.resolve(name)
-        except UsageError:
-            stored = False
-        if policy == "always" or not stored:
-            result = pull(
-                settings,
-                ref,
-                verifier=verifier() if verifier is not None else None,
-                extract=UnpackOptions(devices=devices),
-            )
-            image = result.image
-    pulled = image is not None
-    if image is None:
-        image = store.image(name)
-    done = compose(store, image, Path(dest), hardlink=hardlink, devices=devices)
-    return dataclasses.replace(done, pulled=True) if pulled else done

@@ -56,7 +56,7 @@ import yaml
 
 from bootstrap.deploy import definition as defn
 from bootstrap.errors import BootstrapError, UsageError
-from bootstrap.image.reference import Reference
+from bootstrap.image.api import Reference
 from bootstrap.systemd import units
 
 MAX_BYTES = 1 << 20

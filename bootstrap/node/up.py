@@ -49,7 +49,7 @@ from bootstrap.settings import Settings
 
 if TYPE_CHECKING:
     from bootstrap.deploy.deploy import Deployer
-    from bootstrap.image.store import Store
+    from bootstrap.image.api import Store
     from bootstrap.trust.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -375,17 +375,13 @@ def _apply_trust(settings: Settings, manifest: NodeManifest) -> Settings:
 def _pull_all(settings: Settings, manifest: NodeManifest, chain: _Chain) -> list[str]:
     """Pull every image of the manifest that is not stored, in parallel; return the names
     pulled. All pulls are waited for; the first failure (in manifest order) is raised."""
-    from bootstrap.image.store import Store
+    from bootstrap.image import api
 
-    store = Store(settings.store)
+    store = api.open_store(settings)
     store.init()
     missing: list[str] = []
     for c in manifest.containers:
-        if c.image in missing:
-            continue
-        try:
-            store.resolve(c.image)
-        except UsageError:
+        if c.image not in missing and not api.is_stored(store, c.image):
             missing.append(c.image)
     if not missing:
         log.info("up: all %d images are stored already", len(manifest.containers))
@@ -452,21 +448,19 @@ def retry_delay(attempt: int) -> float:
 def _worth_waiting(err: BaseException | None) -> bool:
     """A registry that cannot be reached or answers 5xx/429 may come up later; anything else
     (not found, unauthorized, a digest mismatch, a refused signature) will not."""
-    from bootstrap.image.registry import TransientError
+    from bootstrap.image import api
 
-    return isinstance(err, TransientError)
+    return err is not None and api.is_transient(err)
 
 
 def _pull_one(store: Store, name: str, verifier: Verifier, chain: _Chain) -> None:
-    from bootstrap.image.pull import pull_image
-    from bootstrap.image.reference import Reference
+    from bootstrap.image import api
 
     started = time.monotonic()
-    # its own client, from the environment
-    from bootstrap.image.apply import UnpackOptions
-
-    # layers are inflated into the layer cache while they download (one pass)
-    result = pull_image(store, Reference.parse(name), verifier=verifier, extract=UnpackOptions())
+    # pulled as install would pull it (_pull_all found it missing); layers are inflated into
+    # the layer cache while they download (one pass)
+    result = api.obtain(store, name, policy="always", verifier=lambda: verifier).pulled
+    assert result is not None  # policy "always" pulls
     chain.add(f"pulled {name} ({result.downloaded} bytes)", started)
     log.info(
         "up: pulled %s (%s): %d bytes in %.1fs, admitted by %s",
@@ -510,11 +504,13 @@ def _deployer(settings: Settings) -> Deployer:
     """One deployer for every container of the run: its systemd Manager (created on first use)
     is shared by the installs, state reads and starts instead of one per container."""
     from bootstrap.deploy.deploy import Deployer
-    from bootstrap.image.store import Store
+    from bootstrap.image import api
     from bootstrap.trust.verify import Verifier
 
     return Deployer(
-        settings.state, Store(settings.store), verifier=lambda: Verifier.from_settings(settings)
+        settings.state,
+        api.open_store(settings),
+        verifier=lambda: Verifier.from_settings(settings),
     )
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import UsageError
-from bootstrap.image.model import ImageConfig
+from bootstrap.image.api import ImageConfig
 
 log = logging.getLogger(__name__)
 
