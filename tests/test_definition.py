@@ -77,12 +77,24 @@ def test_bad_json_names_file_line_and_column(tmp_path: Path) -> None:
         ('{"defaultValues": {"X": {"y": 1}}}', "must be a string, number or boolean"),
         ('{"readiness": "socket"}', "readiness must be one of"),
         ('{"stopTimeout": 0}', "stopTimeout must be a positive integer"),
+        ('{"type": "forking"}', "type must be one of service, oneshot, not 'forking'"),
+        ('{"type": "oneshot", "readiness": "notify"}', 'a oneshot cannot have readiness "notify"'),
+        ('{"type": "oneshot", "health": {"exec": ["/c"]}}', "a oneshot has no health check"),
     ],
 )
 def test_manifest_shape_errors(tmp_path: Path, manifest: str, message: str) -> None:
     write_def(tmp_path / "d", manifest=manifest)
     with pytest.raises(UsageError, match=message):
         defn.load(tmp_path / "d")
+
+
+def test_unit_type(tmp_path: Path) -> None:
+    assert defn.builtin().unit_type == "service"
+    assert defn.load(write_def(tmp_path / "a", manifest="{}")).unit_type == "service"
+    one = defn.load(write_def(tmp_path / "b", manifest='{"type": "oneshot"}'))
+    assert one.unit_type == "oneshot"
+    svc = defn.load(write_def(tmp_path / "c", manifest='{"type": "service"}'))
+    assert svc.unit_type == "service"
 
 
 def test_missing_or_empty_definition_dir(tmp_path: Path) -> None:

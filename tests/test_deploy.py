@@ -63,6 +63,7 @@ HOSTFS_DEFINITION = [
     ),
     File("exports/tmpfiles.template", b"d /run/hostfs-out 0755 root root -\n"),
 ]
+SELF_CHECK = "/exports/hostfs/opt/oneshot-test/bin/plugin | grep -q plugin"
 SEEN_CMD = ("sh", "-c", "cat /hostconf/app.conf > /out/seen; exec sleep 3600")
 
 
@@ -82,12 +83,38 @@ def hostfs_spec(version: str, cmd: tuple[str, ...] = SEEN_CMD, **files: bytes) -
     return busybox_spec(cmd=cmd, extra=[Layer(entries)])
 
 
+def oneshot_spec(version: str, cmd: str, top: str = "oneshot-test") -> ImageSpec:
+    """A files-only system container: ``"type": "oneshot"``, /opt/TOP/bin/plugin for the host,
+    and ``cmd`` (a shell command, /out bound to the host's /run/oneshot-out) run once."""
+    plugin = f"#!/bin/sh\necho plugin {version}\n".encode()
+    config = {
+        "mounts": [
+            {
+                "destination": "/out",
+                "type": "bind",
+                "source": "/run/oneshot-out",
+                "options": ["rbind", "rw"],
+            }
+        ]
+    }
+    layer = Layer(
+        [
+            File("exports/manifest.json", b'{"type": "oneshot"}'),
+            File("exports/config.json.template", json.dumps(config).encode()),
+            File("exports/tmpfiles.template", b"d /run/oneshot-out 0755 root root -\n"),
+            File(f"exports/hostfs/opt/{top}/bin/plugin", plugin, mode=0o755),
+        ]
+    )
+    return busybox_spec(cmd=("sh", "-c", cmd), extra=[layer])
+
+
 @pytest.fixture(scope="module")
 def images(_registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Images pushed to the registry: app:1 and app:2 (busybox ``sleep``, a pid 1 that ignores
     SIGTERM), bad:1 (exits at once with status 1), exports:1 (ships a definition in /exports),
     hostfs:1, hostfs:2, hostfs-bad:1 (files for the host in /exports/hostfs, see
-    :func:`hostfs_spec`; the last exits at once)."""
+    :func:`hostfs_spec`; the last exits at once), oneshot:1, oneshot:2, oneshot-bad:1 (see
+    :func:`oneshot_spec`; the last one's command fails)."""
     from tests.harness.imagebuilder import build_image
 
     reg = _ensure_running(_registry_plain)
@@ -116,6 +143,9 @@ def images(_registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) 
         "hostfs:1": hostfs_spec("v1", **{"old-only": b"only in v1"}),
         "hostfs:2": hostfs_spec("v2", **{"new-only": b"only in v2"}),
         "hostfs-bad:1": hostfs_spec("v3", ("sh", "-c", "exit 1"), **{"v3-only": b"v3"}),
+        "oneshot:1": oneshot_spec("v1", SELF_CHECK + " && echo ran-v1 >> /out/log"),
+        "oneshot:2": oneshot_spec("v2", SELF_CHECK + " && echo ran-v2 >> /out/log"),
+        "oneshot-bad:1": oneshot_spec("v3", "echo self-check failed >&2; exit 3", "oneshot-bad"),
     }
     refs = {}
     for name, spec in specs.items():
@@ -635,6 +665,58 @@ def test_host_files_install_update_rollback_interrupted_uninstall(
         "/opt/hostfs-test/bin/tool": (b"#!/bin/sh\necho v1\n", 0o700),
     }
     node.run("rm", "-rf", *HOSTFS_DIRS)
+
+
+@pytest.mark.node
+def test_oneshot_container(shared_node: Node, images: dict[str, str], registry: Registry) -> None:
+    """``"type": "oneshot"``: the unit is Type=oneshot + RemainAfterExit=yes without Restart=;
+    install counts it as started once its command succeeded (active (exited)), update runs the
+    new version's command once; a failing command undoes the install (exit 5, its host files
+    gone) and rolls an update back (the previous version's files and command again)."""
+    node = shared_node
+    env = registries_env(node, registry)
+    node.run("rm", "-rf", "/opt/oneshot-test", "/opt/oneshot-bad", "/run/oneshot-out")
+    plugin = "/opt/oneshot-test/bin/plugin"
+
+    ran = node.bootstrap("--json", "install", "o1", images["oneshot:1"], env=env)
+    assert ran.rc == 0, ran.stderr
+    unit = ran.json()["unit"]
+    assert (unit["active_state"], unit["sub_state"]) == ("active", "exited")
+    show = node.systemctl("show", "-p", "Type", "-p", "RemainAfterExit", "-p", "Restart",
+                          "o1.service").stdout.split()  # fmt: skip
+    assert sorted(show) == ["RemainAfterExit=yes", "Restart=no", "Type=oneshot"]
+    verify_unit(node, "/etc/systemd/system/o1.service")
+    assert node.read_file("/run/oneshot-out/log") == "ran-v1\n"
+    assert node.read_file(plugin) == "#!/bin/sh\necho plugin v1\n"
+    assert "o1" not in runc_list(node)  # it ran and is gone
+
+    # update: the new version's command runs once
+    ran = node.bootstrap("update", "o1", images["oneshot:2"], env=env)
+    assert ran.rc == 0, ran.stderr
+    assert node.read_file("/run/oneshot-out/log") == "ran-v1\nran-v2\n"
+    assert node.read_file(plugin) == "#!/bin/sh\necho plugin v2\n"
+    assert active(node, "o1.service") == "active"
+
+    # an update whose command fails rolls back: v2's files, its command once more
+    ran = node.bootstrap("update", "o1", images["oneshot-bad:1"], env=env)
+    assert ran.rc == 5 and "rolled back" in ran.stderr, ran.stderr
+    assert "self-check failed" in ran.stderr
+    assert node.read_file(plugin) == "#!/bin/sh\necho plugin v2\n"
+    assert not node.path("/opt/oneshot-bad").exists()
+    assert node.read_file("/run/oneshot-out/log") == "ran-v1\nran-v2\nran-v2\n"
+    assert active(node, "o1.service") == "active" and link_target(node, "o1") == "o1.1"
+
+    # an install whose command fails is undone: exit 5, no unit, no slot, no host files
+    ran = node.bootstrap("install", "o2", images["oneshot-bad:1"], env=env)
+    assert ran.rc == 5, ran.stderr
+    assert "nothing installed" in ran.stderr and "self-check failed" in ran.stderr
+    assert not node.path("/etc/systemd/system/o2.service").exists()
+    assert not [p for p in node.path(CONTAINERS).iterdir() if p.name.startswith("o2")]
+    assert not node.path("/opt/oneshot-bad").exists()
+
+    assert node.bootstrap("uninstall", "o1", env=env).rc == 0
+    assert not node.path("/opt/oneshot-test").exists()
+    assert active(node, "o1.service") in ("inactive", "unknown")
 
 
 NOTIFY_PY = (

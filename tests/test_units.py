@@ -70,6 +70,12 @@ def test_default_template_variants() -> None:
     net = units.default_service_template(host_network=True, notify=True)
     assert "After=network-online.target" in net and "Wants=network-online.target" in net
     assert "Type=notify" in net
+    one = units.default_service_template(host_network=False, notify=False, oneshot=True)
+    lines = one.splitlines()
+    assert "Type=oneshot" in lines and "RemainAfterExit=yes" in lines
+    assert "Type=simple" not in lines
+    assert not [x for x in lines if x.startswith(("Restart", "SuccessExitStatus="))]
+    assert "ExecStart=$EXEC_START" in lines and "ExecStopPost=$EXEC_STOP_POST" in lines
 
 
 def test_stop_script_kills_a_term_ignoring_process_within_grace(tmp_path: Path) -> None:

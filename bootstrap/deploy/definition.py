@@ -9,9 +9,12 @@ A definition is a directory (``--definition DIR``, an image's ``/exports``) hold
   ``notify``; default 60), ``"init": "auto"|"always"|"never"`` (run an init as the
   container's pid 1; default ``auto``), ``"initNames": ["name", ...]`` (more executable
   names that ``auto`` treats as an init already),
-  ``"autoUpdate": "registry"|"local"|"off"`` (the container's default auto-update policy) and
+  ``"autoUpdate": "registry"|"local"|"off"`` (the container's default auto-update policy),
   ``"health": {"exec": [argv...], "interval": S, "timeout": S, "retries": N,
-  "start_period": S}`` (a check run inside the container, see :class:`HealthCheck`);
+  "start_period": S}`` (a check run inside the container, see :class:`HealthCheck`) and
+  ``"type": "service"|"oneshot"`` (default ``service``: a long-running container; ``oneshot``:
+  its command runs once at start, e.g. a self-check of files it puts on the host, and the unit
+  stays active once it succeeded; no ``"readiness": "notify"``, no ``health`` then);
 - ``config.json.template`` — an OCI runtime config (or a part of one) merged over the config
   generated from the image (see :mod:`bootstrap.runtime.config`);
 - ``service.template`` — the systemd unit;
@@ -57,6 +60,7 @@ VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 READINESS = ("none", "notify")
+UNIT_TYPES = ("service", "oneshot")
 DEFAULT_STOP_TIMEOUT = 5
 AUTO_UPDATE_POLICIES = ("registry", "local", "off")
 HEALTH_KEYS = ("exec", "interval", "timeout", "retries", "start_period")
@@ -164,6 +168,8 @@ class Definition:
     start_timeout: int = DEFAULT_START_TIMEOUT
     init: str = DEFAULT_INIT
     init_names: tuple[str, ...] = ()
+    #: ``service`` or ``oneshot`` (the manifest's ``type``)
+    unit_type: str = "service"
     config_template: TemplateFile | None = None
     service_template: TemplateFile | None = None
     tmpfiles_template: TemplateFile | None = None
@@ -233,6 +239,11 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
         auto_update = check_policy(doc.get("autoUpdate"), f"{where}: autoUpdate", allow_none=True)
         if doc.get("health") is not None:
             health = parse_health(doc["health"], f"{where}: health")
+            if manifest.unit_type == "oneshot":
+                raise UsageError(
+                    f"{where}: a oneshot has no health check",
+                    'its command exiting 0 is the check; drop "health" or use "type": "service"',
+                )
 
     def _template(name: str) -> TemplateFile | None:
         if name not in files:
@@ -250,6 +261,7 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
         start_timeout=manifest.start_timeout,
         init=manifest.init,
         init_names=manifest.init_names,
+        unit_type=manifest.unit_type,
         auto_update=auto_update,
         health=health,
         config_template=_template(CONFIG_TEMPLATE),
@@ -280,6 +292,7 @@ class Manifest:
     start_timeout: int = DEFAULT_START_TIMEOUT
     init: str = DEFAULT_INIT
     init_names: tuple[str, ...] = ()
+    unit_type: str = "service"
 
 
 def check_init_mode(value: object, where: str) -> str:
@@ -325,6 +338,17 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
             f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}",
             '"notify": the container tells systemd it is ready (sd_notify READY=1)',
         )
+    unit_type = doc.get("type", "service")
+    if unit_type not in UNIT_TYPES:
+        raise UsageError(
+            f"{where}: type must be one of {', '.join(UNIT_TYPES)}, not {unit_type!r}",
+            '"oneshot": the command runs once at start (e.g. a container that only ships files)',
+        )
+    if unit_type == "oneshot" and readiness == "notify":
+        raise UsageError(
+            f'{where}: a oneshot cannot have readiness "notify"',
+            "a oneshot is ready when its command exited 0",
+        )
     names = doc.get("initNames", [])
     if not isinstance(names, list) or not all(
         isinstance(n, str) and n and "/" not in n for n in names
@@ -340,6 +364,7 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         start_timeout=_positive_seconds(doc, "startTimeout", DEFAULT_START_TIMEOUT, where),
         init=check_init_mode(doc.get("init", DEFAULT_INIT), where),
         init_names=tuple(names),
+        unit_type=unit_type,
     )
 
 

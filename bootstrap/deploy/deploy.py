@@ -383,7 +383,9 @@ def plan(
     service_t = definition.service_template or TemplateFile(
         "builtin:service.template",
         units.default_service_template(
-            host_network=prepared.host_network, notify=definition.readiness == "notify"
+            host_network=prepared.host_network,
+            notify=definition.readiness == "notify",
+            oneshot=definition.unit_type == "oneshot",
         ),
     )
     raw = frozenset(EXEC_VARIABLES - set(set_values))
@@ -960,7 +962,11 @@ class Deployer:
                 self._install_unit(paths, paths.staged, udir)
                 self.manager.reload()
                 self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
-                unit = self.manager.restart(paths.unit, **job_timeout) if was_running else None
+                unit = (
+                    self.manager.restart(paths.unit, settle=restart_settle(staged), **job_timeout)
+                    if was_running
+                    else None
+                )
                 if unit is not None and health is not None:
                     self._wait_healthy(paths, health)
                     unit = self.manager.state(paths.unit)
@@ -1237,10 +1243,22 @@ def install_settle(the_plan: Plan, settle: float | None) -> float | None:
     """The settle of an install's first start: ``settle`` when given; else 0 for a
     ``readiness: "notify"`` definition (its start job ends only once the container sent
     READY=1, a stronger proof than staying active a while) and None (the manager's default) for
-    others. Updates and rollbacks keep the settle: a new version must also prove it stays up."""
+    others; 0 for a ``oneshot`` too (its start job ends when its command exited, with success
+    only if it exited 0: the unit is then active (exited)). Updates and rollbacks keep the
+    settle (:func:`restart_settle`): a new version must also prove it stays up."""
     if settle is not None:
         return settle
-    return 0.0 if the_plan.definition.readiness == "notify" else None
+    return 0.0 if the_plan.definition.readiness == "notify" or _oneshot(the_plan) else None
+
+
+def restart_settle(the_plan: Plan) -> float | None:
+    """The settle of an update's restart: None (the manager's default) but 0 for a
+    ``oneshot``, which stays nothing but active (exited) after its command succeeded."""
+    return 0.0 if _oneshot(the_plan) else None
+
+
+def _oneshot(the_plan: Plan) -> bool:
+    return the_plan.definition.unit_type == "oneshot"
 
 
 def start_job_timeout(the_plan: Plan) -> float:

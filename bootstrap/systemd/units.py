@@ -110,12 +110,15 @@ def stop_post_script(runtime: str, name: str, bundle: str) -> list[str]:
     return ["/bin/sh", "-c", script]
 
 
-def default_service_template(*, host_network: bool, notify: bool) -> str:
+def default_service_template(*, host_network: bool, notify: bool, oneshot: bool = False) -> str:
     """The unit template of the built-in definition (variables resolved like any template).
 
     runc with cgroupfs; ``runc delete -f`` before start and after stop; an explicit stop
     (``$EXEC_STOP``); ``KillMode=mixed``, ``Delegate=yes``, ``Restart=on-failure``; ordered after
     ``network-online.target`` for a host-network container; ``Type=notify`` when asked.
+    ``oneshot``: ``Type=oneshot`` + ``RemainAfterExit=yes`` (the start job ends when the
+    command exited, the unit stays active (exited) when it exited 0), no ``Restart=`` and no
+    extra ``SuccessExitStatus=`` (a command killed by a signal failed).
     ``TimeoutStartFailureMode=kill``: until the container is ready, ``runc run`` relays no
     signal to it, so a start that times out is killed at once instead of waiting out
     ``TimeoutStopSec`` for a SIGTERM that cannot arrive."""
@@ -127,7 +130,9 @@ def default_service_template(*, host_network: bool, notify: bool) -> str:
     if host_network:
         unit += ["After=network-online.target", "Wants=network-online.target"]
     service = ["", "[Service]"]
-    if notify:
+    if oneshot:
+        service += ["Type=oneshot", "RemainAfterExit=yes"]
+    elif notify:
         service += ["Type=notify", "NotifyAccess=all"]
     else:
         service += ["Type=simple"]
@@ -138,9 +143,10 @@ def default_service_template(*, host_network: bool, notify: bool) -> str:
         "ExecStopPost=$EXEC_STOP_POST",
         "KillMode=mixed",
         "Delegate=yes",
-        "Restart=on-failure",
-        "RestartSec=1",
-        "SuccessExitStatus=137 143",
+    ]
+    if not oneshot:
+        service += ["Restart=on-failure", "RestartSec=1", "SuccessExitStatus=137 143"]
+    service += [
         "TimeoutStartSec=$TIMEOUT_START_SEC",
         "TimeoutStartFailureMode=kill",
         "TimeoutStopSec=$TIMEOUT_STOP_SEC",
