@@ -1,7 +1,8 @@
 """Differential test on random layer stacks: applying layers one by one onto a tree
 (``apply_layer``) and a checkout from the layer cache (extract each layer alone, compose) must
-agree — the same tree, or both refuse with IntegrityError — and when they succeed the tree equals
-``umoci unpack``'s."""
+agree — the same tree, or both refuse with IntegrityError. Well-formed stacks must succeed both
+ways, and the tree must equal ``umoci unpack``'s (umoci failing on one is a test failure, not a
+skip)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,46 @@ NAMES = ["a", "b", "a/x", "a/y", "b/x", "a/x/z", "c"]
 SEEDS = range(150)
 
 
-def random_layer(rng: random.Random, *, well_formed: bool) -> bytes:
+def random_stack(rng: random.Random, *, well_formed: bool) -> list[bytes]:
+    """2 to 4 random layers (see :func:`random_layer`); well-formed ones over the tree the
+    layers below them leave."""
+    lower: dict[str, str] = {}
+    return [
+        random_layer(rng, well_formed=well_formed, lower=lower) for _ in range(rng.randint(2, 4))
+    ]
+
+
+def _merge(lower: dict[str, str], entries: list[tuple[str, str]]) -> None:
+    """Update ``lower`` (path -> "dir" or another kind) with what a layer of ``entries`` does."""
+
+    def drop_below(path: str) -> None:
+        for p in [p for p in lower if p.startswith(path + "/")]:
+            del lower[p]
+
+    for name, kind in entries:
+        head, _, base = name.rpartition("/")
+        if base == ".wh..wh..opq":
+            drop_below(head)
+        elif base.startswith(".wh."):
+            victim = (head + "/" if head else "") + base[4:]
+            lower.pop(victim, None)
+            drop_below(victim)
+        else:
+            if kind != "dir":
+                drop_below(name)
+            lower[name] = kind
+
+
+def random_layer(
+    rng: random.Random, *, well_formed: bool, lower: dict[str, str] | None = None
+) -> bytes:
     """A random layer over a small namespace. ``well_formed``: what image builders produce —
     each path at most once, sorted by path (parents first; whiteout markers among their
     siblings), whiteouts only of paths this layer does not also create, hardlinks only to
-    regular files earlier in the same layer. Otherwise anything goes (order, repeats, forward
-    and cross-layer hardlinks)."""
+    regular files earlier in the same layer, nothing below a path that this layer or the
+    layers below (``lower``, path -> kind, updated with this layer) leave a file or a symlink.
+    Otherwise anything goes (order, repeats, forward and cross-layer hardlinks)."""
+    below: dict[str, str] = lower if lower is not None else {}
     entries: list[tuple[str, str]] = []
     for _ in range(rng.randint(1, 6)):
         name = rng.choice(NAMES)
@@ -55,8 +90,8 @@ def random_layer(rng: random.Random, *, well_formed: bool) -> bytes:
         for name, kind in entries:
             head, _, base = name.rpartition("/")
             ancestors = {name.rsplit("/", i)[0] for i in range(1, name.count("/") + 1)}
-            if any(seen.get(a, "dir") != "dir" for a in ancestors):
-                continue  # below something this layer makes a file or symlink
+            if any(seen.get(a, below.get(a, "dir")) != "dir" for a in ancestors):
+                continue  # below something this layer or a lower one makes a file or symlink
             if base.startswith(".wh.") and base != ".wh..wh..opq":
                 victim = (head + "/" if head else "") + base[4:]
                 if victim in made or victim in parents:
@@ -65,6 +100,7 @@ def random_layer(rng: random.Random, *, well_formed: bool) -> bytes:
                 continue
             kept.append((name, kind))
         entries = kept
+        _merge(below, entries)
     files: list[str] = []
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -159,13 +195,10 @@ def _run_both(
 @pytest.mark.parametrize("seed", SEEDS)
 def test_apply_and_checkout_agree(seed: int, tmp_path: Path) -> None:
     rng = random.Random(seed)
-    layers = [random_layer(rng, well_formed=True) for _ in range(rng.randint(2, 4))]
+    layers = random_stack(rng, well_formed=True)
     applied = tmp_path / "applied"
     layout, apply_error, checkout_error = _run_both(layers, tmp_path)
-    assert (apply_error is None) == (checkout_error is None), (apply_error, checkout_error)
-    if apply_error is not None:
-        assert not (tmp_path / "checkout").exists()
-        return
+    assert apply_error is None and checkout_error is None, (apply_error, checkout_error)
     problems = diff(snapshot(applied, mtimes=True), snapshot(tmp_path / "checkout", mtimes=True))
     assert not problems, "\n".join(problems)
     proc = subprocess.run(
@@ -173,19 +206,45 @@ def test_apply_and_checkout_agree(seed: int, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     )
-    if proc.returncode == 0:
-        reference = tmp_path / "bundle" / "rootfs"
-        problems = diff(snapshot(reference, mtimes=True), snapshot(applied, mtimes=True))
-        assert not problems, "differs from umoci:\n" + "\n".join(problems)
+    assert proc.returncode == 0, f"umoci unpack failed on a well-formed stack: {proc.stderr}"
+    reference = tmp_path / "bundle" / "rootfs"
+    problems = diff(snapshot(reference, mtimes=True), snapshot(applied, mtimes=True))
+    assert not problems, "differs from umoci:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+#: Ill-formed stacks on which apply_layer and the layer cache + composition still disagree (one
+#: refuses what the other accepts: a hardlink to a missing or directory target, a whiteout or
+#: opaque marker below a symlink, a directory replaced by a later repeat). Strict: a seed that
+#: starts agreeing fails, so the list only shrinks.
+DISAGREE = {3, 34, 89, 99, 112, 117, 144}
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(
+            s,
+            marks=pytest.mark.xfail(
+                strict=True, reason="apply and checkout disagree: see DISAGREE"
+            ),
+        )
+        if s in DISAGREE
+        else s
+        for s in SEEDS
+    ],
+)
 def test_ill_formed_layers_fail_cleanly(seed: int, tmp_path: Path) -> None:
     """Repeated paths, children before parents, forward and cross-layer hardlinks, whiteouts of
-    what the layer itself makes: both paths either succeed or refuse with IntegrityError (no
-    other exception), and a refused checkout leaves nothing behind."""
+    what the layer itself makes: apply and checkout agree as the module promises — both refuse
+    with IntegrityError (no other exception; a refused checkout leaves nothing behind) or both
+    succeed with the same tree."""
     rng = random.Random(seed)
-    layers = [random_layer(rng, well_formed=False) for _ in range(rng.randint(2, 4))]
-    _, _, checkout_error = _run_both(layers, tmp_path)
+    layers = random_stack(rng, well_formed=False)
+    _, apply_error, checkout_error = _run_both(layers, tmp_path)
+    assert (apply_error is None) == (checkout_error is None), (apply_error, checkout_error)
     if checkout_error is not None:
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("checkout")]
+        return
+    applied, checked_out = tmp_path / "applied", tmp_path / "checkout"
+    problems = diff(snapshot(applied, mtimes=True), snapshot(checked_out, mtimes=True))
+    assert not problems, "\n".join(problems)
