@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import collections
 import re
+import select
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,6 +86,18 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30, what: str = "") -> N
         time.sleep(0.01)
 
 
+def wait_said(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
+    """Read ``proc``'s stderr until a line holding ``text`` (the process is still running)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, f"{proc.args} never said {text!r}"
+        ready, _, _ = select.select([proc.stderr], [], [], left)
+        if ready and text in proc.stderr.readline():
+            return
+
+
 def blob_gets(reg: Registry) -> collections.Counter[str]:
     return collections.Counter(
         m.group(1) for m in _BLOB_GET.finditer(reg.log()) if m.group(2) in ("200", "206")
@@ -125,7 +139,7 @@ def test_gc_during_pull_loses_nothing(images: Images, tmp_path: Path) -> None:
         pull = spawn("pull", images.refs[0], store=store.root, env=env)
         wait_for(lambda: store.has_blob(built.layers[2]), what="the pull's own layer")
         gc = spawn("--json", "gc", store=store.root)
-        time.sleep(1.0)
+        wait_said(gc, "waiting for other bootstrap commands using the store")
         assert gc.poll() is None, "gc must wait while a pull uses the store"
         assert store.has_blob(built.config_digest) and store.has_blob(orphan.digest)
     rc, _, err = finish(pull, FINISH_TIMEOUT)

@@ -304,12 +304,10 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert st["active"]["admitted"] == "insecureAcceptAnything [default]"
     assert "trust:    insecureAcceptAnything [default]" in text
 
-    # a pid 1 that ignores SIGTERM (busybox sleep) stops in seconds, cleanly
-    started = time.monotonic()
+    # a pid 1 that ignores SIGTERM (busybox sleep) is stopped by the unit's own stop sequence,
+    # cleanly: a stop that waited out TimeoutStopSec would leave Result=timeout
     assert node.systemctl("stop", unit).returncode == 0
-    took = time.monotonic() - started
-    print(f"stop of a SIGTERM-ignoring pid 1 took {took:.2f}s")
-    assert took < 12, f"stop took {took:.1f}s"
+    assert node.systemctl("show", "-p", "Result", "--value", unit).stdout.strip() == "success"
     assert active(node, unit) == "inactive"
     assert "c1" not in runc_list(node)
     assert overlay_mounts(node) == []

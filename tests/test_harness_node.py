@@ -141,8 +141,9 @@ def test_runc_unit_starts_and_stops_over_dbus(node: Node) -> None:
     assert CONTAINER not in runc_state(node)
     unit = node.bus().get(".systemd1", systemd.LoadUnit(UNIT))
     assert unit.ActiveState == "inactive", node.journal(UNIT)
-    # DefaultTimeoutStopSec is 15 s in the node: a stop that waited for it would show here.
-    assert stop_seconds < 5, f"stop took {stop_seconds:.1f}s\n{node.journal(UNIT)}"
+    # a stop that waited out DefaultTimeoutStopSec (15 s in the node) leaves Result=timeout
+    result = node.run("systemctl", "show", "-p", "Result", "--value", UNIT).stdout.strip()
+    assert result == "success", node.journal(UNIT)
     assert "busybox under runc" in node.journal(UNIT)
     print(f"runc unit: start {start_seconds:.2f}s, stop {stop_seconds:.2f}s")
 

@@ -161,9 +161,11 @@ def test_zombies_left_by_the_entrypoint_are_reaped(
     assert ran.rc == 0, ran.stderr
     ran = node.bootstrap("install", "unreaped", images["zombies:1"], "--init", "never", env=env)
     assert ran.rc == 0, ran.stderr
-    time.sleep(1.0)  # both orphans have exited by now
-    assert zombies_of(node, "unreaped"), "the control case leaves a zombie without an init"
-    assert zombies_of(node, "reaped") == []
+    deadline = time.monotonic() + 30
+    while not zombies_of(node, "unreaped"):  # the control case's orphan has exited
+        assert time.monotonic() < deadline, "the control case leaves a zombie without an init"
+        time.sleep(0.1)
+    assert zombies_of(node, "reaped") == []  # installed first: its orphan exited before
     for name in ("reaped", "unreaped"):
         uninstall(node, name, env)
 

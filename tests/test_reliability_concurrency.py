@@ -7,6 +7,7 @@ archive. Complements tests/test_concurrency_store.py (3 pulls, gc vs one pull)."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -218,6 +219,20 @@ def test_parallel_imports_of_one_archive(tmp_path: Path) -> None:
     assert len(built.layers) == len(st.image("docker.io/conc/imported:1").manifest.layers)
 
 
+def _blob_locks(pid: int, store: Path) -> set[str]:
+    """The blob lock files process ``pid`` has open (held, or polled for while waiting)."""
+    prefix = str(store / "locks" / "blobs") + "/"
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith(prefix):
+            found.add(target)
+    return found
+
+
 def test_puller_killed_holding_a_blob_lock_hands_over(
     registry: Registry, layouts: list[tuple[Path, BuiltImage]], tmp_path: Path
 ) -> None:
@@ -235,8 +250,12 @@ def test_puller_killed_holding_a_blob_lock_hands_over(
         while not tmp_file_at_least(store, 256 << 10)():
             assert time.monotonic() < deadline and first.poll() is None, "no download seen"
             time.sleep(0.005)
+        held = _blob_locks(first.pid, store)
         second = spawn("pull", ref, store=store, env=env)
-        time.sleep(0.5)  # the second is now waiting on blob locks the first holds
+        deadline = time.monotonic() + 30
+        while not held & _blob_locks(second.pid, store):  # waiting on a lock the first holds
+            assert time.monotonic() < deadline and second.poll() is None, "second never waited"
+            time.sleep(0.005)
         first.kill()
         first.wait(10)
         rc, out, err = finish(second, FINISH_TIMEOUT)
