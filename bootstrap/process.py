@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from bootstrap.errors import BootstrapError
 
@@ -25,8 +27,14 @@ def run(
     cwd: str | Path | None = None,
     timeout: float | None = None,
     on_line: Callable[[str], None] | None = None,
+    feed: Callable[[IO[bytes]], object] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` (no shell), capturing stdout and stderr as bytes.
+
+    With ``feed``, the command's stdin is a pipe that ``feed(pipe)`` writes to (a stream of any
+    size, never held in memory; the pipe is closed after it returns). When ``feed`` raises,
+    the command is killed and the exception propagates; when the command exits early (``feed``
+    then sees a broken pipe), the command's own failure is reported as below.
 
     With ``on_line``, each line of stderr is also handed to it (decoded, without the newline)
     as soon as the command writes it, so a long command's progress can be shown live.
@@ -39,7 +47,9 @@ def run(
     args = [str(a) for a in argv]
     log.debug("run: %s", shlex.join(args))
     try:
-        if on_line is None:
+        if feed is not None:
+            proc = _run_fed(args, feed, env, cwd, timeout)
+        elif on_line is None:
             proc = subprocess.run(
                 args,
                 input=input,
@@ -62,6 +72,80 @@ def run(
             f"{args[0]} exited {proc.returncode}: {tail}", hint or f"command: {shlex.join(args)}"
         )
     return proc
+
+
+def _run_fed(
+    args: list[str],
+    feed: Callable[[IO[bytes]], object],
+    env: Mapping[str, str] | None,
+    cwd: str | Path | None,
+    timeout: float | None,
+) -> subprocess.CompletedProcess[bytes]:
+    """:func:`run`'s body with ``feed`` writing the command's stdin; raises
+    ``subprocess.TimeoutExpired`` (after killing the command) past ``timeout``."""
+    with subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    ) as popen:
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        readers = [
+            threading.Thread(target=lambda s=s, b=b: b.append(s.read()), daemon=True)
+            for s, b in ((popen.stdout, out), (popen.stderr, err))
+        ]
+        for r in readers:
+            r.start()
+        expired = threading.Event()
+
+        def kill() -> None:
+            expired.set()
+            popen.kill()
+
+        timer = threading.Timer(timeout, kill) if timeout is not None else None
+        if timer is not None:
+            timer.start()
+        try:
+            try:
+                feed(popen.stdin)
+            except BaseException as exc:
+                if not _broken_pipe(exc):
+                    popen.kill()
+                    raise
+                try:  # the command stopped reading: its exit status and stderr say why
+                    popen.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    popen.kill()
+                    raise exc from None
+                if popen.returncode == 0:
+                    raise
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    popen.stdin.close()
+            popen.wait()
+            for r in readers:
+                r.join()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(args, timeout or 0.0)
+        return subprocess.CompletedProcess(args, popen.returncode, b"".join(out), b"".join(err))
+
+
+def _broken_pipe(exc: BaseException | None) -> bool:
+    """True when ``exc`` is, or was caused by, a write to a pipe whose reader went away."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, BrokenPipeError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _run_streaming(

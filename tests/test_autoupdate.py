@@ -249,7 +249,7 @@ def test_notify_unit_must_be_ready_within_the_start_period(
 
 CRI_SERVER = """
 import os, sys, time
-sys.path.insert(0, "/opt/standin")
+sys.path.insert(0, "/usr/local/lib/kubelet-standin")
 from concurrent import futures
 import grpc, api_pb2, api_pb2_grpc
 

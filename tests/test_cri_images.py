@@ -479,7 +479,7 @@ def _standin_config(
             ],
             "env": [
                 "PATH=/usr/bin:/bin",
-                "PYTHONPATH=/usr/lib/python3/dist-packages:/opt/standin",
+                "PYTHONPATH=/usr/lib/python3/dist-packages:/usr/local/lib/kubelet-standin",
                 "PYTHONDONTWRITEBYTECODE=1",
             ],
             "cwd": "/",

@@ -302,3 +302,100 @@ def test_retry_delay_is_capped_exponential_with_jitter() -> None:
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1  # jittered
     assert max(retry_delay(50) for _ in range(50)) <= RETRY_CAP
+
+
+# ---- pods: -------------------------------------------------------------------------------------
+
+PODS_BASE = """\
+containers:
+  - name: cni
+    image: 127.0.0.1:5000/cni:1
+  - name: ocid
+    image: 127.0.0.1:5000/ocid:1
+    after: [cni]
+    ready: {cri_socket: /run/containerd/containerd.sock}
+  - name: kubelet
+    image: 127.0.0.1:5000/kubelet:1
+    after: [ocid]
+"""
+
+CONFLIST = (
+    "{cniVersion: 1.0.0, name: pods, plugins: [{type: bridge, bridge: cni0, "
+    "ipam: {type: host-local, ranges: [[{subnet: 198.51.100.128/25}]]}}, {type: portmap, "
+    "capabilities: {portMappings: true}}, {type: loopback}]}"
+)
+
+
+def test_pods_section_parses() -> None:
+    text = PODS_BASE + (
+        f"pods:\n  network:\n    config: {CONFLIST}\n"
+        "  images: [registry.k8s.io/pause:3.9, busybox]\n"
+    )
+    m = nm.parse(text, "/etc/bootstrap/node.yaml")
+    assert m.pods is not None
+    assert m.pods.cri == "ocid"  # the one container with ready.cri_socket
+    assert m.pods.socket == "/run/containerd/containerd.sock"
+    assert m.pods.network_ready is True  # the default with a network config
+    assert m.pods.images == ("registry.k8s.io/pause:3.9", "docker.io/library/busybox:latest")
+    assert m.pods.network is not None and m.pods.network.name == "10-bootstrap.conflist"
+    import json
+
+    doc = json.loads(m.pods.network.data)
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "loopback"]
+    assert doc["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "198.51.100.128/25"}]]
+
+
+def test_pods_network_from_a_file_and_no_network_wait(tmp_path: Path) -> None:
+    (tmp_path / "net.conf").write_text('{"cniVersion": "1.0.0", "name": "n", "type": "bridge"}')
+    text = PODS_BASE + (
+        "pods:\n  cri: ocid\n  network: {name: 20-net.conf, from: net.conf}\n"
+        "  network_ready: false\n"
+    )
+    m = nm.parse(text, tmp_path / "node.yaml")
+    assert m.pods is not None and m.pods.network is not None
+    assert m.pods.network.name == "20-net.conf"
+    assert m.pods.network_ready is False
+    assert m.pods.images == ()
+
+
+def test_no_pods_section_means_none() -> None:
+    assert nm.parse(PODS_BASE).pods is None
+
+
+@pytest.mark.parametrize(
+    ("pods", "message"),
+    [
+        ("pods: {images: [Bad::ref]}", "pods.images[0]: "),
+        ("pods: {images: [busybox, busybox]}", "pods.images[1]: docker.io/library/busybox:latest "
+         "is listed twice"),
+        ("pods: {cri: nope}", "pods.cri: unknown container 'nope'"),
+        ("pods: {cri: kubelet}", "pods.cri: container 'kubelet' has no ready.cri_socket"),
+        ("pods: {bogus: 1}", "pods.bogus: unknown key"),
+        ("pods: {network_ready: yes please}", "pods.network_ready: expected true or false"),
+        ("pods: {network: {config: {name: x, plugins: [{type: bridge}]}}}",
+         "pods.network.config.cniVersion: required"),
+        ("pods: {network: {config: {cniVersion: 1.0.0, name: x, plugins: []}}}",
+         "pods.network.config.plugins: at least one plugin"),
+        ("pods: {network: {config: {cniVersion: 1.0.0, name: x, plugins: [{}]}}}",
+         "pods.network.config.plugins[0].type: required"),
+        ("pods: {network: {name: 10-x.conf, config: {cniVersion: 1.0.0, name: x, "
+         "plugins: [{type: bridge}]}}}", "pods.network.config.type: required"),
+        ("pods: {network: {name: ../evil.conflist, config: {}}}", "pods.network.name: "
+         "'../evil.conflist' is not a CNI config file name"),
+        ("pods: {network: {from: missing.conflist}}", "pods.network.from: "),
+        ("pods: {network: {}}", "pods.network: exactly one of config, from"),
+    ],
+)  # fmt: skip
+def test_pods_errors_name_their_path(pods: str, message: str) -> None:
+    assert _err(PODS_BASE + pods + "\n").startswith(message)
+
+
+def test_pods_needs_a_cri_daemon() -> None:
+    text = "containers: [{name: a, image: busybox}]\npods: {images: [busybox]}\n"
+    assert _err(text).startswith("pods.cri: required: no container has a ready.cri_socket")
+    two = (
+        "containers:\n  - {name: a, image: busybox, ready: {cri_socket: /run/a.sock}}\n"
+        "  - {name: b, image: busybox, ready: {cri_socket: /run/b.sock}}\n"
+        "pods: {images: [busybox]}\n"
+    )
+    assert "several containers have a ready.cri_socket (a, b)" in _err(two)

@@ -86,6 +86,31 @@ def test_template_merge_rules() -> None:
     assert not p.host_network and not p.readonly
 
 
+def test_a_host_bind_drops_the_generated_mounts_below_it() -> None:
+    cfg = image_config(cmd=("/bin/sleep", "1"))
+    bind = {"type": "bind", "options": ["rbind", "rw", "rslave"]}
+    template = {
+        "mounts": [
+            {"destination": "/dev", "source": "/dev", **bind},
+            {"destination": "/sys", "source": "/sys", **bind},
+            {"destination": "/sys/fs/cgroup", "source": "/sys/fs/cgroup", **bind},
+            {"destination": "/etc", "source": "/etc", **bind},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": []},
+        ]
+    }
+    doc = rc.prepare(cfg, hostname="c", template=template, bounding=rc.CAPABILITIES).document
+    dests = [m["destination"] for m in doc["mounts"]]
+    # the host's /dev/pts, /dev/mqueue and /etc/resolv.conf are there already; the template's
+    # own /dev/shm and /sys/fs/cgroup stay; /proc, /run and /tmp are not below a bind
+    for gone in ("/dev/pts", "/dev/mqueue", "/etc/resolv.conf", "/etc/hosts"):
+        assert gone not in dests
+    for kept in ("/proc", "/dev", "/dev/shm", "/sys", "/sys/fs/cgroup", "/run", "/tmp", "/etc"):
+        assert dests.count(kept) == 1, kept
+    assert dests.index("/sys") < dests.index("/sys/fs/cgroup")
+    cgroup = next(m for m in doc["mounts"] if m["destination"] == "/sys/fs/cgroup")
+    assert cgroup["type"] == "bind"
+
+
 def test_template_user_overrides_image_user(tmp_path: Path) -> None:
     cfg = image_config(cmd=("/x",), user="nosuchuser")
     p = rc.prepare(cfg, hostname="c", template={"process": {"user": {"uid": 7, "gid": 8}}})

@@ -6,9 +6,13 @@ docker-registry on the machine's loopback (:mod:`bootstrap.demo.registry`; start
 by the demo) and provisions the machine the way a real node is provisioned at first boot,
 running this installation's ``bootstrap`` inside it, which pulls them:
 
-- with the node manifest ``examples/node.yaml`` (``bootstrap up``): the CRI daemon ``ocid``
-  (Debian's containerd) and the kubelet stand-in, as runc system containers under the machine's
-  systemd; when the CRI images cannot be built here, it falls back to
+- with the node manifest ``examples/node.yaml`` (``bootstrap up``): the CNI plugins, the CRI
+  daemon ``ocid`` (Debian's containerd) and the kubelet stand-in, as runc system containers
+  under the machine's systemd, the pod network and the pod images handed to the CRI daemon;
+  the stand-in then runs ``examples/static-pods/web.json`` as a kubelet runs a static pod
+  (its own network, a hostPath volume, a hostPort). The machine has a network namespace of its
+  own (198.51.100.0/24), so none of this touches the host's network. When the CRI images cannot
+  be built here, it falls back to
 - one busybox "hello" system container (``bootstrap install``), imported with ``bootstrap
   import`` instead.
 
@@ -104,6 +108,7 @@ class Workload:
     images: tuple[tuple[str, Path], ...]
     containers: tuple[str, ...]
     provision: tuple[str, ...]
+    static_pods: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,6 +286,7 @@ def _up(settings: Settings, base: Path) -> DemoResult:
             runtime_dir=_runtime_dir(base),
             ro_binds=binds,
             exec_cgroup=EXEC_CGROUP,
+            private_network=True,
         )
         _save(base, machine, workload, provisioned=False)
         _step(3, f"booting machine {machine.name} with systemd-nspawn in {machine.workdir}")
@@ -301,6 +307,9 @@ def _up(settings: Settings, base: Path) -> DemoResult:
     try:
         # `bootstrap` on the machine's PATH, as install.sh puts it on a real node's
         machine.run(["ln", "-sfn", str(inst.bootstrap), "/usr/local/bin/bootstrap"], timeout=30)
+        for pod in workload.static_pods:  # as a provisioner drops static pods before first boot
+            dest = f"/etc/kubernetes/manifests/{pod.name}"
+            machine.run(["install", "-D", "-m", "0644", str(pod), dest], timeout=30)
         with contextlib.ExitStack() as stack:
             t = time.monotonic()
             addr = _registry_addr(workload)
@@ -531,6 +540,8 @@ def _node_manifest_workload(inst: Install, cache: Path) -> Workload | None:
         spec = load(manifest)
         built = images.node_manifest_images(cache, standin_src)
         missing = [c.name for c in spec.containers if c.name not in built]
+        pods = spec.pods.images if spec.pods is not None else ()
+        missing += [ref for ref in pods if _repository_name(ref) not in built]
         if missing:
             raise images.ImageBuildError(
                 f"no offline image for {', '.join(missing)}", "use the node manifest's names"
@@ -540,12 +551,34 @@ def _node_manifest_workload(inst: Install, cache: Path) -> Workload | None:
             "demo: cannot provision %s here (%s); using a busybox system container", manifest, exc
         )
         return None
+    mirrors = {m.registry: m.mirrors[0] for m in spec.registries.mirrors}
+    served = [(c.image, built[c.name]) for c in spec.containers]
+    served += [(_served_as(ref, mirrors), built[_repository_name(ref)]) for ref in pods]
     return Workload(
         f"node manifest {manifest.relative_to(inst.repo)}",
-        tuple((c.image, built[c.name]) for c in spec.containers),
+        tuple(served),
         tuple(c.name for c in spec.containers),
         ("up", str(manifest)),
+        tuple(sorted((inst.repo / "examples" / "static-pods").glob("*.json"))),
     )
+
+
+def _repository_name(ref: str) -> str:
+    """The last component of a reference's repository (``.../pause:3.9`` -> ``pause``)."""
+    from bootstrap.image.reference import Reference
+
+    return Reference.parse(ref).path.rsplit("/", 1)[-1]
+
+
+def _served_as(ref: str, mirrors: dict[str, str]) -> str:
+    """Where the demo's registry serves ``ref``: at its own name, or for a registry the
+    manifest mirrors (registry.k8s.io), at the mirror's (as a site mirror holds it)."""
+    from bootstrap.image.reference import Reference
+
+    r = Reference.parse(ref)
+    if r.domain not in mirrors:
+        return ref
+    return str(r).replace(r.domain, mirrors[r.domain], 1)
 
 
 # ---- requirements ------------------------------------------------------------------------------

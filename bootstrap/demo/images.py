@@ -35,9 +35,11 @@ Images:
   every plugin runs.
 - :func:`kubelet_standin_image` — a kubelet stand-in that speaks CRI over gRPC: Debian's
   python3.11-minimal (+ its libraries), grpcio and protobuf copied from this venv's
-  site-packages, the stand-in's sources (a directory given by the caller) as ``/opt/standin``
-  and the product's CRI stubs as ``/opt/standin/bootstrap/cri/`` (no ``__init__.py``: namespace
-  packages, so ``from bootstrap.cri import api_pb2`` works there as it does here).
+  site-packages, the stand-in's sources (a directory given by the caller) as
+  ``/usr/local/lib/kubelet-standin`` (under ``/usr``: a kubelet container sees the host's
+  ``/opt``) with ``/usr/local/bin/kubelet`` running it, and the product's CRI stubs as
+  ``/usr/local/lib/kubelet-standin/bootstrap/cri/`` (no ``__init__.py``: namespace packages,
+  so ``from bootstrap.cri import api_pb2`` works there as it does here).
 - :func:`node_manifest_images` — the last two as oci-archives, by container name, for
   ``examples/node.yaml``.
 """
@@ -908,11 +910,11 @@ STANDIN_SKIP = (
     "usr/lib/python3.11/config-3.11-x86_64-linux-gnu",
 )
 STANDIN_PY_PACKAGES = ("grpc", "google", "typing_extensions.py")
-STANDIN_KUBELET = "/opt/standin/kubelet"
+STANDIN_KUBELET = "/usr/local/bin/kubelet"
 STANDIN_WRAPPER = """\
 #!/bin/sh
-# kubelet stand-in: takes kubelet flags, speaks CRI (see /opt/standin/main.py)
-exec /usr/bin/python3.11 -u /opt/standin/main.py "$@"
+# kubelet stand-in: takes kubelet flags, speaks CRI (see /usr/local/lib/kubelet-standin/main.py)
+exec /usr/bin/python3.11 -u /usr/local/lib/kubelet-standin/main.py "$@"
 """
 _BUILDER_VERSION = "1"  # bump when the layer format written here changes
 CRI_STUBS = Path(__file__).resolve().parents[1] / "cri"
@@ -972,17 +974,18 @@ def kubelet_standin_image(cache: Path, standin_src: Path) -> CachedImage:
                 site_entries += [Dir(dest), *tree_entries(site / name, prefix=dest)]
             elif (site / name).is_file():
                 site_entries.append(File(dest, site / name))
-        app = [Dir("opt/standin"), *tree_entries(standin_src, prefix="opt/standin")]
-        app.append(File("opt/standin/kubelet", STANDIN_WRAPPER.encode(), mode=0o755))
+        home = "usr/local/lib/kubelet-standin"  # /usr: the image's own, never a host bind
+        app = [Dir(home), *tree_entries(standin_src, prefix=home)]
+        app.append(File("usr/local/bin/kubelet", STANDIN_WRAPPER.encode(), mode=0o755))
         # the product's CRI stubs, importable as bootstrap.cri.api_pb2 (namespace packages)
-        app += [Dir("opt/standin/bootstrap"), Dir("opt/standin/bootstrap/cri")]
-        app += [File(f"opt/standin/bootstrap/cri/{p.name}", p) for p in stubs]
+        app += [Dir(f"{home}/bootstrap"), Dir(f"{home}/bootstrap/cri")]
+        app += [File(f"{home}/bootstrap/cri/{p.name}", p) for p in stubs]
         return ImageSpec(
             layers=(tuple(base), tuple(site_entries), (*busybox_entries(), *etc_entries(), *app)),
             entrypoint=(STANDIN_KUBELET,),
             env=(
                 DEFAULT_PATH_ENV,
-                "PYTHONPATH=/usr/lib/python3/dist-packages:/opt/standin",
+                "PYTHONPATH=/usr/lib/python3/dist-packages:/usr/local/lib/kubelet-standin",
                 "PYTHONDONTWRITEBYTECODE=1",
             ),
             labels={"org.opencontainers.image.title": "bootstrap kubelet stand-in"},
@@ -994,9 +997,14 @@ def kubelet_standin_image(cache: Path, standin_src: Path) -> CachedImage:
 
 
 def node_manifest_images(cache: Path, standin_src: Path) -> dict[str, Path]:
-    """oci-archives of the images ``examples/node.yaml`` names, by container name: ``ocid``
-    (:func:`cri_daemon_image`) and ``kubelet`` (:func:`kubelet_standin_image`)."""
+    """oci-archives of the images ``examples/node.yaml`` names: by container name ``cni``
+    (:func:`cni_plugins_image`), ``ocid`` (:func:`cri_daemon_image`) and ``kubelet``
+    (:func:`kubelet_standin_image`), and by repository name the pod images ``pause``
+    (:func:`pause_image`) and ``busybox`` (:func:`pod_image`)."""
     return {
+        "cni": cni_plugins_image(cache).archive(),
         "ocid": cri_daemon_image(cache).archive(),
         "kubelet": kubelet_standin_image(cache, standin_src).archive(),
+        "pause": pause_image(cache).archive(),
+        "busybox": pod_image(cache).archive(),
     }

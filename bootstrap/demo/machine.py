@@ -9,7 +9,8 @@ covers every file under ``noderoot/``). Both are built under an exclusive flock 
 
 A :class:`Machine` lives in ``RUNTIME_DIR/NAME-XXXXXXXX/`` (``rootfs/`` and ``console.log``).
 :meth:`Machine.boot` starts ``systemd-nspawn --boot`` **detached** (its own session, output to
-the console log) so the machine outlives the process that booted it, sharing the host's network,
+the console log) so the machine outlives the process that booted it, sharing the host's network
+(or, with ``private_network``, in a network namespace of its own: :mod:`bootstrap.demo.netns`),
 with the given bind mounts, and waits until ``systemctl is-system-running`` inside says
 ``running`` or ``degraded``.
 
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap import process
+from bootstrap.demo.netns import NETNS_DIR, PrivateNetwork
+from bootstrap.demo.netns import remove_stale as remove_stale_netns
 from bootstrap.errors import SystemdError
 from bootstrap.fsutil import fsync_dir, remove_tree
 from bootstrap.locks import flocked
@@ -517,6 +520,7 @@ class Machine:
         binds: Sequence[Bind] = (),
         ro_binds: Sequence[Bind] = (),
         exec_cgroup: str = "exec",
+        private_network: bool = False,
     ) -> None:
         if not NAME_RE.fullmatch(name):
             raise MachineError(
@@ -536,6 +540,8 @@ class Machine:
         self.exec_cgroups: list[Path] = []
         self.boot_seconds: list[float] = []  # wall time of each boot() until "running"
         self.extract_seconds = 0.0
+        #: with a private network: the network namespace (named as the machine) it boots in
+        self.network: PrivateNetwork | None = PrivateNetwork(name) if private_network else None
 
     @classmethod
     def create(
@@ -546,11 +552,21 @@ class Machine:
         binds: Sequence[Bind] = (),
         ro_binds: Sequence[Bind] = (),
         exec_cgroup: str = "exec",
+        private_network: bool = False,
     ) -> Machine:
-        """A machine named ``name`` in a fresh ``runtime_dir/NAME-XXXXXXXX`` directory."""
+        """A machine named ``name`` in a fresh ``runtime_dir/NAME-XXXXXXXX`` directory; with
+        ``private_network``, booted in a network namespace of its own (see
+        :mod:`bootstrap.demo.netns`) instead of sharing the host's."""
         runtime_dir.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=runtime_dir))
-        return cls(name, workdir, binds=binds, ro_binds=ro_binds, exec_cgroup=exec_cgroup)
+        return cls(
+            name,
+            workdir,
+            binds=binds,
+            ro_binds=ro_binds,
+            exec_cgroup=exec_cgroup,
+            private_network=private_network,
+        )
 
     @property
     def rootfs(self) -> Path:
@@ -582,6 +598,7 @@ class Machine:
             "mountpoints": [str(p) for p in self.mountpoints],
             "exec_cgroups": [str(c) for c in self.exec_cgroups],
             "bus_address": self.bus_address if self.pid else None,
+            "netns": self.network.name if self.network is not None else None,
         }
 
     @classmethod
@@ -607,6 +624,10 @@ class Machine:
             m.pid = int(doc["pid"])
             m.boot_seconds = []
             m.extract_seconds = 0.0
+            netns = doc.get("netns")
+            if netns is not None and netns != m.name:
+                raise ValueError(f"network namespace {netns!r} is not the machine's")
+            m.network = PrivateNetwork(m.name) if netns else None
         except (KeyError, TypeError, ValueError) as exc:
             raise MachineError(
                 f"not a machine record: {exc}", "remove the record and the machine by hand"
@@ -654,6 +675,8 @@ class Machine:
             "--console=passive",
             "--link-journal=no",
         ]
+        if self.network is not None:
+            argv.append(f"--network-namespace-path={self.network.path}")
         for opt, binds in (("--bind", self.binds), ("--bind-ro", self.ro_binds)):
             for src, dst in binds:
                 argv.append(f"{opt}={src}:{dst}")
@@ -672,6 +695,8 @@ class Machine:
                 kill_cgroup_trees([d])
                 remove_cgroup_tree(d, keep_root=True)
             make_cgroup(d, cpuset="cpuset" in ctrls.split(","))
+        if self.network is not None and not self.network.path.exists():
+            self.network.create()
         argv = self.nspawn_argv()
         joins = [str(d / "cgroup.procs") for d in self.cgroups]
         env = {"PATH": MACHINE_PATH, "SYSTEMD_SECCOMP": "0", "LANG": "C.UTF-8"}
@@ -818,6 +843,11 @@ class Machine:
         except MachineError as exc:
             errors.append(exc)
         remove_nspawn_leftovers(self.name, self.rootfs)
+        if self.network is not None:
+            try:
+                self.network.destroy()
+            except SystemdError as exc:
+                errors.append(MachineError(exc.message, exc.hint))
         try:
             remove_mounted_tree(self.workdir)
         except MachineError as exc:
@@ -949,6 +979,12 @@ def reap_orphans(prefix: str, runtime_dir: Path) -> list[str]:
                 remove_nspawn_leftovers(workdir.name[: -len("-xxxxxxxx")], workdir / "rootfs")
                 remove_mounted_tree(workdir)
                 stale.setdefault(workdir.name, [])
+    with contextlib.suppress(FileNotFoundError):
+        for ns in NETNS_DIR.iterdir():
+            m = name_re.match(ns.name)
+            if m and not alive(int(m.group(1))):
+                remove_stale_netns([ns.name])
+                stale.setdefault(ns.name, [])
     with contextlib.suppress(FileNotFoundError):
         for propagate in NSPAWN_PROPAGATE.iterdir():
             m = name_re.match(propagate.name)

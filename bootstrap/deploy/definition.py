@@ -64,6 +64,8 @@ UNIT_TYPES = ("service", "oneshot")
 DEFAULT_STOP_TIMEOUT = 5
 AUTO_UPDATE_POLICIES = ("registry", "local", "off")
 HEALTH_KEYS = ("exec", "interval", "timeout", "retries", "start_period")
+IMAGE_IMPORT_KEYS = ("exec", "timeout")
+DEFAULT_IMPORT_TIMEOUT = 600.0
 DEFAULT_START_TIMEOUT = 60
 INIT_MODES = ("auto", "always", "never")
 DEFAULT_INIT = "auto"
@@ -153,6 +155,29 @@ class TemplateFile:
 
 
 @dataclass(frozen=True)
+class ImageImport:
+    """How a CRI daemon's container imports an image bootstrap hands it: ``argv`` is run inside
+    the running container (``runc exec``) with an ``oci-archive`` of the image on its stdin and
+    ``IMAGE`` (the image's full reference) in its environment; it must exit 0 within
+    ``timeout`` seconds. The words may hold ``$VAR`` placeholders, rendered with the
+    deployment's values (``$$`` for a literal ``$``, e.g. ``$$IMAGE`` for the shell)."""
+
+    argv: tuple[TemplateFile, ...]
+    timeout: float = DEFAULT_IMPORT_TIMEOUT
+
+    def render(self, values: Mapping[str, str]) -> tuple[str, ...]:
+        """The argv with ``values`` substituted (each value stays one word). Raises
+        :class:`UsageError` naming the word for an unknown variable."""
+        return tuple(w.render(values, _verbatim) for w in self.argv)
+
+
+def _verbatim(value: str, name: str, line: int, before: str = "") -> str:
+    if "\0" in value:
+        raise UsageError(f"${name}: a NUL byte cannot be part of a command", "fix the value")
+    return value
+
+
+@dataclass(frozen=True)
 class Definition:
     """A loaded definition. ``source`` is ``"builtin"``, ``"directory"`` or ``"image"``;
     ``origin`` the directory (or ``/exports``) it came from; the templates are None when absent.
@@ -165,6 +190,7 @@ class Definition:
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
     auto_update: str | None = None
     health: HealthCheck | None = None
+    image_import: ImageImport | None = None
     start_timeout: int = DEFAULT_START_TIMEOUT
     init: str = DEFAULT_INIT
     init_names: tuple[str, ...] = ()
@@ -189,6 +215,8 @@ class Definition:
         for t in (self.config_template, self.service_template, self.tmpfiles_template):
             if t is not None:
                 names.update(n for n, _ in t.placeholders())
+        for word in self.image_import.argv if self.image_import else ():
+            names.update(n for n, _ in word.placeholders())
         return names
 
 
@@ -232,6 +260,7 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
     manifest = Manifest()
     auto_update: str | None = None
     health: HealthCheck | None = None
+    image_import: ImageImport | None = None
     if MANIFEST in files:
         where = f"{origin}/{MANIFEST}"
         doc = parse_json(files[MANIFEST], where)
@@ -244,6 +273,8 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
                     f"{where}: a oneshot has no health check",
                     'its command exiting 0 is the check; drop "health" or use "type": "service"',
                 )
+        if doc.get("imageImport") is not None:
+            image_import = parse_image_import(doc["imageImport"], f"{where}: imageImport")
 
     def _template(name: str) -> TemplateFile | None:
         if name not in files:
@@ -264,6 +295,7 @@ def from_files(files: Mapping[str, str], *, source: str, origin: str) -> Definit
         unit_type=manifest.unit_type,
         auto_update=auto_update,
         health=health,
+        image_import=image_import,
         config_template=_template(CONFIG_TEMPLATE),
         service_template=_template(SERVICE_TEMPLATE),
         tmpfiles_template=_template(TMPFILES_TEMPLATE),
@@ -429,6 +461,42 @@ def parse_health(doc: Any, where: str) -> HealthCheck:
         retries=retries,
         start_period=_seconds(doc.get("start_period"), f"{where}.start_period", 0.0, zero=True),
     )
+
+
+def parse_image_import(doc: Any, where: str) -> ImageImport:
+    """An :class:`ImageImport` from a definition's ``imageImport`` object; :class:`UsageError`
+    naming the key for unknown keys, an ``exec`` that is not a non-empty list of strings
+    starting with an absolute path, a malformed ``$`` in a word, or a bad ``timeout``."""
+    if not isinstance(doc, dict):
+        raise UsageError(
+            f"{where}: must be an object",
+            '{"exec": ["/usr/bin/ctr", "-n", "k8s.io", "images", "import", "-"]}',
+        )
+    unknown = sorted(set(doc) - set(IMAGE_IMPORT_KEYS))
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key {unknown[0]!r}", f"known: {', '.join(IMAGE_IMPORT_KEYS)}"
+        )
+    argv = doc.get("exec")
+    if (
+        not isinstance(argv, list)
+        or not argv
+        or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
+    ):
+        raise UsageError(
+            f"{where}.exec: must be a non-empty list of strings",
+            "the command run inside the CRI daemon's container, reading an oci-archive on stdin",
+        )
+    words = tuple(TemplateFile(f"{where}.exec[{i}]", w) for i, w in enumerate(argv))
+    for w in words:
+        w.placeholders()  # a malformed '$' is reported at load time
+    if not argv[0].startswith("/") and not argv[0].startswith("$"):
+        raise UsageError(
+            f"{where}.exec[0]: {argv[0]!r} is not an absolute path",
+            "name the executable inside the container by its full path, e.g. /bin/sh",
+        )
+    timeout = _seconds(doc.get("timeout"), f"{where}.timeout", DEFAULT_IMPORT_TIMEOUT, zero=False)
+    return ImageImport(words, timeout)
 
 
 def check_variable_name(name: str, where: str) -> None:

@@ -189,6 +189,10 @@ class Deployment:
     admitted: str = ""
     #: The host files this deployment owns (its ``hostfs.json``; see :mod:`.hostfs`).
     host_files: tuple[hostfs.Entry, ...] = ()
+    #: How the container imports an image archive (a CRI daemon; the definition's
+    #: ``imageImport`` rendered with this deployment's values): argv and timeout in seconds.
+    image_import: tuple[str, ...] = ()
+    image_import_timeout: float = 0.0
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
@@ -218,6 +222,8 @@ class Deployment:
                 ready_timeout=float(doc.get("ready_timeout", 300.0)),
                 admitted=str(doc.get("admitted", "")),
                 host_files=hostfs.load(path),
+                image_import=tuple(str(a) for a in (doc.get("image_import") or {}).get("argv", ())),
+                image_import_timeout=float((doc.get("image_import") or {}).get("timeout", 0.0)),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BootstrapError(
@@ -245,6 +251,17 @@ class Deployment:
             **self.extra(),
             "admitted": self.admitted,
             "host_files": [e.to_json() for e in self.host_files],
+            **self._image_import_json(),
+        }
+
+    def _image_import_json(self) -> dict[str, Any]:
+        if not self.image_import:
+            return {}
+        return {
+            "image_import": {
+                "argv": list(self.image_import),
+                "timeout": self.image_import_timeout,
+            }
         }
 
     def extra(self) -> dict[str, Any]:
@@ -289,10 +306,19 @@ class Plan:
     tmpfiles: str | None
     config: rtconfig.PreparedConfig
     unit_dir: Path
+    #: The definition's ``imageImport`` argv rendered with ``values`` (empty: none).
+    image_import: tuple[str, ...] = ()
 
     def info(self, installed: str) -> dict[str, Any]:
         """The deployment's info.json document."""
+        extra: dict[str, Any] = {}
+        if self.image_import and self.definition.image_import is not None:
+            extra["image_import"] = {
+                "argv": list(self.image_import),
+                "timeout": self.definition.image_import.timeout,
+            }
         return {
+            **extra,
             "name": self.name,
             "image": self.image.name,
             "digest": self.image.manifest.digest,
@@ -394,6 +420,9 @@ def plan(
     if definition.tmpfiles_template is not None:
         t = definition.tmpfiles_template
         tmpfiles = t.render(values, defn.unit_escaper(t.where))
+    image_import: tuple[str, ...] = ()
+    if definition.image_import is not None:
+        image_import = definition.image_import.render(values)
     used = definition.variables() | {n for n, _ in service_t.placeholders()} | {"INIT"}
     unused = sorted(set(set_values) - used)
     if unused:
@@ -408,6 +437,7 @@ def plan(
         tmpfiles=tmpfiles,
         config=prepared,
         unit_dir=unit_dir,
+        image_import=image_import,
     )
 
 

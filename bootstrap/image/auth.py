@@ -7,7 +7,8 @@ registry the first file with a matching entry wins, and within a file the most s
     $REGISTRY_AUTH_FILE
     $XDG_RUNTIME_DIR/containers/auth.json   (else /run/containers/$UID/auth.json)
     ${XDG_CONFIG_HOME:-~/.config}/containers/auth.json
-    /etc/containers/auth.json
+    /etc/containers/auth.json               ($BOOTSTRAP_AUTH_FILE when set; `up` copies a node
+                                             manifest's credentials there)
     ${DOCKER_CONFIG:-~/.docker}/config.json
     ~/.dockercfg                             (legacy format)
 
@@ -172,7 +173,7 @@ def default_auth_paths(env: Mapping[str, str] | None = None) -> list[tuple[Path,
         out.append((Path(f"/run/containers/{os.getuid()}/auth.json"), False))
     config_home = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
     out.append((config_home / "containers" / "auth.json", False))
-    out.append((Path("/etc/containers/auth.json"), False))
+    out.append((Path(env.get("BOOTSTRAP_AUTH_FILE") or "/etc/containers/auth.json"), False))
     docker_dir = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else home / ".docker"
     out.append((docker_dir / "config.json", False))
     out.append((home / ".dockercfg", True))

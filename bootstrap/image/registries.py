@@ -518,12 +518,16 @@ def load(
     env: Mapping[str, str] | None = None,
     *,
     system_file: Path = SYSTEM_REGISTRIES_CONF,
-    system_dir: Path = SYSTEM_REGISTRIES_CONF_D,
+    system_dir: Path | None = None,
 ) -> RegistriesConf:
     """Load the configuration (see the module docstring for where from). A file that is given
     explicitly (argument or ``$REGISTRIES_CONFIG_PATH``) must exist and is the only one read;
-    otherwise ``system_file`` (if present) and then ``system_dir/*.conf`` in name order."""
+    otherwise ``system_file`` (if present) and then ``system_dir/*.conf`` in name order
+    (``system_dir`` default: ``$BOOTSTRAP_REGISTRIES_CONF_D``, else
+    /etc/containers/registries.conf.d)."""
     env = os.environ if env is None else env
+    if system_dir is None:
+        system_dir = Path(env.get("BOOTSTRAP_REGISTRIES_CONF_D") or SYSTEM_REGISTRIES_CONF_D)
     explicit = path
     if explicit is None and env.get("REGISTRIES_CONFIG_PATH"):
         explicit = Path(env["REGISTRIES_CONFIG_PATH"])

@@ -37,6 +37,13 @@ format is documented in docs/node-manifest.md, with an example in examples/node.
       files:                         # keys the policy names, written first
         - {path: /etc/pki/containers/ops.gpg, from: ops.gpg}   # or base64: ... or data: ...
       registries.d: {ops.yaml: {docker: {registry.example.com: {lookaside: https://...}}}}
+    pods:                            # optional; what the node needs to run pods
+      cri: ocid                      # the CRI daemon (default: the container with ready.cri_socket)
+      network:                       # a CNI config written before the CRI daemon starts
+        name: 10-bootstrap.conflist  # its file name in /etc/cni/net.d (default)
+        config: {cniVersion: 1.0.0, name: pods, plugins: [...]}   # or from: FILE
+      network_ready: true            # wait for CRI NetworkReady (default: true with network:)
+      images: [registry.k8s.io/pause:3.9]   # pulled, verified, imported into the CRI daemon
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ DEFAULT_NETWORK_TIMEOUT = 120.0
 DEFAULT_REGISTRY_TIMEOUT = 600.0
 MAX_JITTER = 3600.0
 DEFAULT_READY_TIMEOUT = 300.0
+DEFAULT_CNI_NAME = "10-bootstrap.conflist"
+CNI_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(conflist|conf|json)")
+MAX_POD_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,31 @@ class Trust:
 
 
 @dataclass(frozen=True)
+class CniConfig:
+    """A CNI network configuration ``up`` writes as ``/etc/cni/net.d/NAME`` before the CRI
+    daemon starts: ``data`` is its JSON text (a ``.conflist`` with ``plugins``, or a single
+    plugin ``.conf``/``.json``), validated for the keys every CNI runtime needs."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Pods:
+    """The ``pods:`` section: what the CRI daemon ``cri`` (a container of the manifest whose
+    ``ready.cri_socket`` is ``socket``) needs before the containers after it start: the CNI
+    config ``network`` (None: the node has its own, or an image ships one), whether ``up``
+    waits for CRI ``NetworkReady`` (``network_ready``), and ``images`` (normalized
+    references) pulled and verified by bootstrap and imported into the daemon."""
+
+    cri: str
+    socket: str
+    network: CniConfig | None = None
+    network_ready: bool = False
+    images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeManifest:
     """A validated node manifest. ``digest`` is ``sha256:`` of the file's bytes."""
 
@@ -200,6 +235,7 @@ class NodeManifest:
     containers: tuple[ContainerSpec, ...]
     auto_update_timer: bool = False
     trust: Trust | None = None
+    pods: Pods | None = None
 
     def container(self, name: str) -> ContainerSpec:
         """The container called ``name``; KeyError when there is none."""
@@ -340,7 +376,9 @@ class _Validator:
         if doc is None:
             raise UsageError("the node manifest is empty", "it needs at least 'containers:'")
         top = self.mapping(
-            doc, "", {"version", "registries", "network", "containers", "auto_update", "trust"}
+            doc,
+            "",
+            {"version", "registries", "network", "containers", "auto_update", "trust", "pods"},
         )
         if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
             raise UsageError(f"version: unsupported {top['version']!r} (only 1 is known)", _HINT)
@@ -356,7 +394,105 @@ class _Validator:
             if type(timer) is not bool:
                 raise UsageError("auto_update.timer: expected true or false", _HINT)
         trust = self.trust(top.get("trust"), "trust")
-        return NodeManifest(path, digest, registries, network, containers, timer, trust)
+        pods = self.pods(top.get("pods"), "pods", containers)
+        return NodeManifest(path, digest, registries, network, containers, timer, trust, pods)
+
+    def pods(self, value: Any, at: str, containers: tuple[ContainerSpec, ...]) -> Pods | None:
+        if value is None:
+            return None
+        m = self.mapping(value, at, {"cri", "network", "network_ready", "images"})
+        daemons = [c for c in containers if c.ready_cri_socket]
+        if m.get("cri") is not None:
+            name = m["cri"]
+            found = [c for c in containers if c.name == name]
+            if not found:
+                raise UsageError(f"{at}.cri: unknown container {name!r}", _HINT)
+            if not found[0].ready_cri_socket:
+                raise UsageError(
+                    f"{at}.cri: container {name!r} has no ready.cri_socket",
+                    "give the CRI daemon 'ready: {cri_socket: SOCKET}' so up can talk to it",
+                )
+            daemon = found[0]
+        elif len(daemons) == 1:
+            daemon = daemons[0]
+        else:
+            raise UsageError(
+                f"{at}.cri: required: "
+                + (
+                    "no container has a ready.cri_socket"
+                    if not daemons
+                    else "several containers "
+                    f"have a ready.cri_socket ({', '.join(c.name for c in daemons)})"
+                ),
+                "name the CRI daemon container, and give it 'ready: {cri_socket: SOCKET}'",
+            )
+        network = None
+        if m.get("network") is not None:
+            network = self.cni(m["network"], f"{at}.network")
+        network_ready = m.get("network_ready", network is not None)
+        if type(network_ready) is not bool:
+            raise UsageError(f"{at}.network_ready: expected true or false", _HINT)
+        images: list[str] = []
+        raw = self.sequence(m.get("images", []), f"{at}.images")
+        if len(raw) > MAX_POD_IMAGES:
+            raise UsageError(f"{at}.images: more than {MAX_POD_IMAGES} images", _HINT)
+        for i, ref in enumerate(raw):
+            name = self.reference(ref, f"{at}.images[{i}]")
+            if name in images:
+                raise UsageError(f"{at}.images[{i}]: {name} is listed twice", _HINT)
+            images.append(name)
+        assert daemon.ready_cri_socket is not None
+        return Pods(daemon.name, daemon.ready_cri_socket, network, network_ready, tuple(images))
+
+    def cni(self, value: Any, at: str) -> CniConfig:
+        m = self.mapping(value, at, {"name", "config", "from"})
+        name = m.get("name", DEFAULT_CNI_NAME)
+        if not isinstance(name, str) or not CNI_NAME_RE.fullmatch(name):
+            raise UsageError(
+                f"{at}.name: {name!r} is not a CNI config file name",
+                "e.g. 10-bootstrap.conflist (a .conflist, .conf or .json file name)",
+            )
+        sources = [k for k in ("config", "from") if k in m]
+        if len(sources) != 1:
+            raise UsageError(f"{at}: exactly one of config, from", _HINT)
+        if "from" in m:
+            src = self.path(m["from"], f"{at}.from")
+            try:
+                raw = src.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"{at}.from: {src}: {exc.strerror or exc}", _HINT) from exc
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{at}.from: {src}: not JSON: {exc}", _HINT) from exc
+            where = f"{at}.from ({src.name})"
+        else:
+            doc = m["config"]
+            where = f"{at}.config"
+        self.cni_doc(doc, where, conflist=name.endswith(".conflist"))
+        return CniConfig(name, (json.dumps(doc, indent=2) + "\n").encode())
+
+    def cni_doc(self, doc: Any, at: str, *, conflist: bool) -> None:
+        """The keys a CNI runtime (libcni) requires: ``cniVersion`` and ``name``, and
+        ``plugins`` (a non-empty list, each with a ``type``) in a conflist or ``type`` in a
+        single plugin's config."""
+        d = self.mapping(doc, at, None)
+        for key in ("cniVersion", "name"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise UsageError(f"{at}.{key}: required, a string", "see the CNI specification")
+        if conflist:
+            plugins = self.sequence(d.get("plugins"), f"{at}.plugins")
+            if not plugins:
+                raise UsageError(f"{at}.plugins: at least one plugin is required", _HINT)
+            for i, plugin in enumerate(plugins):
+                p = self.mapping(plugin, f"{at}.plugins[{i}]", None)
+                if not isinstance(p.get("type"), str) or not p["type"]:
+                    raise UsageError(f"{at}.plugins[{i}].type: required, a string", _HINT)
+        elif not isinstance(d.get("type"), str) or not d["type"]:
+            raise UsageError(
+                f"{at}.type: required, a string",
+                "a .conf/.json file holds one plugin; name the file .conflist for a plugin list",
+            )
 
     def trust(self, value: Any, at: str) -> Trust | None:
         from bootstrap.trust.policy import parse_policy

@@ -5,15 +5,19 @@ Steps, each logged as one plain line (journald keeps them; no progress bars off 
 1. read and validate the manifest and its plan (exit 2 on any error, nothing changed);
 2. if ``$STATE/.provisioned`` records this manifest's digest: nothing to do;
 3. wait for the network (:mod:`bootstrap.net.readiness`; exit 3 at the deadline);
-4. pull every image that is not stored yet, in parallel; a registry that cannot be reached (or
-   answers 5xx) is retried with capped, jittered backoff until the manifest's
-   ``registries.timeout`` (default 10 minutes), each wait logged with what it waits for
-   (exit 3/4 after that; nothing installed yet);
-5. in plan order, install each container (an identical installation is left as it is), start
+4. write what the manifest puts on the host (:mod:`bootstrap.node.hostconf`: the registries
+   drop-in and credentials later commands read too, the CNI config);
+5. pull every image that is not stored yet (the containers' and ``pods.images``), in
+   parallel; a registry that cannot be reached (or answers 5xx) is retried with capped,
+   jittered backoff until the manifest's ``registries.timeout`` (default 10 minutes), each
+   wait logged with what it waits for (exit 3/4/7 after that; nothing installed yet);
+6. in plan order, install each container (an identical installation is left as it is), start
    its unit unless it is already active, wait until it is active (``Type=notify``: ready), and
    when the manifest says ``ready: {cri_socket: ...}``, until that socket answers CRI ``Version``
-   (exit 5);
-6. write ``$STATE/.provisioned`` (JSON; temp + fsync + rename), with the boot chain: each
+   (exit 5); for the CRI daemon of ``pods:``, hand it the pod images it does not hold yet and
+   wait until CRI ``Status`` reports RuntimeReady (and NetworkReady when asked) before the
+   containers after it start (:mod:`bootstrap.node.pods`);
+7. write ``$STATE/.provisioned`` (JSON; temp + fsync + rename), with the boot chain: each
    step (network ready, each pull, each install, each unit active, each CRI answering) with
    when it ended and how long it took, seconds from the start of ``up``; ``up`` prints it at
    the end and ``bootstrap status --node`` shows it again.
@@ -42,13 +46,13 @@ from typing import TYPE_CHECKING, Any
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
 from bootstrap.fsutil import write_atomic
 from bootstrap.locks import flocked
-from bootstrap.node.manifest import ContainerSpec, NodeManifest, Registries
+from bootstrap.node.manifest import ContainerSpec, NodeManifest, Pods, Registries
 from bootstrap.node.manifest import load as load_manifest
 from bootstrap.node.plan import plan
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:
-    from bootstrap.deploy.deploy import Deployer
+    from bootstrap.deploy.deploy import Deployer, Deployment
     from bootstrap.image.api import Store
     from bootstrap.trust.verify import Verifier
 
@@ -320,9 +324,15 @@ def _provision(
     )
     chain.add("network ready", since)
     settings = _apply_trust(settings, manifest)
+    _write_host_config(settings, manifest, chain)
     pulled = _pull_all(settings, manifest, chain)
     deployer = _deployer(settings)
-    outcomes = [_bring_up(deployer, spec, chain) for spec in order]
+    outcomes = []
+    for spec in order:
+        outcome, deployment = _bring_up(deployer, spec, chain)
+        outcomes.append(outcome)
+        if manifest.pods is not None and spec.name == manifest.pods.cri:
+            _pods_ready(deployer, manifest.pods, spec, deployment, chain)
     if manifest.auto_update_timer:
         _enable_timer(deployer)
     changed = bool(pulled) or any(o.action != "unchanged" for o in outcomes)
@@ -369,6 +379,23 @@ def _apply_trust(settings: Settings, manifest: NodeManifest) -> Settings:
     return write_trust(settings, manifest.trust)
 
 
+def _write_host_config(settings: Settings, manifest: NodeManifest, chain: _Chain) -> None:
+    """Write the registries drop-in, the credentials and the CNI config the manifest asks for
+    (see :mod:`bootstrap.node.hostconf`)."""
+    from bootstrap.node import hostconf
+
+    files = hostconf.wanted_files(manifest)
+    if not files:
+        return
+    since = time.monotonic()
+    settings.state.mkdir(parents=True, exist_ok=True)
+    done = list(hostconf.apply(settings.state, files))
+    chain.add(
+        "host config: " + ", ".join(f"{w.what} {w.action}" for w in done),
+        since,
+    )
+
+
 # ---- pulls -------------------------------------------------------------------------------------
 
 
@@ -380,11 +407,14 @@ def _pull_all(settings: Settings, manifest: NodeManifest, chain: _Chain) -> list
     store = api.open_store(settings)
     store.init()
     missing: list[str] = []
-    for c in manifest.containers:
-        if c.image not in missing and not api.is_stored(store, c.image):
-            missing.append(c.image)
+    wanted = [c.image for c in manifest.containers]
+    if manifest.pods is not None:
+        wanted += list(manifest.pods.images)
+    for name in wanted:
+        if name not in missing and not api.is_stored(store, name):
+            missing.append(name)
     if not missing:
-        log.info("up: all %d images are stored already", len(manifest.containers))
+        log.info("up: all %d images are stored already", len(set(wanted)))
         return []
     from bootstrap.trust.verify import Verifier
 
@@ -474,15 +504,10 @@ def _pull_one(store: Store, name: str, verifier: Verifier, chain: _Chain) -> Non
 
 @contextlib.contextmanager
 def _registry_env(settings: Settings, registries: Registries) -> Iterator[None]:
-    """Point the registry client at the manifest's registries while pulling: a registries.conf
-    rendered into ``$STATE/node/`` (``$REGISTRIES_CONFIG_PATH``; it replaces the system one)
-    and the credentials file (``$REGISTRY_AUTH_FILE``). The environment is restored after."""
+    """Point the registry client at the manifest's credentials file (``$REGISTRY_AUTH_FILE``)
+    while pulling; its insecure registries and mirrors are in the registries.conf.d drop-in
+    written before (:mod:`bootstrap.node.hostconf`). The environment is restored after."""
     env: dict[str, str] = {}
-    if registries.mirrors or registries.insecure:
-        conf = settings.state / "node" / "registries.conf"
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(conf, registries.to_registries_conf())
-        env["REGISTRIES_CONFIG_PATH"] = str(conf)
     if registries.credentials is not None:
         env["REGISTRY_AUTH_FILE"] = str(registries.credentials)
     saved = {k: os.environ.get(k) for k in env}
@@ -528,9 +553,11 @@ def _enable_timer(deployer: Deployer) -> None:
     manager.start(AUTO_UPDATE_TIMER, settle=0.0)
 
 
-def _bring_up(deployer: Deployer, spec: ContainerSpec, chain: _Chain) -> ContainerOutcome:
+def _bring_up(
+    deployer: Deployer, spec: ContainerSpec, chain: _Chain
+) -> tuple[ContainerOutcome, Deployment | None]:
     """Install ``spec`` (kept when identical), start it unless active, wait until ready; each
-    step ends up in ``chain``."""
+    step ends up in ``chain``. Returns the outcome and the active deployment."""
     from bootstrap.deploy.deploy import Options
 
     since = time.monotonic()
@@ -584,4 +611,44 @@ def _bring_up(deployer: Deployer, spec: ContainerSpec, chain: _Chain) -> Contain
         chain.add(f"{spec.name}: CRI answering on {spec.ready_cri_socket}", asked)
         cri = str(answer)
     digest = result.deployment.digest if result.deployment is not None else ""
-    return ContainerOutcome(spec.name, spec.image, digest, action, state.active_state, cri)
+    outcome = ContainerOutcome(spec.name, spec.image, digest, action, state.active_state, cri)
+    return outcome, result.deployment
+
+
+def _pods_ready(
+    deployer: Deployer,
+    pods: Pods,
+    spec: ContainerSpec,
+    deployment: Deployment | None,
+    chain: _Chain,
+) -> None:
+    """Hand the CRI daemon ``spec`` the pod images it lacks, then wait until CRI ``Status``
+    says RuntimeReady (and NetworkReady when ``pods.network_ready``); see
+    :mod:`bootstrap.node.pods`."""
+    from bootstrap.cri.client import CriClient, wait_for_cri
+    from bootstrap.node.pods import preload
+
+    if deployment is None:
+        raise SystemdError(
+            f"pods.cri: {spec.name} has no active deployment", f"bootstrap status {spec.name}"
+        )
+    if pods.images:
+        with CriClient(pods.socket) as client:
+            preload(deployer.store, deployment, pods.images, client, on_step=chain.add)
+    asked = time.monotonic()
+    what = "RuntimeReady and NetworkReady" if pods.network_ready else "RuntimeReady"
+    log.info("up: %s: waiting for CRI Status %s on %s", spec.name, what, pods.socket)
+    ready = wait_for_cri(
+        pods.socket,
+        timeout=spec.ready_timeout,
+        what=f"{spec.name} ({spec.name}.service)",
+        network=pods.network_ready,
+    )
+    chain.add(f"{spec.name}: CRI {what}", asked)
+    if not ready.status.network_ready:
+        log.warning(
+            "up: %s: %s: pods with their own network cannot start until a CNI config is in "
+            "/etc/cni/net.d (pods.network in the node manifest)",
+            spec.name,
+            ready.status.not_ready(network=True),
+        )

@@ -14,8 +14,13 @@ cgroupfs driver puts the container below the unit's delegated cgroup).
 
 The template merge is JSON Merge Patch (RFC 7386: objects merge recursively, ``null`` removes a
 key, anything else replaces), except that ``process.env`` merges by variable name and
-``mounts`` by destination. Capability lists are then cut to the bounding set of this process
-(runc fails on a capability the bounding set lacks); the dropped ones are logged.
+``mounts`` by destination. A template mount that binds a host directory over a generated mount's
+parent (``/dev``, ``/sys``, ``/etc``: a host daemon that sees the node's tree) drops the
+generated mounts below it that the template does not name itself (``/dev/pts``, ``/dev/mqueue``,
+``/etc/resolv.conf``...), as Podman does for a user's ``-v /dev:/dev``: the host's are already
+there, and mounting over them fails (``mqueue``: busy) or hides the host's. Capability lists
+are then cut to the bounding set of this process (runc fails on a capability the bounding set
+lacks); the dropped ones are logged.
 """
 
 from __future__ import annotations
@@ -214,6 +219,8 @@ def prepare(
     the wrong type."""
     base = base_config(image, hostname=hostname)
     doc = merge(base, template) if template is not None else base
+    if template is not None:
+        doc["mounts"] = _drop_shadowed(base.get("mounts", []), doc.get("mounts"), template)
     image_user: str | None = image.user
     process = template.get("process") if template is not None else None
     if isinstance(process, dict) and "user" in process:
@@ -284,6 +291,31 @@ def base_config(image: ImageConfig, *, hostname: str) -> dict[str, Any]:
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+
+
+def _drop_shadowed(base: list[Any], merged: Any, template: Mapping[str, Any]) -> Any:
+    """``merged`` without the generated (``base``) mounts that lie strictly below a
+    destination the template binds from the host (see the module docstring)."""
+    given = template.get("mounts")
+    if not isinstance(merged, list) or not isinstance(given, list):
+        return merged
+    named = {m.get("destination") for m in given if isinstance(m, dict)}
+    binds = [
+        str(m["destination"]).rstrip("/")
+        for m in given
+        if isinstance(m, dict) and m.get("type") == "bind" and isinstance(m.get("destination"), str)
+    ]
+    generated = {m["destination"] for m in base}
+
+    def shadowed(m: Any) -> bool:
+        if not isinstance(m, dict):
+            return False
+        dest = m.get("destination")
+        if dest in named or dest not in generated or not isinstance(dest, str):
+            return False
+        return any(dest.startswith(b + "/") for b in binds)
+
+    return [m for m in merged if not shadowed(m)]
 
 
 def merge(base: Any, patch: Any) -> Any:

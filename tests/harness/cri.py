@@ -20,7 +20,7 @@ Contract::
     cni_conflist() -> dict                 # bridge + host-local (POD_SUBNET) + portmap + loopback
 
 What the images hold is described in :mod:`bootstrap.demo.images`; the stand-in's program is
-``bootstrap/demo/kubelet_standin/`` (``/opt/standin`` in the image).
+``bootstrap/demo/kubelet_standin/`` (``/usr/local/lib/kubelet-standin`` in the image).
 """
 
 from __future__ import annotations

@@ -168,6 +168,7 @@ class Node(m.Machine):
         binds: Sequence[Bind] = (),
         ro_binds: Sequence[Bind] = (),
         boot_timeout: float = BOOT_TIMEOUT,
+        private_network: bool = False,
     ) -> None:
         name = name or m.random_name(NAME_PREFIX, owner=os.getpid())
         workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=RUNTIME_DIR))
@@ -179,6 +180,7 @@ class Node(m.Machine):
                     binds=[_bind(REPO), *(_bind(b) for b in binds)],
                     ro_binds=[_bind(b) for b in ro_binds],
                     exec_cgroup=HARNESS_CGROUP,
+                    private_network=private_network,
                 )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -208,14 +210,27 @@ class Node(m.Machine):
         binds: Sequence[Bind] = (),
         ro_binds: Sequence[Bind] = (),
         boot_timeout: float = BOOT_TIMEOUT,
+        private_network: bool = False,
+        forward: Sequence[int] = (),
     ) -> Node:
         """Build/reuse the rootfs cache, extract it, boot, wait for "running"/"degraded".
+        With ``private_network`` the node boots in a network namespace of its own (198.51.100.2
+        with a default route, see :mod:`bootstrap.demo.netns`), and each port of ``forward``
+        (e.g. a registry's) on its 127.0.0.1 reaches the same port on the host's 127.0.0.1.
         Raises :class:`NodeError` (after cleaning up) when any step fails."""
         tarball = rootfs_tarball()
-        node = cls(name, binds=binds, ro_binds=ro_binds, boot_timeout=boot_timeout)
+        node = cls(
+            name,
+            binds=binds,
+            ro_binds=ro_binds,
+            boot_timeout=boot_timeout,
+            private_network=private_network,
+        )
         try:
             node.extract(tarball)
             node.boot()
+            for port in forward:
+                node.forward(port)
         except BaseException:
             with contextlib.suppress(AssertionError, OSError):
                 node.close()  # the boot error is the one to show
@@ -240,6 +255,13 @@ class Node(m.Machine):
         console tail and ``systemctl --failed`` on timeout or when nspawn exits."""
         with _as_node_error():
             super().boot(self.boot_timeout if timeout is None else timeout)
+
+    def forward(self, port: int) -> None:
+        """Relay ``127.0.0.1:port`` inside the node (a private-network node) to the host's."""
+        if self.network is None:
+            raise NodeError(f"{self.name} shares the host's network; nothing to forward")
+        with _as_node_error():
+            self.network.forward(port)
 
     def poweroff(self, timeout: float = STOP_TIMEOUT) -> None:
         """``systemctl poweroff`` inside; wait for systemd-nspawn to exit. Processes that
