@@ -565,7 +565,7 @@ def _node_manifest_workload(inst: Install, cache: Path) -> Workload | None:
 
 def _repository_name(ref: str) -> str:
     """The last component of a reference's repository (``.../pause:3.9`` -> ``pause``)."""
-    from bootstrap.image.reference import Reference
+    from bootstrap.image.api import Reference
 
     return Reference.parse(ref).path.rsplit("/", 1)[-1]
 
@@ -573,7 +573,7 @@ def _repository_name(ref: str) -> str:
 def _served_as(ref: str, mirrors: dict[str, str]) -> str:
     """Where the demo's registry serves ``ref``: at its own name, or for a registry the
     manifest mirrors (registry.k8s.io), at the mirror's (as a site mirror holds it)."""
-    from bootstrap.image.reference import Reference
+    from bootstrap.image.api import Reference
 
     r = Reference.parse(ref)
     if r.domain not in mirrors:

@@ -34,6 +34,7 @@ from bootstrap.settings import Settings
 if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the calls that pull
     from bootstrap.image.archive import ArchiveAdmitter, ImportResult
     from bootstrap.image.compose import CheckoutResult
+    from bootstrap.image.export import Exported
     from bootstrap.image.maintenance import FsckReport, GcReport
     from bootstrap.image.pull import ImageVerifier, PullResult
     from bootstrap.image.registry import RegistryClient
@@ -147,6 +148,15 @@ def obtain(
         jitter=jitter,
         progress=progress,
     )
+
+
+def export_archive(store: Store, image: Image, out: Any) -> Exported:
+    """Stream stored ``image`` to the binary file ``out`` as an ``oci-archive`` named by its
+    full reference, every blob verified on the way (how pod images are handed to a CRI
+    daemon); see :func:`bootstrap.image.export.write_oci_archive` for what is raised."""
+    from bootstrap.image.export import write_oci_archive
+
+    return write_oci_archive(store, image, out)
 
 
 def is_stored(store: Store, text: str) -> bool:

@@ -66,7 +66,7 @@ def preload(
     :class:`SystemdError` when the import command fails or the daemon still does not hold the
     image afterwards (exit 5), :class:`~bootstrap.errors.IntegrityError` when a stored blob is
     damaged (nothing of that image is handed over whole)."""
-    from bootstrap.image.export import write_oci_archive
+    from bootstrap.image.api import export_archive
     from bootstrap.runtime import runc
 
     out: list[Preloaded] = []
@@ -94,7 +94,7 @@ def preload(
         sent: list[int] = []
 
         def feed(pipe: Any, image: Any = image, sent: list[int] = sent) -> None:
-            sent.append(write_oci_archive(store, image, pipe).size)
+            sent.append(export_archive(store, image, pipe).size)
 
         run(
             argv,
