@@ -251,13 +251,18 @@ CRI_SERVER = """
 import os, sys, time
 sys.path.insert(0, "/usr/local/lib/kubelet-standin")
 from concurrent import futures
-import grpc, api_pb2, api_pb2_grpc
+import grpc
+from bootstrap.cri import api_pb2, api_pb2_grpc
 
 class Runtime(api_pb2_grpc.RuntimeServiceServicer):
     def Version(self, request, context):
         return api_pb2.VersionResponse(
             version="0.1.0", runtime_name="standin-cri",
             runtime_version=os.environ.get("CRI_V", "?"), runtime_api_version="v1")
+
+    def Status(self, request, context):
+        ready = api_pb2.RuntimeCondition(type="RuntimeReady", status=True)
+        return api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=[ready]))
 
 time.sleep(1)  # like a real daemon, it answers a moment after it started
 server = grpc.server(futures.ThreadPoolExecutor(2))

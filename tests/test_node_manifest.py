@@ -225,7 +225,9 @@ def test_load_prefixes_the_file_name(tmp_path: Path) -> None:
 
 def test_example_manifest_is_valid() -> None:
     m = nm.load(REPO / "examples" / "node.yaml")
-    assert plan(m).names[0] == "ocid"
+    assert plan(m).names == ("cni", "ocid", "kubelet")
+    assert m.pods is not None and m.pods.cri == "ocid" and m.pods.network_ready
+    assert m.pods.images[0] == "registry.k8s.io/pause:3.9"
 
 
 # ---- plan --------------------------------------------------------------------------------------

@@ -65,17 +65,33 @@ def test_definition_renders_with_its_defaults(where: str) -> None:
     assert config["process"]["noNewPrivileges"] is False
     assert "rlimits" not in config["process"]
     mounts = {m["destination"]: m for m in config["mounts"]}
-    assert "rshared" in mounts["/var/lib/kubelet"]["options"]
+    # it sees the node as a host-installed daemon would: the node's trees at the same paths,
+    # data trees peers of the node's mounts, the trees runc mounts into while building rslave
+    assert config["linux"]["rootfsPropagation"] == "rshared"
+    for tree in ("/var", "/tmp", "/opt", "/srv", "/mnt", "/media", "/home", "/root"):
+        assert mounts[tree]["source"] == tree and "rshared" in mounts[tree]["options"], tree
+    for tree in ("/etc", "/run", "/dev", "/sys", "/lib/modules"):
+        assert mounts[tree]["source"] == tree and "rslave" in mounts[tree]["options"], tree
+    assert "ro" in mounts["/lib/modules"]["options"]
+    assert not {"/usr", "/bin", "/sbin", "/lib"} & set(mounts)  # the image's own
     assert (
         mounts["/sys/fs/cgroup"]["type"] == "bind" and "rw" in mounts["/sys/fs/cgroup"]["options"]
     )
     assert "d /var/lib/kubelet" in tmpfiles
+    for tree in ("/srv", "/mnt", "/media", "/home", "/opt", "/lib/modules"):
+        assert f"d {tree} - - - -" in tmpfiles  # a bind source must exist; modes kept
+        assert f" {tree} " in unit.split("ExecStartPre=/bin/mkdir -p", 1)[1].split("\n")[0]
     if where == "ocid":
         assert d.readiness == "notify"
         assert types == ["pid", "mount"]  # its own pid namespace: the image's init reaps shims
-        assert "rshared" in mounts["/var/lib/containers"]["options"]
-        assert "/run/crio" in mounts  # CRI_RUN_DIR's default: CRI-O
+        assert "d /run/crio" in tmpfiles  # CRI_RUN_DIR's default: CRI-O
         assert "CONTAINER_LISTEN=/run/crio/crio.sock" in config["process"]["env"]
+        assert d.image_import is not None
+        assert d.image_import.render(values) == (
+            "/bin/sh",
+            "-c",
+            'exec skopeo copy --quiet oci-archive:/dev/stdin "containers-storage:$IMAGE"',
+        )
         assert "Type=notify" in unit and "TimeoutStartSec=infinity" in unit
         assert "LimitNOFILE=524288" in unit
     else:
@@ -95,8 +111,8 @@ def test_definition_renders_with_its_defaults(where: str) -> None:
 def test_definitions_follow_the_socket_variable() -> None:
     d = defn.load(REPO / "ocid")
     values = {**d.default_values, **BUILTINS, "CRI_RUN_DIR": "/run/containerd"}
-    config = json.loads(d.config_template.render(values, defn.escape_json))  # type: ignore[union-attr]
-    assert "/run/containerd" in {m["destination"] for m in config["mounts"]}
+    tmpfiles = d.tmpfiles_template.render(values, defn.unit_escaper("t"))  # type: ignore[union-attr]
+    assert "d /run/containerd 0711 root root -" in tmpfiles
 
 
 def test_firstboot_unit() -> None:
