@@ -284,7 +284,7 @@ def wait_for_cri(
                 version = client.version()
                 if answered is None:
                     answered = time.monotonic() - started
-                    log.info("%s answers on %s: %s", what, socket, version)
+                    log.debug("%s answers on %s: %s", what, socket, version)
                 status = client.status()
         except CriError as exc:
             last = exc.reason if answered is None else exc.message

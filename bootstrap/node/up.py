@@ -610,6 +610,7 @@ def _bring_up(
         )
         chain.add(f"{spec.name}: CRI answering on {spec.ready_cri_socket}", asked)
         cri = str(answer)
+        log.info("up: %s: CRI %s answers on %s", spec.name, cri, spec.ready_cri_socket)
     digest = result.deployment.digest if result.deployment is not None else ""
     outcome = ContainerOutcome(spec.name, spec.image, digest, action, state.active_state, cri)
     return outcome, result.deployment

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import io
 import json
-import subprocess
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -262,26 +261,18 @@ def cni_conflist(name: str = "bootstrap-test") -> dict[str, Any]:
     }
 
 
-def _ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
-
-
 @contextlib.contextmanager
 def node_netns() -> Iterator[str]:
-    """A network namespace standing in for a node's network (never the machine's own): ``lo``
-    up, a veth pair inside it with :data:`NODE_IP`/25 on ``node0`` and the default route
-    through its peer. Yields its name (``/run/netns/NAME``); deleting it at the end takes its
-    links, bridges and iptables rules with it."""
-    name = f"bs-cri-{uuid.uuid4().hex[:8]}"
-    _ip("netns", "add", name)
+    """A network namespace standing in for a node's network (never the machine's own), the
+    demo machine's (:class:`bootstrap.demo.netns.PrivateNetwork`): ``lo`` up, a veth pair
+    inside it with :data:`NODE_IP` and the default route through its peer. Yields its name
+    (``/run/netns/NAME``); deleting it at the end takes its links, bridges and iptables rules
+    with it."""
+    from bootstrap.demo.netns import PrivateNetwork
+
+    net = PrivateNetwork(f"bs-cri-{uuid.uuid4().hex[:8]}")
+    net.create()
     try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "link", "add", "node0", "type", "veth", "peer", "name", "node1")
-        _ip("-n", name, "addr", "add", f"{NODE_IP}/25", "dev", "node0")
-        _ip("-n", name, "addr", "add", "198.51.100.3/25", "dev", "node1")
-        _ip("-n", name, "link", "set", "node0", "up")
-        _ip("-n", name, "link", "set", "node1", "up")
-        _ip("-n", name, "route", "add", "default", "via", "198.51.100.3", "dev", "node0")
-        yield name
+        yield net.name
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        net.destroy()
