@@ -33,6 +33,7 @@ from bootstrap.image.registry import FetchedManifest, NotFoundError, RegistryCli
 from tests.harness.image_fixtures import ImageBuilder
 from tests.harness.imagebuilder import BuiltImage, busybox_spec
 from tests.harness.registry import Registry, free_port
+from tests.harness.tls import serve_tls
 
 F64 = "sha256:" + "f" * 64
 
@@ -960,11 +961,7 @@ def test_client_certificate_from_certs_d(tmp_path: Path) -> None:
             self.wfile.write(body)
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(server[0]), str(server[1]))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(str(client_ca[0]))
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    serve_tls(httpd, server, client_ca=client_ca[0])
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     host = f"127.0.0.1:{httpd.server_address[1]}"
     try:

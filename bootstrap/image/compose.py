@@ -28,7 +28,7 @@ from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageErr
 from bootstrap.fsutil import remove_tree
 from bootstrap.image.apply import OPQ, WH, UnpackOptions
 from bootstrap.image.layercache import CachedLayer, ensure_all
-from bootstrap.image.model import Image
+from bootstrap.image.model import Descriptor, Image
 from bootstrap.image.tarstream import HOSTILE_HINT
 from bootstrap.image.tree import SafeTree, copy_xattrs, rename_noreplace, restore_meta, syncfs
 from bootstrap.locks import flocked
@@ -368,6 +368,18 @@ class CheckoutResult:
         )
 
 
+def _layers(image: Image) -> tuple[tuple[Descriptor, ...], tuple[str, ...]]:
+    """``image``'s layer descriptors and diff_ids, one for one; IntegrityError (exit 4) when
+    the manifest and the config disagree on how many layers there are."""
+    layers, diff_ids = image.manifest.layers, image.config.diff_ids
+    if len(layers) != len(diff_ids):
+        raise IntegrityError(
+            f"{image.name}: manifest has {len(layers)} layers, config {len(diff_ids)} diff_ids",
+            "the image is damaged; remove it and pull it again",
+        )
+    return layers, diff_ids
+
+
 def check_dest(dest: Path) -> None:
     if os.path.lexists(dest):
         raise UsageError(f"{dest} already exists", "checkout needs a new destination path")
@@ -422,13 +434,7 @@ def checkout(
     dest = Path(os.path.abspath(dest))
     check_dest(dest)
     options = UnpackOptions(devices=devices)
-    layers = image.manifest.layers
-    diff_ids = image.config.diff_ids
-    if len(layers) != len(diff_ids):
-        raise IntegrityError(
-            f"{image.name}: manifest has {len(layers)} layers, config {len(diff_ids)} diff_ids",
-            "the image is damaged; remove it and pull it again",
-        )
+    layers, diff_ids = _layers(image)
     with store.using():
         cached, extracted = ensure_all(store, layers, diff_ids, options)
         _remove_stale_temps(dest)
@@ -489,13 +495,7 @@ def image_tree(store: Store, image: Image) -> tuple[Path, int]:
     tree = store.tree_dir(image.manifest.digest)
     if os.path.isdir(tree):
         return tree, 0
-    layers = image.manifest.layers
-    diff_ids = image.config.diff_ids
-    if len(layers) != len(diff_ids):
-        raise IntegrityError(
-            f"{image.name}: manifest has {len(layers)} layers, config {len(diff_ids)} diff_ids",
-            "the image is damaged; remove it and pull it again",
-        )
+    layers, diff_ids = _layers(image)
     options = UnpackOptions()
     cached, extracted = ensure_all(store, layers, diff_ids, options)
     tree.parent.mkdir(parents=True, exist_ok=True)

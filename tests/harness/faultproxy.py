@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.harness.tls import serve_tls
+
 KINDS = ("reset", "truncate", "flip", "stall", "delay", "status", "norange")
 _HOP_BY_HOP = {
     "connection",
@@ -179,9 +181,7 @@ class FaultProxy:
         httpd = ThreadingHTTPServer((self.address, self.port), handler)
         httpd.daemon_threads = True
         if self.tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
-            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+            serve_tls(httpd, self.tls)
         self.port = httpd.server_address[1]
         self._httpd = httpd
         self._thread = threading.Thread(

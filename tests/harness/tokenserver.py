@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import ssl
 import threading
 import time
 import uuid
@@ -39,6 +38,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from tests.harness.tls import serve_tls
 
 
 def b64url(data: bytes) -> str:
@@ -162,9 +163,7 @@ class TokenServer:
         httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         httpd.daemon_threads = True
         if self.tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
-            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+            serve_tls(httpd, self.tls)
         self.port = httpd.server_address[1]
         self._httpd = httpd
         self._thread = threading.Thread(
