@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import IntegrityError, RegistryError, UsageError
 from bootstrap.image.model import REF_NAME_ANNOTATION, Image, ImageConfig, Platform
-from bootstrap.image.obtain import POLICIES, Obtained, stored_name
-from bootstrap.image.reference import Reference
 from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store, StoredRef
 from bootstrap.image.stream import Digesting
 from bootstrap.progress import Progress, human_size, make_progress
@@ -36,7 +34,9 @@ if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the
     from bootstrap.image.compose import CheckoutResult
     from bootstrap.image.export import Exported
     from bootstrap.image.maintenance import FsckReport, GcReport
+    from bootstrap.image.obtain import POLICIES, Obtained, stored_name
     from bootstrap.image.pull import ImageVerifier, PullResult
+    from bootstrap.image.reference import Reference
     from bootstrap.image.registry import RegistryClient
 
 __all__ = [
@@ -54,6 +54,24 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_LAZY = {
+    "POLICIES": "bootstrap.image.obtain",
+    "Obtained": "bootstrap.image.obtain",
+    "stored_name": "bootstrap.image.obtain",
+    "Reference": "bootstrap.image.reference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exports in ``_LAZY``, imported when first asked for (reference parsing compiles
+    its grammar; commands that never parse one, such as gc and fsck, do not pay for it)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -164,7 +182,7 @@ def is_stored(store: Store, text: str) -> bool:
     through registries.conf's aliases and search registries)."""
     from bootstrap.image import obtain as obtaining
 
-    return obtaining.is_stored(store, stored_name(store, text))
+    return obtaining.is_stored(store, obtaining.stored_name(store, text))
 
 
 def is_transient(err: BaseException) -> bool:
@@ -366,6 +384,7 @@ class Remote:
     def digest(self, text: str) -> RemoteDigest:
         """The digest the registry (or its mirrors) serves for ``text`` now. Raises
         UsageError (bad reference), RegistryError."""
+        from bootstrap.image.reference import Reference
         from bootstrap.image.registry import RegistryClient
 
         reference = Reference.parse(text)
@@ -397,6 +416,8 @@ def rmi(settings: Settings, ref: str) -> RmiResult:
     """Remove reference ``ref`` (as :func:`stored_name` finds it) from the store's index; blobs
     stay until gc. A reference that is not stored: UsageError (exit 2)."""
     store = Store(settings.store)
+    from bootstrap.image.obtain import stored_name
+
     name = stored_name(store, ref)
     desc = store.untag(name)
     return RmiResult(name, desc.digest)
