@@ -10,11 +10,14 @@ one-line message plus hint; anything else ends with exit 1 and "rerun with -v".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from bootstrap import __version__
@@ -572,6 +575,11 @@ def _erase_status() -> None:
 
 
 def _report_error(err: BootstrapError, as_json: bool) -> None:
+    with _writing():
+        _print_error(err, as_json)
+
+
+def _print_error(err: BootstrapError, as_json: bool) -> None:
     print(f"bootstrap: error: {err.message}", file=sys.stderr)
     if err.hint:
         print(f"bootstrap: hint: {err.hint}", file=sys.stderr)
@@ -587,8 +595,51 @@ def _report_error(err: BootstrapError, as_json: bool) -> None:
         print(json.dumps(doc))
 
 
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
+"""The status of a command whose output pipe was closed (``bootstrap images | head -1``): the
+shell's status of a process killed by SIGPIPE, as git and podman end (docs/decisions.md)."""
+
+
+def _closed_pipe(as_process: bool) -> int:
+    """The reader of stdout (or stderr) went away: nothing more can be said to anyone. As the
+    process (``argv`` None: the console script), end the way git and podman do, killed by
+    SIGPIPE with nothing printed (the shell shows 141); called in-process, return 141."""
+    if as_process:
+        with contextlib.suppress(OSError, ValueError):
+            # the interpreter's final flush must not fail again on the broken pipe
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+    return SIGPIPE_STATUS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse ``argv``, run the command, print its result; return the exit code."""
+    """Entry point: parse ``argv``, run the command, print its result; return the exit code.
+    Output to a pipe whose reader is gone ends the process quietly as if killed by SIGPIPE
+    (status 141; see :func:`_closed_pipe`)."""
+    try:
+        return _main(argv)
+    except _OutputClosed:
+        return _closed_pipe(argv is None)
+
+
+class _OutputClosed(Exception):
+    """The reader of stdout or stderr went away while the CLI wrote the result or an error."""
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """Around the CLI's own writes to stdout/stderr: a broken pipe there is
+    :class:`_OutputClosed` (a quiet end), unlike a broken pipe inside a stage (an error)."""
+    try:
+        yield
+    except BrokenPipeError as exc:
+        raise _OutputClosed() from exc
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args_list
     verbose = debug = False
@@ -613,15 +664,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.set["INIT"] = args.init
         result = COMMANDS[args.command](settings, args)
         _erase_status()
-        if args.json:
-            json.dump(result.to_json(), sys.stdout, indent=2, sort_keys=True)
-            sys.stdout.write("\n")
-        else:
-            text = result.to_text()
-            if text:  # the result itself; -q silences only progress and log lines
-                print(text)
+        with _writing():
+            if args.json:
+                json.dump(result.to_json(), sys.stdout, indent=2, sort_keys=True)
+                sys.stdout.write("\n")
+            else:
+                text = result.to_text()
+                if text:  # the result itself; -q silences only progress and log lines
+                    print(text)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
         # a report may carry a failure it also describes (auto-update's rolled-back/failed)
         return int(getattr(result, "exit_code", ExitCode.OK))
+    except _OutputClosed:
+        raise  # main() ends quietly
     except BootstrapError as err:
         _erase_status()
         if debug:  # a deliberate error's message says it all; its stack is for debugging
@@ -630,7 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(err.exit_code)
     except KeyboardInterrupt:
         _erase_status()
-        print("bootstrap: interrupted", file=sys.stderr)
+        with _writing():
+            print("bootstrap: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a file the stages did not expect to fail: name it, one line
         _erase_status()
@@ -649,21 +705,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _erase_status()
         if verbose:
             traceback.print_exc()
-        print(
-            f"bootstrap: unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}"
-            " (rerun with -v for details)",
-            file=sys.stderr,
-        )
-        if as_json:
+        with _writing():
             print(
-                json.dumps(
-                    {
-                        "error": f"unexpected error: {type(exc).__name__}: {exc}",
-                        "hint": "rerun with -v for details",
-                        "exit_code": int(ExitCode.FAILURE),
-                    }
-                )
+                f"bootstrap: unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+                " (rerun with -v for details)",
+                file=sys.stderr,
             )
+            if as_json:
+                print(
+                    json.dumps(
+                        {
+                            "error": f"unexpected error: {type(exc).__name__}: {exc}",
+                            "hint": "rerun with -v for details",
+                            "exit_code": int(ExitCode.FAILURE),
+                        }
+                    )
+                )
+                sys.stdout.flush()
         return int(ExitCode.FAILURE)
 
 

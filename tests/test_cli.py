@@ -288,3 +288,67 @@ def test_demo_suggestions_carry_the_state_given() -> None:
     assert demo_command(Settings()) == "bootstrap demo"
     other = Settings(state=Path("/srv/my state"))
     assert demo_command(other, "--down") == "bootstrap --state '/srv/my state' demo --down"
+
+
+# ---- output to a pipe whose reader is gone ----------------------------------------------------
+
+
+def _closed_pipe_run(argv: list[str], store: Path) -> tuple[int, str]:
+    """Run bootstrap with stdout a pipe whose read end is already closed; (status, stderr)."""
+    import os
+    import subprocess
+
+    from tests.harness.cli import BOOTSTRAP
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [str(BOOTSTRAP), "--store", str(store), *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    return proc.returncode, proc.stderr
+
+
+def test_output_to_a_closed_pipe_ends_quietly_as_git_does(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    store = tmp_path / "s"
+    bootstrap("import", "--name", "a/b:1", _rootfs_tar(tmp_path), store=store, check=True)
+    for argv in (["images"], ["images", "--json"], ["fsck", "--json"]):
+        rc, err = _closed_pipe_run(argv, store)
+        assert (rc, err) == (-signal.SIGPIPE, ""), (argv, rc, err)
+    # an error's --json document on a closed stdout: the error line is said, then the end
+    rc, err = _closed_pipe_run(["--json", "rmi", "c/d:1"], store)
+    assert rc == -signal.SIGPIPE and "Traceback" not in err
+    assert err.splitlines()[0].startswith("bootstrap: error: image docker.io/c/d:1")
+    # what the shell shows, with a reader that leaves at once: 141 (or 0 when the output fit
+    # into the pipe before it left), never an error line
+    from tests.harness.cli import BOOTSTRAP
+
+    script = f'"$0" --store {store} images | true; echo "${{PIPESTATUS[0]}}"'
+    ran = subprocess.run(
+        ["bash", "-c", script, str(BOOTSTRAP)], capture_output=True, text=True, check=True
+    )
+    assert ran.stdout.strip() in ("141", "0") and ran.stderr == "", ran
+
+
+def test_closed_pipe_in_process_is_status_141(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from bootstrap.cli import SIGPIPE_STATUS, main
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["--store", str(tmp_path / "s"), "images"]) == SIGPIPE_STATUS == 141
