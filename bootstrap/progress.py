@@ -32,6 +32,12 @@ def human_size(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """``counted(1, "layer")`` -> ``"1 layer"``, ``counted(2, "layer")`` -> ``"2 layers"``
+    (``plural`` when adding an "s" is wrong)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 class Progress:
     """Interface, and the silent implementation. Keys are caller-chosen strings (a digest)."""
 

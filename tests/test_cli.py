@@ -88,6 +88,28 @@ def test_empty_images_says_so(tmp_path: Path) -> None:
     assert bootstrap("--json", "images", store=tmp_path / "s", check=True).json() == []
 
 
+def test_rmi_of_what_is_not_stored_points_at_images_not_pull(tmp_path: Path) -> None:
+    ran = bootstrap("rmi", "localhost:5400/demo/nope:1", store=tmp_path / "s")
+    _two_lines(ran, ExitCode.USAGE, "image localhost:5400/demo/nope:1 is not in the store")
+    assert ran.stderr.splitlines()[1] == (
+        "bootstrap: hint: 'bootstrap images' lists the stored references"
+    )
+
+
+def test_counts_are_singular_for_one(tmp_path: Path) -> None:
+    from bootstrap.progress import counted
+
+    assert (counted(1, "layer"), counted(0, "layer"), counted(3, "entry", "entries")) == (
+        "1 layer",
+        "0 layers",
+        "3 entries",
+    )
+    store = tmp_path / "s"
+    bootstrap("import", "--name", "a/b:1", _rootfs_tar(tmp_path), store=store, check=True)
+    ran = bootstrap("checkout", "a/b:1", tmp_path / "co", store=store, check=True)
+    assert "(1 layer, " in ran.stdout, ran.stdout
+
+
 # ---- retries: one error line and one hint; retry lines only with -v, a status line on a TTY --
 
 
@@ -255,9 +277,10 @@ def test_read_only_store(read_only_store: Path, tmp_path: Path) -> None:
         ["checkout", "a/b:1", tmp_path / "co"],
     ):
         ran = bootstrap(*argv, store=store, state=state)
-        _two_lines(ran, ExitCode.FAILURE, f"the store {store} is on a read-only filesystem")
+        # the store given cannot be used for this: a usage error (exit 2), as documented
+        _two_lines(ran, ExitCode.USAGE, f"the store {store} is on a read-only filesystem")
         ran = bootstrap("--json", *argv, store=store, state=state)
-        assert ran.json()["exit_code"] == ExitCode.FAILURE
+        assert ran.json()["exit_code"] == ExitCode.USAGE
     ran = bootstrap("images", store=store.parent / "new")
     assert ran.rc == 0 and "no images" in ran.stdout
     assert bootstrap("fsck", "--json", store=store.parent / "new", check=True).json()["ok"]

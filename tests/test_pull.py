@@ -84,6 +84,24 @@ def test_pull_in_every_registry_mode(
     assert doc["layers"] == list(built.layers) and doc["name"] == ref
 
 
+def test_pull_for_another_platform_of_a_single_platform_image_warns(
+    registry: Registry, busybox_image: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    name = repo_name(request)
+    registry.push(busybox_image, "latest", f"{name}:1")
+    env = client_env(registry, tmp_path)
+    ref = f"{registry.host}/{name}:1"
+    host = Platform.host()
+    other = "arm64" if host.architecture != "arm64" else "amd64"
+    ran = bootstrap("pull", "--platform", f"linux/{other}", ref, store=tmp_path / "s", env=env)
+    # as containers/image: pulled as it is, with a warning naming both platforms
+    assert ran.rc == 0, ran.stderr
+    assert (
+        f"warning: {ref}: image platform linux/{host.architecture} does not match the "
+        f"expected platform linux/{other}"
+    ) in ran.stderr
+
+
 def test_pull_by_digest_and_short_name_normalized(
     registry: Registry, busybox_image: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -32,6 +32,7 @@ from bootstrap.image.model import Descriptor, Image
 from bootstrap.image.tarstream import HOSTILE_HINT
 from bootstrap.image.tree import SafeTree, copy_xattrs, rename_noreplace, restore_meta, syncfs
 from bootstrap.locks import flocked
+from bootstrap.progress import counted
 
 if TYPE_CHECKING:
     from bootstrap.image.store import Store
@@ -363,7 +364,7 @@ class CheckoutResult:
             "pulled and extracted in one pass" if self.pulled else f"{self.extracted} extracted now"
         )
         return (
-            f"{self.dest}: {self.image} ({self.layers} layers, {extracted}, {how}) "
+            f"{self.dest}: {self.image} ({counted(self.layers, 'layer')}, {extracted}, {how}) "
             f"in {self.seconds:.2f}s"
         )
 

@@ -278,7 +278,13 @@ def pull_image(
         if platform is not None and selected is None:
             actual = Platform(config.os, config.architecture)
             if (actual.os, actual.architecture) != (platform.os, platform.architecture):
-                log.warning("%s is for %s, not %s (not an index)", name, actual, platform)
+                log.warning(
+                    "warning: %s: image platform %s does not match the expected platform %s "
+                    "(a single-platform image, pulled as it is)",
+                    name,
+                    actual,
+                    platform,
+                )
 
         if extract is not None:
             diff_of.update(zip((d.digest for d in served.layers), config.diff_ids, strict=True))

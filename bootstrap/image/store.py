@@ -611,7 +611,10 @@ class Store:
             entries = self.index_entries()
             found = [m for m in entries if ref_name(m) == name]
             if not found:
-                raise self._not_found(name)
+                raise UsageError(
+                    f"image {name} is not in the store {self.root}",
+                    "'bootstrap images' lists the stored references",
+                )
             self._write_index([m for m in entries if ref_name(m) != name])
             return Descriptor.from_json(found[-1], f"index.json[{name}]")
 
@@ -760,8 +763,18 @@ class Store:
 def store_os_error(root: Path, what: str, exc: OSError) -> BootstrapError:
     """The one-line error for an OSError on the store's own files: "cannot WHAT in the store
     ROOT: REASON", with a hint fitting the reason (read-only filesystem, no space,
-    permissions, not a directory)."""
+    permissions, not a directory). A store that cannot be written (read-only, permission
+    denied, not a directory) is a :class:`UsageError` (exit 2: choose another ``--store``);
+    anything else (no space) exit 1."""
     reason = exc.strerror or str(exc)
+    message = f"cannot {what} in the store {root}: {reason}"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+        # the store named cannot be used for this command: the user's choice of --store (exit 2)
+        return UsageError(message, _os_hint(exc))
+    return BootstrapError(message, _os_hint(exc))
+
+
+def _os_hint(exc: OSError) -> str:
     if exc.errno == errno.EROFS:
         hint = (
             "the store is on a read-only filesystem: images and fsck read it as it is; to "
@@ -775,7 +788,7 @@ def store_os_error(root: Path, what: str, exc: OSError) -> BootstrapError:
         hint = "point --store (or $BOOTSTRAP_STORE) at a directory"
     else:
         hint = "check free space and permissions of the store (--store / $BOOTSTRAP_STORE)"
-    return BootstrapError(f"cannot {what} in the store {root}: {reason}", hint)
+    return hint
 
 
 def _split(digest: str, where: str = "digest") -> tuple[str, str]:
