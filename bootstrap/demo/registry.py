@@ -33,12 +33,14 @@ READY_TIMEOUT = 20.0
 
 class DemoRegistry:
     """``docker-registry`` at ``addr`` in the network namespace of process ``netns_pid``, its
-    storage in ``root``. Use as a context manager: started on enter, stopped on exit."""
+    storage in ``root``; the images are pushed by ``python`` (this interpreter unless given: the
+    venv bootstrap runs from). Use as a context manager: started on enter, stopped on exit."""
 
-    def __init__(self, root: Path, addr: str, netns_pid: int) -> None:
+    def __init__(self, root: Path, addr: str, netns_pid: int, python: str | None = None) -> None:
         self.root = root
         self.addr = addr
         self.netns_pid = netns_pid
+        self.python = python or sys.executable
         self._proc: subprocess.Popen[bytes] | None = None
 
     def _in_netns(self, argv: list[str]) -> list[str]:
@@ -89,10 +91,7 @@ class DemoRegistry:
     def push(self, images: list[tuple[str, Path]]) -> None:
         """Push each (reference, oci-archive) to the registry, waiting for it to answer first.
         Raises :class:`RegistryError` naming what failed (and the registry's log tail)."""
-        from bootstrap.demo.demo import install_location
-
-        python = install_location().venv / "bin" / "python"
-        argv = [str(python), "-m", "bootstrap.demo.registry", "push", self.addr]
+        argv = [self.python, "-m", "bootstrap.demo.registry", "push", self.addr]
         argv += [f"{path}={ref}" for ref, path in images]
         proc = process.run(self._in_netns(argv), check=False, timeout=600)
         if proc.returncode != 0:
