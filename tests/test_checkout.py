@@ -24,7 +24,7 @@ from bootstrap.image.store import Store
 from bootstrap.locks import flocked
 from tests.harness.cli import bootstrap
 from tests.harness.image_fixtures import ImageBuilder
-from tests.harness.imagebuilder import File, ImageSpec, Layer
+from tests.harness.imagebuilder import File, Hardlink, ImageSpec, Layer
 from tests.harness.registry import Registry
 from tests.harness.treediff import assert_same_tree, snapshot
 from tests.harness.unpack_support import load_layout, rich_spec, umoci_rootfs
@@ -367,3 +367,47 @@ def test_gc_removes_temp_dirs_of_killed_checkouts(tmp_path: Path) -> None:
     # a checkout that completes leaves no record behind
     checkout(store, store.image("example.com/k:1"), tmp_path / "dest" / "r")
     assert not list(store.tmp.glob("checkout-*")) and maintenance.gc(store).checkouts_removed == 0
+
+
+def test_parallel_copy_out_equals_the_hardlinked_tree(
+    image_builder: ImageBuilder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers with hundreds of files in many directories are copied by several threads: the
+    result equals the hardlinked composition (content, modes, owners, times, xattrs), hardlinks
+    inside a layer stay one inode of the checkout's own, upper layers replace lower files."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    owner = {"uid": 7, "gid": 8} if ROOT else {}
+    low = Layer(
+        [File(f"d{i % 9}/f{i}", b"low %d" % i, mode=0o640, **owner) for i in range(300)]
+        + [File("big", os.urandom(3 << 20)), Hardlink("d0/again", "d0/f0")]
+        + [File("x/attr", b"x", xattrs={"user.k": "v"})]
+    )
+    high = Layer(
+        [File(f"d{i % 9}/f{i}", b"high %d" % i, mode=0o600) for i in range(0, 300, 2)]
+        + [File(f"e{i % 5}/g{i}", b"g", mode=0o755) for i in range(200)]
+        + [Hardlink("e0/g0-again", "e0/g0")]
+    )
+    layout, _ = image_builder(ImageSpec(layers=[low, high]))
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "t", NAME)
+    image = store.image(NAME)
+    linked = checkout(store, image, tmp_path / "linked", hardlink=True)
+    copied = checkout(store, image, tmp_path / "copy")
+    assert linked.mode == "hardlink" and copied.mode in ("copy", "reflink")
+    assert_same_tree(tmp_path / "linked", tmp_path / "copy", mtimes=True)
+    assert (tmp_path / "copy/d4/f4").read_bytes() == b"high 4"
+    assert (tmp_path / "copy/d5/f5").read_bytes() == b"low 5"
+    a, b = os.lstat(tmp_path / "copy/d0/f0"), os.lstat(tmp_path / "copy/d0/again")
+    assert a.st_ino != b.st_ino  # f0 was replaced by the upper layer: the link keeps the lower
+    g, g2 = os.lstat(tmp_path / "copy/e0/g0"), os.lstat(tmp_path / "copy/e0/g0-again")
+    assert g.st_ino == g2.st_ino and g.st_nlink == 2
+    assert g.st_ino != os.lstat(tmp_path / "linked/e0/g0").st_ino
+    if ROOT:
+        assert (
+            os.lstat(tmp_path / "copy/d5/f5").st_uid,
+            os.lstat(tmp_path / "copy/d5/f5").st_gid,
+        ) == (7, 8)
+    assert os.getxattr(tmp_path / "copy/x/attr", "user.k") == b"v"
+    records = [json.loads((p / "layer.json").read_text()) for p in store.layers.glob("*/*")]
+    assert sorted(r["xattrs"] for r in records) == [False, True]

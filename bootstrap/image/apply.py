@@ -69,7 +69,9 @@ class LayerRecord:
     layers. ``entries``: one row per path of the extracted tree (sorted), ``[path, type, mode,
     uid, gid, size, mtime_ns, data]``, ``type`` one of :data:`REC_TYPES`' values, ``mode`` the
     permission bits, ``data`` the sha256 hex of a regular file's content or a symlink's target
-    ('' otherwise); ``uid``/``gid`` are -1 when the layer was extracted without owners."""
+    ('' otherwise); ``uid``/``gid`` are -1 when the layer was extracted without owners.
+    ``xattrs``: some entry of the layer carried extended attributes (False lets composition
+    skip looking for them file by file; records without the key say True)."""
 
     whiteouts: list[str] = field(default_factory=list)
     opaques: list[str] = field(default_factory=list)
@@ -78,6 +80,7 @@ class LayerRecord:
     devices: list[dict[str, Any]] = field(default_factory=list)
     root: bool = False
     entries: list[list[Any]] = field(default_factory=list)
+    xattrs: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,7 @@ class LayerRecord:
             "devices": self.devices,
             "root": self.root,
             "entries": self.entries,
+            "xattrs": self.xattrs,
         }
 
     @classmethod
@@ -106,6 +110,7 @@ class LayerRecord:
             devices=list(doc["devices"]),
             root=bool(doc["root"]),
             entries=entries,
+            xattrs=bool(doc.get("xattrs", True)),
         )
 
 
@@ -171,7 +176,7 @@ class _Applier:
         self.created: set[str] = set()  # paths this layer put in place (apply mode)
         self.dir_meta: dict[str, TarEntry] = {}
         self.parent_times: dict[str, tuple[int, int]] = {}
-        self.rec = LayerRecord()
+        self.rec = LayerRecord(xattrs=False)
         self.digests: dict[str, str] = {}  # record mode: sha256 hex of each regular file
         self.root_entry = False
         self.symlink_opaques: list[tuple[str, TarEntry]] = []
@@ -275,6 +280,8 @@ class _Applier:
         its checked path (FIFOs and devices cannot be opened safely: a FIFO blocks); a symlink
         keeps its mode."""
         xattrs = e.xattrs if self.options.xattrs else None
+        if e.xattrs:
+            self.rec.xattrs = True
         restore_meta(
             target,
             owner=(e.uid, e.gid) if self.chown else None,

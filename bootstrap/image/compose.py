@@ -20,6 +20,7 @@ import os
 import stat
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,22 +57,52 @@ def _first_below(path: str, rel: str) -> str:
             return rel
 
 
+_FILE_COST = 64 * 1024  # one file's creation and metadata, counted as this many bytes copied
+
+
+def _by_directory(
+    jobs: list[tuple[str, str, os.stat_result]], n: int
+) -> list[list[tuple[str, str, os.stat_result]]]:
+    """``jobs`` in ``n`` parts of about equal cost, each directory's files in one part (two
+    threads creating files in one directory wait on its lock)."""
+    groups: dict[str, list[tuple[str, str, os.stat_result]]] = {}
+    for job in jobs:
+        groups.setdefault(job[1].rpartition("/")[0], []).append(job)
+    parts: list[list[tuple[str, str, os.stat_result]]] = [[] for _ in range(n)]
+    costs = [0] * n
+    cost = {d: sum(_FILE_COST + j[2].st_size for j in g) for d, g in groups.items()}
+    for d in sorted(groups, key=cost.__getitem__, reverse=True):
+        i = costs.index(min(costs))
+        parts[i].extend(groups[d])
+        costs[i] += cost[d]
+    return parts
+
+
 class _Composer:
     """Builds a rootfs under ``root`` from cached layers, bottom to top."""
 
-    def __init__(self, root: str, options: UnpackOptions, copy: bool) -> None:
+    def __init__(self, root: str, options: UnpackOptions, copy: bool, workers: int = 1) -> None:
         """``copy``: every file a file of its own (reflinked where the file system can, copied
-        otherwise); else hardlinks into the cache (shared inodes)."""
+        otherwise); else hardlinks into the cache (shared inodes). ``workers``: threads that
+        copy a layer's files once its directories exist (the files are independent then)."""
         self.root = root
         self.options = options
         self.copy = copy
+        self.workers = max(1, workers)
         self.reflink = True  # until the file system refuses one
         self.copy_range = True  # copy_file_range, until it refuses (across file systems)
         self.reflinked = 0
         self.dir_src: dict[str, str] = {}  # dest dir -> cache dir whose metadata it gets
         self.inodes: dict[tuple[int, int], str] = {}  # copy mode: cache inode -> dest path
+        self.pending: list[tuple[str, str, os.stat_result]] = []  # this layer's files to copy
+        self.pending_links: list[tuple[str, str]] = []  # (first copy, another name of it)
+        self.layer_xattrs = True  # this layer's files may carry xattrs to copy
         self.tree = SafeTree(root, "")
         self.empty = True  # nothing composed yet
+        # the owner a new node gets here without a chown (None: not known, always chown)
+        self.born_owner: tuple[int, int] | None = None
+        if os.lstat(root).st_gid == os.getegid():
+            self.born_owner = (os.geteuid(), os.getegid())
 
     def layer(self, layer: CachedLayer, name: str) -> None:
         tree = self.tree
@@ -91,7 +122,9 @@ class _Composer:
         src_root = str(layer.rootfs)
         if rec.root:
             self.dir_src[""] = src_root
+        self.layer_xattrs = rec.xattrs and self.options.xattrs
         self._walk(src_root, "", implicit, name, self.empty)
+        self._flush()
         self.empty = False
         for rel, target in rec.links:
             self._link(rel, target, name)
@@ -185,59 +218,91 @@ class _Composer:
             if st is not None:
                 tree.remove(rel, st)
                 self.dir_src.pop(rel, None)
-            if self.copy:
-                self._copy(ent.path, dst, ent.stat(follow_symlinks=False))
-            else:
+            if not self.copy:
                 os.link(ent.path, dst, follow_symlinks=False)
+                continue
+            est = ent.stat(follow_symlinks=False)
+            if est.st_nlink > 1:  # another name of a file copied in this layer: linked after it
+                key = (est.st_dev, est.st_ino)
+                first = self.inodes.get(key)
+                if first is not None:
+                    self.pending_links.append((first, dst))
+                    continue
+                self.inodes[key] = dst
+            if stat.S_ISREG(est.st_mode):
+                self.pending.append((ent.path, dst, est))
+            else:
+                self._copy_node(ent.path, dst, est)
 
-    def _copy(self, src: str, dst: str, st: os.stat_result) -> None:
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1:
-            first = self.inodes.get(key)
-            if first is not None and os.path.lexists(first):
-                os.link(first, dst, follow_symlinks=False)
-                return
-            self.inodes[key] = dst
+    def _flush(self) -> None:
+        """Copy the files the walk of one layer collected (its directories exist now; no two
+        files share a destination), on ``workers`` threads: the copy's system calls release the
+        GIL, so both cores copy. Then the layer's other names of those files are linked."""
+        jobs, self.pending = self.pending, []
+        if len(jobs) < 64 or self.workers == 1:
+            self._copy_files(jobs)
+        else:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
+                parts = _by_directory(jobs, self.workers)
+                for fut in [pool.submit(self._copy_files, part) for part in parts]:
+                    fut.result()
+        links, self.pending_links = self.pending_links, []
+        for first, dst in links:
+            os.link(first, dst, follow_symlinks=False)
+        self.inodes.clear()  # inodes are per layer (each layer's cache dir is its own tree)
+
+    def _copy_files(self, jobs: list[tuple[str, str, os.stat_result]]) -> None:
+        for src, dst, st in jobs:
+            self._copy_file(src, dst, st)
+
+    def _copy_file(self, src: str, dst: str, st: os.stat_result) -> None:
+        """A regular file of its own at ``dst`` with the content and metadata of the cached
+        ``src``: a reflink (FICLONE) while the file system takes them, else copy_file_range
+        (in-kernel), else read/write."""
+        fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(
+                dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            try:
+                remaining = st.st_size
+                if remaining and self.reflink:
+                    try:
+                        fcntl.ioctl(fd, _FICLONE, fin)
+                        remaining = 0
+                        self.reflinked += 1  # under the GIL: one bytecode-level increment
+                    except OSError as exc:
+                        if exc.errno not in _NO_REFLINK:
+                            raise
+                        self.reflink = False
+                while remaining > 0 and self.copy_range:
+                    try:
+                        n = os.copy_file_range(fin, fd, remaining)
+                    except OSError as exc:  # across file systems (EXDEV) and the like
+                        if exc.errno not in _NO_REFLINK:
+                            raise
+                        self.copy_range = False
+                        break
+                    if n == 0:
+                        break
+                    remaining -= n
+                while remaining > 0:
+                    chunk = os.read(fin, min(remaining, _CHUNK))
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    remaining -= len(chunk)
+                self._meta(fd, src, st, fresh=True)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(fin)
+
+    def _copy_node(self, src: str, dst: str, st: os.stat_result) -> None:
+        """A symlink, FIFO or device node like the cached ``src`` at ``dst``."""
         mode = st.st_mode
-        if stat.S_ISREG(mode):
-            with open(src, "rb") as fin:
-                fd = os.open(
-                    dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-                )
-                try:
-                    remaining = st.st_size
-                    if remaining and self.reflink:
-                        try:
-                            fcntl.ioctl(fd, _FICLONE, fin.fileno())
-                            remaining = 0
-                            self.reflinked += 1
-                        except OSError as exc:
-                            if exc.errno not in _NO_REFLINK:
-                                raise
-                            self.reflink = False
-                    while remaining > 0 and self.copy_range:
-                        try:
-                            n = os.copy_file_range(fin.fileno(), fd, remaining)
-                        except OSError as exc:  # across file systems (EXDEV) and the like
-                            if exc.errno not in _NO_REFLINK:
-                                raise
-                            self.copy_range = False
-                            break
-                        if n == 0:
-                            break
-                        remaining -= n
-                    while remaining > 0:
-                        chunk = fin.read(min(remaining, _CHUNK))
-                        if not chunk:
-                            break
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        remaining -= len(chunk)
-                    self._meta(fd, src, st)
-                finally:
-                    os.close(fd)
-            return
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
         elif stat.S_ISFIFO(mode):
@@ -246,15 +311,31 @@ class _Composer:
             os.mknod(dst, (mode & ~0o7777) | 0o600, st.st_rdev)
         self._meta(dst, src, st)
 
-    def _meta(self, target: int | str, src: str, st: os.stat_result) -> None:
+    def _meta(
+        self,
+        target: int | str,
+        src: str,
+        st: os.stat_result,
+        xattrs: bool | None = None,
+        *,
+        fresh: bool = False,
+    ) -> None:
         """Owner, mode, xattrs and times of the cached node ``src`` (stat ``st``) onto
-        ``target``, an fd or a path never followed (a symlink keeps its mode)."""
+        ``target``, an fd or a path never followed (a symlink keeps its mode). ``xattrs``:
+        whether to copy xattrs (default: when the current layer's record says it has any).
+        ``fresh``: ``target`` was just created by this process (no chown when it was born
+        with the owner wanted)."""
+        if xattrs is None:
+            xattrs = self.layer_xattrs
+        owner = (st.st_uid, st.st_gid) if self.options.same_owner else None
+        if fresh and owner is not None and owner == self.born_owner:
+            owner = None
         restore_meta(
             target,
-            owner=(st.st_uid, st.st_gid) if self.options.same_owner else None,
+            owner=owner,
             mode=None if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode),
             times_ns=(st.st_atime_ns, st.st_mtime_ns),
-            xattrs=(lambda t: copy_xattrs(src, t)) if self.options.xattrs else None,
+            xattrs=(lambda t: copy_xattrs(src, t)) if xattrs else None,
         )
 
     def _link(self, rel: str, target: str, name: str) -> None:
@@ -309,7 +390,7 @@ class _Composer:
                 self.tree.full(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             )
             try:
-                self._meta(fd, src, st)
+                self._meta(fd, src, st, self.options.xattrs)
             finally:
                 os.close(fd)
 
@@ -319,7 +400,9 @@ class _Composer:
 
 @dataclass(frozen=True)
 class CheckoutResult:
-    """A finished checkout: where, of what, and how it was built."""
+    """A finished checkout: where, of what, and how it was built. ``seconds``: what the
+    caller waited: for ``bootstrap checkout`` the whole command since its process started
+    (start-up, pull, extraction and copy), for :func:`checkout` itself the call."""
 
     dest: Path
     image: str
@@ -449,7 +532,8 @@ def checkout(
                 try:
                     os.mkdir(tmp, 0o755)
                     os.chmod(tmp, 0o755)
-                    composer = _Composer(str(tmp), options, not hardlink)
+                    workers = min(4, os.cpu_count() or 1)
+                    composer = _Composer(str(tmp), options, not hardlink, workers)
                     for desc, layer in zip(layers, cached, strict=True):
                         composer.layer(layer, desc.digest)
                     composer.finish()
