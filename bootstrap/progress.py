@@ -10,6 +10,7 @@ log lines at INFO, one per finished task.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -21,6 +22,23 @@ if TYPE_CHECKING:
     from bootstrap.settings import Settings
 
 log = logging.getLogger("bootstrap.progress")
+
+
+_IMPORTED = time.monotonic()
+
+
+def waited() -> float:
+    """Seconds since this process started (what a user running a command has waited so far,
+    interpreter start-up included): the kernel's start time of the process against the boot
+    clock, 10 ms resolution; where /proc cannot say, since this module was imported."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+        ticks = int(fields[19])  # field 22, starttime, counted after "pid (comm)"
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return max(0.0, now - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 def human_size(n: float) -> str:

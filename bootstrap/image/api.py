@@ -26,7 +26,7 @@ from bootstrap.errors import IntegrityError, RegistryError, UsageError
 from bootstrap.image.model import REF_NAME_ANNOTATION, Image, ImageConfig, Platform
 from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store, StoredRef
 from bootstrap.image.stream import Digesting
-from bootstrap.progress import Progress, human_size, make_progress
+from bootstrap.progress import Progress, human_size, make_progress, waited
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the calls that pull
@@ -271,7 +271,8 @@ def checkout(
     check_dest(Path(os.path.abspath(dest)))  # before a pull, not only after it
     got = obtain(store, ref, policy=policy, verifier=verifier, devices=devices)
     done = compose(store, got.image, Path(dest), hardlink=hardlink, devices=devices)
-    return replace(done, pulled=True) if got.pulled is not None else done
+    # the figure printed is the user's wait for the command, not the compose step's
+    return replace(done, pulled=got.pulled is not None, seconds=waited())
 
 
 def import_archive(
