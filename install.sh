@@ -33,7 +33,9 @@ runtime_pkgs=(ca-certificates runc catatonit dbus iproute2 python3 python3-venv 
   # and the registry it serves them from
   debootstrap systemd-container zstd busybox-static docker-registry)
 # Tests: a real registry, reference tools to compare with, a systemd node, an offline CRI daemon.
-dev_pkgs=(skopeo umoci jq openssl apache2-utils containerd tini sudo time)
+dev_pkgs=(skopeo umoci jq openssl apache2-utils containerd tini sudo time
+  # bench/: reflinked checkouts on XFS and btrfs loop devices, the fleet's merging site cache
+  xfsprogs btrfs-progs nginx)
 
 pkgs=("${runtime_pkgs[@]}")
 [ "$dev" -eq 1 ] && pkgs+=("${dev_pkgs[@]}")

@@ -1,9 +1,17 @@
 """Benchmark: N simulated nodes pulling the same image at the same moment through one site
-mirror, Debian's ``docker-registry`` in pull-through cache mode.
+cache: Debian's ``docker-registry`` in pull-through cache mode, or Debian's ``nginx`` as a
+caching proxy that merges concurrent first requests.
 
-Upstream: a plain-HTTP docker-registry on 127.0.0.1 holding the image. Mirror: a second
-docker-registry whose config has ``proxy: remoteurl:`` pointing at the upstream, with a cold
-cache for every N. Each node is a ``bootstrap pull`` process with its own store and state
+Upstream: a plain-HTTP docker-registry on 127.0.0.1 holding the image. Site caches, each cold
+for every round:
+- ``registry``: a second docker-registry whose config has ``proxy: remoteurl:`` pointing at the
+  upstream;
+- ``nginx``: nginx (``nginx -c``, its own prefix in a temp dir) proxying ``/v2/`` to the
+  upstream; blob GETs (``/v2/<name>/blobs/sha256:<hex>``, content-addressed, never changing)
+  go through ``proxy_cache`` keyed by that path alone (not the caller's credentials) with
+  ``proxy_cache_lock``: the first request for a blob fetches it, concurrent ones wait for it
+  and are served from the cache; manifests and the ping pass through uncached.
+Each node is a ``bootstrap pull`` process with its own store and state
 directory on tmpfs and a registries.conf that lists the mirror for the upstream
 (``[[registry.mirror]]``); all N start at once. Measured per N: time until every node has
 pulled, the bytes the upstream served (summed from its access log: GET answers with 200/206),
@@ -14,24 +22,27 @@ With ``--jitter S`` every node pulls with ``bootstrap pull --jitter S`` (a rando
 the nodes' CPU time (user + sys of the ``bootstrap`` processes, from ``RUSAGE_CHILDREN``):
 per node, and as the seconds of both cores it fills, the bound of time-to-all-pulled.
 
-Goals: every node fsck-clean; upstream bytes <= 1.5x the image at N = 50; time at N = 50
-<= 10x N = 1.
+Goals: every node fsck-clean; upstream bytes <= 1.1x the image at N = 50 and time at N = 50
+<= 15x N = 1 (through the merging cache).
 
     .venv/bin/python bench/fleet.py [--nodes 1,10,50] [--image small|large] [--rounds R]
-                                    [--jitter S]
+                                    [--jitter S] [--cache registry,nginx]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,7 +60,7 @@ from bench.common import (
     scratch,
     small_image,
 )
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, free_port
 
 REPO_NAME = "bench/image"
 # gorilla/handlers combined log: ... "GET /v2/... HTTP/1.1" 200 12345 "referer" "agent"
@@ -65,6 +76,118 @@ class MirrorRegistry(Registry):
         config = super()._config()
         config["proxy"] = {"remoteurl": self.remote}
         return config
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+user root;
+worker_processes auto;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {root}/access.log;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    proxy_cache_path {root}/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=30d
+                     use_temp_path=off;
+    upstream registry {{ server {upstream}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host {upstream};
+        # content-addressed blobs: one cache entry per repository and digest, whoever asks
+        location ~ "^/v2/.+/blobs/sha256:[0-9a-f]{{64}}$" {{
+            proxy_pass http://registry;
+            proxy_cache blobs;
+            proxy_cache_key $uri;
+            proxy_cache_valid 200 30d;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 10m;
+            proxy_cache_lock_age 10m;
+            add_header X-Cache-Status $upstream_cache_status always;
+        }}
+        # the ping, tokens' challenges, manifests by tag (they move): not cached
+        location /v2/ {{
+            proxy_pass http://registry;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class NginxCache:
+    """nginx as a blob cache in front of ``upstream`` (host:port), on a free port, everything
+    of it (config, cache, logs, pid) under ``root``."""
+
+    def __init__(self, root: Path, upstream: str) -> None:
+        self.root = root
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        conf = root / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=root, upstream=upstream, port=self.port))
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(root), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                self.close()
+                raise SystemExit(f"nginx did not start: {err}{self.error_log()}")
+            time.sleep(0.05)
+
+    def error_log(self) -> str:
+        path = self.root / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: nginx's fast shutdown
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def site_cache(kind: str, upstream: Registry) -> Iterator[str]:
+    """A cold site cache of ``kind`` ("registry" or "nginx") for ``upstream``; yields the
+    host:port nodes list as their mirror. Removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=SCRATCH_ROOT))
+    try:
+        if kind == "nginx":
+            cache = NginxCache(root, upstream.host)
+            try:
+                yield cache.host
+            finally:
+                cache.close()
+        else:
+            mirror = MirrorRegistry.create("plain", root, start=False)
+            mirror.remote = upstream.url
+            mirror.start()
+            try:
+                yield mirror.host
+            finally:
+                mirror.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def upstream_bytes(log_text: str) -> tuple[int, int]:
@@ -85,17 +208,13 @@ def _children_cpu() -> float:
 
 
 def fleet_round(
-    upstream: Registry, n: int, size: int, work: Path, jitter: float = 0.0
+    upstream: Registry, n: int, size: int, work: Path, jitter: float = 0.0, cache: str = "registry"
 ) -> dict[str, float]:
-    root = Path(tempfile.mkdtemp(prefix="bench-mirror-", dir=SCRATCH_ROOT))
-    mirror = MirrorRegistry.create("plain", root, start=False)
-    mirror.remote = upstream.url
-    mirror.start()
-    try:
+    with site_cache(cache, upstream) as mirror_host:
         conf = work / f"registries-{n}.conf"
         conf.write_text(
             f'[[registry]]\nlocation = "{upstream.host}"\ninsecure = true\n'
-            f'[[registry.mirror]]\nlocation = "{mirror.host}"\ninsecure = true\n'
+            f'[[registry.mirror]]\nlocation = "{mirror_host}"\ninsecure = true\n'
         )
         env = dict(os.environ, REGISTRIES_CONFIG_PATH=str(conf))
         before = len(upstream.log_path.read_bytes())
@@ -142,61 +261,72 @@ def fleet_round(
             "failed": failed,
             "unclean": unclean,
         }
-    finally:
-        mirror.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--nodes", default="1,10,50", help="comma-separated N (default 1,10,50)")
     p.add_argument("--image", choices=("small", "large"), default="small")
     p.add_argument("--rounds", type=int, default=3, help="rounds per N (default 3)")
     p.add_argument(
         "--jitter", type=float, default=0.0, help="bootstrap pull --jitter S on every node"
     )
+    p.add_argument(
+        "--cache", default="registry,nginx", help="site caches to compare (registry, nginx)"
+    )
     args = p.parse_args(argv)
     layout = small_image() if args.image == "small" else bench_image()
     size = layout_size(layout)
     counts = [int(x) for x in args.nodes.split(",")]
+    caches = [c for c in args.cache.split(",") if c]
+    if any(c not in ("registry", "nginx") for c in caches):
+        p.error("--cache takes registry and/or nginx")
     print(f"image: {human(size)} of blobs; {machine_note()}")
     root = Path(tempfile.mkdtemp(prefix="bench-upstream-", dir=SCRATCH_ROOT))
     upstream = Registry.create("plain", root)
-    results: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    results: dict[tuple[str, int], list[dict[str, float]]] = {
+        (c, n): [] for c in caches for n in counts
+    }
     try:
         upstream.push(layout, BENCH_TAG, f"{REPO_NAME}:latest")
         with scratch("bench-fleet-") as work:
             for r in range(args.rounds):
-                for n in counts if r % 2 == 0 else list(reversed(counts)):
-                    res = fleet_round(upstream, n, size, work, args.jitter)
-                    results[n].append(res)
-                    print(
-                        f"N={n:<3} {res['seconds']:6.2f}s  upstream {human(res['upstream'])} "
-                        f"({res['ratio']:.2f}x image, {res['blob_gets']:.0f} blob GETs)  "
-                        f"CPU {res['cpu_per_node']:.2f}s/node ({res['cpu_bound']:.1f}s of all "
-                        "cores)  "
-                        f"failed {res['failed']:.0f}  fsck unclean {res['unclean']:.0f}",
-                        flush=True,
-                    )
+                order = counts if r % 2 == 0 else list(reversed(counts))
+                for n in order:
+                    # the caches alternate too: each N runs through every cache back to back
+                    for cache in caches if (r + n) % 2 == 0 else list(reversed(caches)):
+                        res = fleet_round(upstream, n, size, work, args.jitter, cache)
+                        results[cache, n].append(res)
+                        print(
+                            f"{cache:<8} N={n:<3} {res['seconds']:6.2f}s  upstream "
+                            f"{human(res['upstream'])} ({res['ratio']:.2f}x image, "
+                            f"{res['blob_gets']:.0f} blob GETs)  CPU {res['cpu_per_node']:.2f}"
+                            f"s/node ({res['cpu_bound']:.1f}s of all cores)  "
+                            f"failed {res['failed']:.0f}  fsck unclean {res['unclean']:.0f}",
+                            flush=True,
+                        )
     finally:
         upstream.close()
         shutil.rmtree(root, ignore_errors=True)
     print(f"jitter: {args.jitter:g}s" if args.jitter else "jitter: none")
     print(
-        f"\n{'N':>3} {'median s':>9} {'x N=1':>6} {'upstream x image':>17} {'bad':>4} "
-        f"{'CPU s/node':>10} {'CPU bound s':>11}"
+        "\n| cache | N | time to all pulled (median) | x N = 1 | upstream bytes x image (max) "
+        "| failed or unclean | CPU s/node | CPU s of all cores |"
     )
-    base = median([x["seconds"] for x in results[counts[0]]])
-    for n in counts:
-        t = median([x["seconds"] for x in results[n]])
-        up = max(x["ratio"] for x in results[n])
-        bad = sum(x["failed"] + x["unclean"] for x in results[n])
-        per_node = median([x["cpu_per_node"] for x in results[n]])
-        bound = median([x["cpu_bound"] for x in results[n]])
-        print(
-            f"{n:>3} {t:>9.2f} {t / base:>6.1f} {up:>17.2f} {bad:>4.0f} {per_node:>10.2f} "
-            f"{bound:>11.2f}"
-        )
+    print("|---|---|---|---|---|---|---|---|")
+    for cache in caches:
+        base = median([x["seconds"] for x in results[cache, counts[0]]])
+        for n in counts:
+            rows = results[cache, n]
+            t = median([x["seconds"] for x in rows])
+            up = max(x["ratio"] for x in rows)
+            bad = sum(x["failed"] + x["unclean"] for x in rows)
+            per_node = median([x["cpu_per_node"] for x in rows])
+            bound = median([x["cpu_bound"] for x in rows])
+            print(
+                f"| {cache} | {n} | {t:.2f} s | {t / base:.1f} | {up:.2f} | {bad:.0f} "
+                f"| {per_node:.2f} | {bound:.2f} |"
+            )
     print(machine_note().replace("at start", "at end"))
     return 0
 
