@@ -618,7 +618,11 @@ def _closed_pipe(as_process: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the command, print its result; return the exit code.
     Output to a pipe whose reader is gone ends the process quietly as if killed by SIGPIPE
-    (status 141; see :func:`_closed_pipe`)."""
+    (status 141; see :func:`_closed_pipe`). As the process (``argv`` None), 022 is added to
+    the umask: whatever the caller's umask, nothing bootstrap creates is writable by others
+    (the store and the state are 0700 on their own, see :mod:`bootstrap.fsutil`)."""
+    if argv is None:  # the command: nothing it creates is group- or world-writable
+        os.umask(os.umask(0o022) | 0o022)
     try:
         return _main(argv)
     except _OutputClosed:

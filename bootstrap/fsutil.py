@@ -5,10 +5,49 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+PRIVATE_DIR = 0o700
+"""The mode of the store's and the state's directories: root's alone, whatever the umask (as
+containers/storage keeps its root). Containers reach their files through mounts made by root
+(the overlay's lower dirs, runc's pivot into the rootfs), never by walking these paths."""
+
+
+def make_dirs(path: str | Path, mode: int = PRIVATE_DIR) -> Path:
+    """``mkdir -p path`` where every directory created gets exactly ``mode``, whatever the
+    umask (``Path.mkdir(parents=True)`` gives parents the umask's mode, 0777 under umask 000).
+    Directories that exist are left as they are (see :func:`make_private`). Returns ``path``;
+    raises the OSError of a component that cannot be created."""
+    path = Path(path)
+    missing: list[Path] = []
+    p = path
+    while not os.path.isdir(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if os.path.isdir(d):
+                continue  # made by a process racing us; it sets the mode
+            raise
+        os.chmod(d, mode)  # exactly: the umask may have taken bits away
+    return path
+
+
+def make_private(path: str | Path) -> Path:
+    """:func:`make_dirs` with :data:`PRIVATE_DIR`, and a directory that exists, is ours and is
+    open to others (made by an older version, or by hand) is closed to them (0700 kept for the
+    owner). Returns ``path``."""
+    path = make_dirs(path)
+    st = os.stat(path)
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o7700 | PRIVATE_DIR)
+    return path
 
 
 def fsync_dir(path: str | Path) -> None:

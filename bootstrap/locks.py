@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bootstrap.errors import BusyError
+from bootstrap.fsutil import make_dirs
 
 
 @contextlib.contextmanager
@@ -22,7 +23,8 @@ def flocked(
     timeout: float | None = None,
     what: str = "",
 ) -> Iterator[int]:
-    """Hold an flock on ``path`` (created 0644 if missing) for the duration of the block.
+    """Hold an flock on ``path`` (created 0644 if missing, its missing parent directories
+    0700) for the duration of the block.
 
     ``shared`` takes a shared (reader) lock, otherwise exclusive. ``timeout`` None waits forever,
     0 fails at once, otherwise polls until the deadline. Raises :class:`BusyError` (exit 6) naming
@@ -31,7 +33,7 @@ def flocked(
     locked through a read-only descriptor. Other failures to open it raise the OSError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:

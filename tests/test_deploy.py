@@ -418,6 +418,56 @@ def test_writable_rootfs_writes_stay_in_the_deployment(
 
 
 @pytest.mark.node
+def test_store_and_state_made_under_umask_000_are_private_and_a_non_root_container_runs(
+    shared_node: Node, images: dict[str, str], registry: Registry
+) -> None:
+    """``umask 000; bootstrap install``: the store and the state are 0700 with nothing open to
+    other users below them but the image's own files, and a container running as an
+    unprivileged user still reads its files and runs (it never walks those paths: the overlay's
+    lower dirs are mounted by root, runc pivots into the rootfs)."""
+    from tests.harness.node import VENV
+    from tests.test_store_privacy import CONTENT, exposures
+
+    node = shared_node
+    env = registries_env(node, registry)
+    store, state, d = "/var/lib/bs-private/store", "/var/lib/bs-private/state", "/etc/bs-priv"
+    node.run("rm", "-rf", "/var/lib/bs-private", "/run/priv-out")
+    node.run("install", "-d", "-m", "0777", "/run/priv-out")
+    script = "ls /bin/busybox >/dev/null && id -u > /out/uid; exec sleep 3600"
+    node.write_file(
+        f"{d}/config.json.template",
+        json.dumps(
+            {
+                "process": {"args": ["/bin/sh", "-c", script], "user": {"uid": 1000, "gid": 1000}},
+                "mounts": [
+                    {
+                        "destination": "/out",
+                        "type": "bind",
+                        "source": "/run/priv-out",
+                        "options": ["rbind", "rw"],
+                    }
+                ],
+            }
+        ),
+    )
+    argv = [str(VENV / "bin/bootstrap"), "--store", store, "--state", state]
+    cmd = "umask 000; exec " + " ".join(
+        [*argv, "install", "priv", images["app:1"], "--definition", d]
+    )
+    ran = node.run("sh", "-c", cmd, env=env, check=False, timeout=300)
+    try:
+        assert ran.returncode == 0, ran.stderr
+        assert wait_for_text(node, "/run/priv-out/uid", "1000\n")
+        assert exposures(node.path(store)) == []
+        state_content = tuple(f"containers/*/{p}" for p in ("rootfs", "upper", "work"))
+        assert exposures(node.path(state), state_content) == []
+        assert CONTENT  # the store's image content kept its modes (see test_store_privacy)
+    finally:
+        node.run(*argv, "uninstall", "priv", env=env, check=False, timeout=300)
+        node.run("rm", "-rf", "/var/lib/bs-private", d, "/run/priv-out", check=False)
+
+
+@pytest.mark.node
 def test_definition_templates_tmpfiles_and_exports(
     shared_node: Node, images: dict[str, str], registry: Registry, tmp_path: Path
 ) -> None:

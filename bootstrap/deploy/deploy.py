@@ -54,7 +54,14 @@ from bootstrap.deploy import hostfs
 from bootstrap.deploy.definition import Definition, TemplateFile
 from bootstrap.deploy.listing import ListResult
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
-from bootstrap.fsutil import fsync_dir, remove_tree, write_atomic
+from bootstrap.fsutil import (
+    PRIVATE_DIR,
+    fsync_dir,
+    make_dirs,
+    make_private,
+    remove_tree,
+    write_atomic,
+)
 from bootstrap.image import api
 from bootstrap.image.api import Image
 from bootstrap.locks import flocked
@@ -692,7 +699,9 @@ class Deployer:
             early = plan(paths, image, definition, set_values, unit_dir, uuid_value=uuid_value)
         staged = paths.staged
         _remove_slot(staged)
-        staged.mkdir(parents=True)
+        make_dirs(paths.state)  # the state and its containers are root's alone, whatever the umask
+        make_private(paths.root)
+        staged.mkdir(mode=PRIVATE_DIR)
         try:
             tree = self._rootfs(paths, image, staged)
             the_plan = early
@@ -719,7 +728,7 @@ class Deployer:
             if the_plan.tmpfiles is not None:
                 write_atomic(staged / TMPFILES, the_plan.tmpfiles)
             if the_plan.definition.source == "directory":
-                (staged / DEFINITION_COPY).mkdir()
+                (staged / DEFINITION_COPY).mkdir(mode=PRIVATE_DIR)
                 for fname, text in the_plan.definition.files.items():
                     write_atomic(staged / DEFINITION_COPY / fname, text)
             info = the_plan.info(_now())

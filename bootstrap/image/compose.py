@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
-from bootstrap.fsutil import remove_tree
+from bootstrap.fsutil import make_dirs, remove_tree
 from bootstrap.image.apply import OPQ, WH, UnpackOptions
 from bootstrap.image.layercache import CachedLayer, ensure_all
 from bootstrap.image.model import Descriptor, Image
@@ -583,7 +583,7 @@ def image_tree(store: Store, image: Image) -> tuple[Path, int]:
     layers, diff_ids = _layers(image)
     options = UnpackOptions()
     cached, extracted = ensure_all(store, layers, diff_ids, options)
-    tree.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(tree.parent)
     with store.tree_lock(image.manifest.digest):
         if os.path.isdir(tree):
             return tree, extracted

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bootstrap.errors import IntegrityError, UsageError
-from bootstrap.fsutil import remove_tree, write_atomic
+from bootstrap.fsutil import make_dirs, remove_tree, write_atomic
 from bootstrap.image.apply import (
     RECORD_VERSION,
     LayerRecord,
@@ -122,7 +122,7 @@ def ensure_layer(
         cached = _load_cached(path, diff_id, options)
         if cached is not None:
             return cached, False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     with store.layer_lock(diff_id):
         if not replace:
             cached = _load_cached(path, diff_id, options)
@@ -132,7 +132,7 @@ def ensure_layer(
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
             rootfs = tmp / "rootfs"
-            rootfs.mkdir()
+            rootfs.mkdir(mode=0o755)  # a layer's "./" entry, when it has one, sets it
             with opener() as fh:
                 digest, record = run_layer(
                     fh, compression, str(rootfs), options, desc.digest, record=True

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bootstrap.errors import BootstrapError, BusyError, IntegrityError, UsageError
-from bootstrap.fsutil import fsync_dir, write_atomic
+from bootstrap.fsutil import fsync_dir, make_dirs, make_private, write_atomic
 from bootstrap.image.model import (
     DIGEST_ALGORITHMS,
     MAX_CONFIG_BYTES,
@@ -186,7 +186,12 @@ class Store:
             err = store_os_error(self.root, "write", OSError(errno.EROFS, "read-only"))
             raise type(err)(f"the store {self.root} is on a read-only filesystem", err.hint)
         with self._io("create directories"):
+            # root's alone whatever the umask (a local user must not plant content in the
+            # layer cache that root later runs); an older store is closed on its first write
+            self._private_root()
             for d in (
+                self.oci,
+                self.blobs,
                 self.blobs / "sha256",
                 self.tmp,
                 self.locks,
@@ -194,7 +199,7 @@ class Store:
                 self.trees,
                 self.holds,
             ):
-                d.mkdir(parents=True, exist_ok=True)
+                make_private(d)
         layout = self.oci / "oci-layout"
         if not layout.exists():
             with flocked(self.index_lock, timeout=INDEX_LOCK_WAIT, what="the store index"):
@@ -206,6 +211,26 @@ class Store:
                 if not self._index_path.exists():
                     self._write_index([])
         self._initialized = True
+
+    def _private_root(self) -> None:
+        """Create the root 0700 (with any missing parents). A root that exists is closed
+        (0700) when it is ours and already a store (an older version left it open); another
+        existing directory (``--store`` naming one made by hand) keeps its mode, with a warning
+        when other users can write to it (they could replace what root later runs)."""
+        if not self.root.is_dir():
+            make_dirs(self.root)
+            return
+        if self.oci.is_dir():
+            make_private(self.root)
+            return
+        st = self.root.stat()
+        if st.st_mode & 0o022:
+            log.warning(
+                "warning: the store %s is writable by other users (mode %o): they could "
+                "replace what is run from it; use a directory only root can write",
+                self.root,
+                st.st_mode & 0o7777,
+            )
 
     # -- locks ---------------------------------------------------------------------------------
 
@@ -527,7 +552,7 @@ class Store:
     def _commit(self, tmp: Path, path: Path) -> None:
         """Rename the verified temp file ``tmp`` to the blob ``path`` (and fsync the dir)."""
         with self._io("store a blob"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             os.replace(tmp, path)
         with self._io("store a blob"):
             fsync_dir(path.parent)
@@ -707,7 +732,7 @@ class Store:
         names = [os.path.abspath(u) for u in users]
         key = hashlib.sha256(os.fsencode("\0".join([manifest_digest, *names]))).hexdigest()[:32]
         path = self.holds / f"{key}.json"
-        self.holds.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.holds)
         doc = {"users": names, "image": manifest_digest, "layers": list(diff_ids)}
         write_atomic(path, json.dumps(doc))
         return path
@@ -747,7 +772,7 @@ class Store:
         caller holds :meth:`using`, so a record gc finds belongs to a checkout that was
         killed. Written durably before ``temp`` exists."""
         with self._io("record a checkout"):
-            self.tmp.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.tmp)
             fd, name = tempfile.mkstemp(dir=self.tmp, prefix=CHECKOUT_RECORD, suffix=".path")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(os.fsencode(os.path.abspath(temp)))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootstrap.errors import UsageError
-from bootstrap.fsutil import write_atomic
+from bootstrap.fsutil import make_dirs, write_atomic
 from bootstrap.node.manifest import NodeManifest
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def apply(state: Path, files: list[Wanted]) -> Iterator[Written]:
             )
     for f, action in plan:
         if action == "written":
-            f.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(f.path.parent, 0o755)  # host configuration: never writable by others
             write_atomic(f.path, f.data, mode=f.mode)
             record[str(f.path)] = _sha(f.data)
             log.info("up: wrote %s (%s)", f.path, f.what)
@@ -180,5 +180,5 @@ def apply(state: Path, files: list[Wanted]) -> Iterator[Written]:
             )
         yield Written(f.path, action, f.what)
     out = state / RECORD
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     write_atomic(out, json.dumps({"files": record}, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from bootstrap.fsutil import write_atomic
+from bootstrap.fsutil import make_dirs, write_atomic
 from bootstrap.node.manifest import Trust
 from bootstrap.settings import Settings
 
@@ -23,13 +23,13 @@ def write_trust(settings: Settings, trust: Trust) -> Settings:
     """Write ``trust`` (see the module docstring); return the settings to pull with (the same
     paths, with ``--insecure-policy`` cleared: a node manifest asking for trust gets it)."""
     for f in trust.files:
-        f.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(f.path.parent, 0o755)  # whatever the umask: nobody else may add keys
         write_atomic(f.path, f.data)
     if trust.registries_d:
-        settings.registries_d.mkdir(parents=True, exist_ok=True)
+        make_dirs(settings.registries_d, 0o755)
     for name, text in trust.registries_d:
         write_atomic(settings.registries_d / name, text)
-    settings.signature_policy.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(settings.signature_policy.parent, 0o755)
     write_atomic(settings.signature_policy, trust.policy)
     log.info(
         "up: trust: wrote %s, %d key files, %d registries.d files",

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
-from bootstrap.fsutil import write_atomic
+from bootstrap.fsutil import make_dirs, write_atomic
 from bootstrap.locks import flocked
 from bootstrap.node.manifest import ContainerSpec, NodeManifest, Pods, Registries
 from bootstrap.node.manifest import load as load_manifest
@@ -346,7 +346,7 @@ def _provision(
         "elapsed": round(elapsed, 3),
         "chain": [s.to_json() for s in chain.steps()],
     }
-    settings.state.mkdir(parents=True, exist_ok=True)
+    make_dirs(settings.state)
     write_atomic(marker, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     message = (
         f"provisioned from {manifest.path} in {elapsed:.1f}s: "
@@ -388,7 +388,7 @@ def _write_host_config(settings: Settings, manifest: NodeManifest, chain: _Chain
     if not files:
         return
     since = time.monotonic()
-    settings.state.mkdir(parents=True, exist_ok=True)
+    make_dirs(settings.state)
     done = list(hostconf.apply(settings.state, files))
     chain.add(
         "host config: " + ", ".join(f"{w.what} {w.action}" for w in done),
