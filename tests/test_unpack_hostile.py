@@ -129,6 +129,16 @@ CASES = [
         "evil/.wh..wh..opq",
     ),
     Case("whiteout-of-dotdot", lambda o: [[d("a"), f("a/.wh...", b"")]], "a/.wh..."),
+    Case(
+        "hardlink-forward-in-layer",
+        lambda o: [[hard("h", "later"), f("later")]],
+        "h",
+    ),
+    Case(
+        "hardlink-to-lower-file-the-layer-replaces",
+        lambda o: [[f("t", b"old")], [hard("h", "t"), f("t", b"new")]],
+        "h",
+    ),
     Case("component-too-long", lambda o: [[f("x" * 256)]], "xxxx"),
     Case("path-too-long", lambda o: [[f("/".join(["y" * 200] * 21))]], "yyyy"),
     Case("too-deep", lambda o: [[f("/".join(["z"] * 300))]], "z/z/z"),

@@ -212,27 +212,7 @@ def test_apply_and_checkout_agree(seed: int, tmp_path: Path) -> None:
     assert not problems, "differs from umoci:\n" + "\n".join(problems)
 
 
-#: Ill-formed stacks on which apply_layer and the layer cache + composition still disagree (one
-#: refuses what the other accepts: a hardlink to a missing or directory target, a whiteout or
-#: opaque marker below a symlink, a directory replaced by a later repeat). Strict: a seed that
-#: starts agreeing fails, so the list only shrinks.
-DISAGREE = {3, 34, 89, 99, 112, 117, 144}
-
-
-@pytest.mark.parametrize(
-    "seed",
-    [
-        pytest.param(
-            s,
-            marks=pytest.mark.xfail(
-                strict=True, reason="apply and checkout disagree: see DISAGREE"
-            ),
-        )
-        if s in DISAGREE
-        else s
-        for s in SEEDS
-    ],
-)
+@pytest.mark.parametrize("seed", SEEDS)
 def test_ill_formed_layers_fail_cleanly(seed: int, tmp_path: Path) -> None:
     """Repeated paths, children before parents, forward and cross-layer hardlinks, whiteouts of
     what the layer itself makes: apply and checkout agree as the module promises — both refuse

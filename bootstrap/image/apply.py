@@ -180,6 +180,12 @@ class _Applier:
         self.digests: dict[str, str] = {}  # record mode: sha256 hex of each regular file
         self.root_entry = False
         self.symlink_opaques: list[tuple[str, TarEntry]] = []
+        #: whiteouts whose parent is a symlink: fine if the layer makes it a directory
+        self.symlink_whiteouts: list[tuple[str, TarEntry, IntegrityError]] = []
+        #: record mode: paths a non-directory entry of this layer replaced
+        self.replaced: set[str] = set()
+        #: hardlinks to a file of a lower layer (apply mode): refused if this layer replaces it
+        self.lower_links: list[tuple[str, str]] = []
         if not record:
             self.tree.on_parent = self._touch_parent
         self.chown = options.same_owner
@@ -209,6 +215,9 @@ class _Applier:
             return
         tree = self.tree
         tree.parent(rel, e.raw_name, create=True)
+        if self.record and self.rec.links and e.kind != "1":
+            # a later entry of the same path wins over a hardlink recorded for composition
+            self.rec.links = [(r, t) for r, t in self.rec.links if r != rel]
         # in a fresh cache dir only what this layer made can be there: skip the lstat otherwise
         maybe = not self.record or rel in self.created or rel in tree.dirs
         st = tree.lstat(rel) if maybe else None
@@ -223,6 +232,10 @@ class _Applier:
             self.dir_meta[rel] = e
             self.created.add(rel)
             return
+        if self.record:
+            # whatever lower layers have at ``rel`` is replaced: should this layer make it a
+            # directory again, none of their content below it may show (see finish)
+            self.replaced.add(rel)
         if kind == "1":
             self._hardlink(e, rel, st)
             return
@@ -307,6 +320,7 @@ class _Applier:
             if self.record:
                 if st is not None:
                     tree.remove(rel, st)
+                self.rec.links = [(r, t) for r, t in self.rec.links if r != rel]
                 self.rec.links.append((rel, target))
                 return
             raise self._err(e, f"hardlink target {e.linkname!r} does not exist")
@@ -317,6 +331,8 @@ class _Applier:
                 return
             tree.remove(rel, st)
         os.link(tree.full(target), tree.full(rel), follow_symlinks=False)
+        if target not in self.created:
+            self.lower_links.append((rel, target))  # checked in finish
         if target in self.digests:
             self.digests[rel] = self.digests[target]
         self.created.add(rel)
@@ -332,8 +348,10 @@ class _Applier:
             st = self.tree.lstat(head)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 self._opaque(head)
-            elif st is not None and stat.S_ISLNK(st.st_mode):
-                # fine only if this layer replaces the symlink by a directory (checked at the end)
+            elif st is not None and stat.S_ISLNK(st.st_mode) and head not in self.created:
+                # a lower layer's symlink: fine only if this layer replaces it by a directory
+                # (checked at the end). One this layer made replaced the lower layers' entry
+                # whole: the marker, which only applies to lower layers, has nothing left to do.
                 self.symlink_opaques.append((head, e))
             return
         if base.startswith(WH + WH[:3]):  # .wh..wh.* other aufs metadata: ignore
@@ -348,11 +366,32 @@ class _Applier:
         if self.record:
             self.rec.whiteouts.append(victim)
             return
-        if victim in self.created:
-            return  # whiteouts only hide lower layers
-        if not self.tree.parent(victim, e.raw_name, create=False):
+        if victim in self.created or victim in self.tree.implicit_set:
+            return  # whiteouts only hide lower layers (an implicit parent is this layer's)
+        try:
+            if not self.tree.parent(victim, e.raw_name, create=False):
+                return
+        except IntegrityError as exc:
+            link = self._symlink_parent(victim)
+            if link is None:
+                raise
+            if link in self.created:
+                return  # this layer replaced it whole: nothing of the lower layers is below
+            # fine only if this layer replaces the symlink by a directory (checked at the
+            # end): then nothing of the lower layers is below it and there is nothing to hide
+            self.symlink_whiteouts.append((link, e, exc))
             return
         self.tree.remove(victim)
+
+    def _symlink_parent(self, rel: str) -> str | None:
+        """The first parent of ``rel`` that is a symlink in the tree, or None."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            comp = "/".join(parts[:i])
+            st = self.tree.lstat(comp)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                return comp
+        return None
 
     def _opaque(self, head: str) -> None:
         """Remove everything under ``head`` that lower layers put there."""
@@ -373,6 +412,29 @@ class _Applier:
         for head, e in self.symlink_opaques:
             if head not in self.dir_meta or head not in self.tree.dirs:
                 raise self._err(e, f"opaque marker in {head!r}, which is a symlink")
+        for head, _, exc in self.symlink_whiteouts:
+            if head not in self.dir_meta or head not in self.tree.dirs:
+                raise exc
+        for rel, target in self.lower_links:
+            if target in self.created:
+                raise IntegrityError(
+                    f"layer {self.layer}: entry {rel!r}: hardlink target {target!r} is "
+                    "replaced later in the same layer (which file it names depends on order)",
+                    HOSTILE_HINT,
+                )
+        if self.record:
+            for rel in sorted(self.replaced):
+                st = self.tree.lstat(rel) if rel in self.tree.dirs else None
+                if st is not None and stat.S_ISDIR(st.st_mode) and rel not in self.rec.opaques:
+                    self.rec.opaques.append(rel)  # replaced by a non-directory, then a directory
+            for rel, target in self.rec.links:
+                if target in self.created:  # made or replaced later in this layer
+                    raise IntegrityError(
+                        f"layer {self.layer}: entry {rel!r}: hardlink target {target!r} is "
+                        "made or replaced later in the same layer (which file it names depends "
+                        "on order)",
+                        HOSTILE_HINT,
+                    )
         for rel, e in self.dir_meta.items():
             self._dir_meta(rel, e)
         for rel, (atime, mtime) in self.parent_times.items():

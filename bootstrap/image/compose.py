@@ -165,7 +165,12 @@ class _Composer:
         if st is None:
             return
         if stat.S_ISLNK(st.st_mode):
-            if head not in layer.record.implicit and (layer.rootfs / head).is_dir():
+            replaced = layer.rootfs / head
+            if (
+                head not in layer.record.implicit
+                and replaced.is_dir()
+                and not replaced.is_symlink()
+            ):
                 return  # this layer replaces it with a directory
             raise IntegrityError(
                 f"layer {name}: entry {marker!r}: opaque marker in {head!r}, which is a symlink",

@@ -34,6 +34,7 @@ class SafeTree:
         self.layer = layer
         self.dirs: set[str] = {""}
         self.implicit: list[str] = []
+        self.implicit_set: set[str] = set()  # the same, for lookups
         self.on_parent: Callable[[str], None] | None = None
 
     def full(self, rel: str) -> str:
@@ -68,6 +69,7 @@ class SafeTree:
                     return False
                 os.mkdir(full, 0o755)
                 self.implicit.append(cur)
+                self.implicit_set.add(cur)
                 self.dirs.add(cur)
                 continue
             if stat.S_ISDIR(st.st_mode):
