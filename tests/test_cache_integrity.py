@@ -87,7 +87,7 @@ def test_fsck_finds_a_changed_file_by_path_and_repairs_it(store: Store, tmp_path
         assert any(rel in d["changed"] for d in damaged)
     ran = bootstrap("fsck", "--repair", store=store.root)
     assert ran.rc == 0, ran.stderr
-    assert "repaired 1 cached layers" in ran.stdout
+    assert "repaired 1 cached layer\n" in ran.stdout
     assert victim.read_bytes() == good
     assert maintenance.fsck(store).ok
     # removed and added paths are findings too

@@ -420,6 +420,81 @@ def test_fsck_clean_damaged_missing(store: Store, stored_busybox: Descriptor) ->
     assert maintenance.fsck(store).unreferenced == 1 and orphan
 
 
+def _flip(path: Path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_fsck_names_paths_and_images_and_repair_sets_damaged_blobs_aside(
+    store: Store, stored_busybox: Descriptor
+) -> None:
+    """A damaged blob is named with its path and the images that need it; ``--repair`` moves it
+    into damaged/ (kept, never deleted by gc) so that it is missing, and the hint says which
+    image to pull; a missing blob's hint is the pull, not "delete"."""
+    second = "docker.io/library/busybox:second"
+    store.tag(second, stored_busybox)
+    image = store.image(REF)
+    layer = image.manifest.layers[0].digest
+    path = store.blob_path(layer)
+    good = path.read_bytes()
+    _flip(path)
+    report = maintenance.fsck(store)
+    assert report.needed_by[layer] == (REF, second) and report.paths[layer] == str(path)
+    assert report.images_to_fetch() == (REF, second)
+    ran = bootstrap("fsck", store=store.root)
+    assert ran.rc == 4
+    assert f"fsck: damaged blob {layer}: {path} (needed by {REF}, {second})" in ran.stderr
+    hint = ran.stderr.splitlines()[-1]
+    assert hint.startswith("bootstrap: hint: 'bootstrap fsck --repair' moves the damaged blobs")
+    assert f"bootstrap pull {REF}; bootstrap pull {second}" in hint and "delete" not in hint
+    doc = bootstrap("--json", "fsck", store=store.root).json()["result"]
+    assert doc["blobs"] == [
+        {"digest": layer, "state": "damaged", "path": str(path), "images": [REF, second]}
+    ]
+
+    ran = bootstrap("fsck", "--repair", store=store.root)
+    assert ran.rc == 4  # the image still needs that blob: a pull fetches it
+    (aside,) = store.set_aside_blobs()
+    assert aside.name.startswith(f"sha256-{layer[7:]}.") and not path.exists()
+    assert f"fsck: moved damaged blob {layer} aside to {aside}" in ran.stderr
+    assert f"fsck: missing blob {layer}: {path} (needed by {REF}, {second})" in ran.stderr
+    hint = ran.stderr.splitlines()[-1]
+    assert hint.startswith(
+        f"bootstrap: hint: pull the images that need them again: bootstrap pull {REF}"
+    )
+    assert "delete" not in hint
+
+    # gc leaves the evidence alone and says so; fsck of a whole store mentions it
+    ran = bootstrap("gc", store=store.root, check=True)
+    assert f"1 damaged blob set aside in {store.damaged}" in ran.stdout and aside.exists()
+    store.ensure_blob(image.manifest.layers[0], streamer(good))  # what a pull does
+    ran = bootstrap("fsck", store=store.root, check=True)
+    assert f"1 damaged blob kept aside in {store.damaged}" in ran.stdout
+
+
+def test_a_verifying_ensure_sets_a_same_size_damaged_blob_aside_and_fetches_it(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = b"0123456789" * 100
+    desc = Descriptor(OCI_LAYER_GZIP, sha256(data), len(data))
+    store.ensure_blob(desc, streamer(data))
+    _flip(store.blob_path(desc.digest), 5)
+    calls = []
+
+    def fetch(write: Callable[[bytes], object]) -> None:
+        calls.append(1)
+        write(data)
+
+    store.ensure_blob(desc, fetch)  # size only: taken as present (fsck hashes)
+    assert calls == []
+    with caplog.at_level("WARNING"):
+        store.ensure_blob(desc, fetch, verify=True)
+    assert calls == [1] and store.blob_path(desc.digest).read_bytes() == data
+    (aside,) = store.set_aside_blobs()
+    assert f"stored blob {desc.digest} was damaged" in caplog.text and str(aside) in caplog.text
+
+
 def test_fsck_reports_a_broken_index(store: Store) -> None:
     (store.oci / "index.json").write_text("{not json")
     report = maintenance.fsck(store)

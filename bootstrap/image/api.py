@@ -26,7 +26,7 @@ from bootstrap.errors import IntegrityError, RegistryError, UsageError
 from bootstrap.image.model import REF_NAME_ANNOTATION, Image, ImageConfig, Platform
 from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store, StoredRef
 from bootstrap.image.stream import Digesting
-from bootstrap.progress import Progress, human_size, make_progress, waited
+from bootstrap.progress import Progress, counted, human_size, make_progress, waited
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the calls that pull
@@ -111,17 +111,43 @@ class RmiResult:
 
 class FsckFailed(IntegrityError):
     """fsck found damage (exit 4). ``result`` is the full report; the CLI adds it to the
-    ``--json`` error document."""
+    ``--json`` error document. The hint is the next step for what was found: ``fsck
+    --repair`` for damaged blobs and cache entries, then a pull of each image that needs a
+    blob again."""
 
     def __init__(self, report: FsckReport) -> None:
         findings = report.findings()
         super().__init__(
-            f"store is damaged: {len(findings)} problems ({findings[0]}"
+            f"store is damaged: {counted(len(findings), 'problem')} ({findings[0]}"
             + (", ..." if len(findings) > 1 else "")
             + ")",
-            "delete the damaged blobs named, then pull the affected images again",
+            fsck_hint(report),
         )
         self.result = report
+
+
+def fsck_hint(report: FsckReport) -> str:
+    """What to do about ``report``'s findings, in order."""
+    fetch = report.images_to_fetch()
+    pulls = "; ".join(f"bootstrap pull {name}" for name in fetch)
+    again = (
+        f"then pull the images that need them again ({pulls}; an imported image: import its "
+        "archive again)"
+        if fetch
+        else "no stored image needs them"
+    )
+    if report.damaged:
+        return f"'bootstrap fsck --repair' moves the damaged blobs aside; {again}"
+    if report.missing:
+        return (
+            f"pull the images that need them again: {pulls} (an imported image: import its "
+            "archive again)"
+        )
+    if any(not c.ok for c in report.layers):
+        return "'bootstrap fsck --repair' extracts the damaged cache entries again from their blobs"
+    return (
+        "restore or remove the file named (see docs/store.md), then pull the affected images again"
+    )
 
 
 def open_store(settings: Settings) -> Store:
@@ -143,12 +169,13 @@ def obtain(
     platform: str | None = None,
     jitter: float = 0.0,
     progress: Progress | None = None,
+    verify_stored: bool = False,
 ) -> Obtained:
     """The image ``text`` names, per pull ``policy`` ("missing", "always", "never"): see
     :func:`bootstrap.image.obtain.obtain`, which every command that needs an image goes
     through. ``inflate``: a pull fills the layer cache in the same pass (what a checkout or a
     deployment reads next; ``devices`` as for :func:`checkout`). ``verifier()`` is called once,
-    only when a pull happens."""
+    only when a pull happens. ``verify_stored``: see :func:`bootstrap.image.obtain.obtain`."""
     from bootstrap.image import obtain as obtaining
 
     extract = None
@@ -165,6 +192,7 @@ def obtain(
         extract=extract,
         jitter=jitter,
         progress=progress,
+        verify_stored=verify_stored,
     )
 
 
@@ -205,9 +233,11 @@ def pull(
     jitter: float = 0.0,
 ) -> PullResult:
     """``bootstrap pull REF``: :func:`obtain` with policy "always" (the layer cache is not
-    filled); the result's text is the digest the tag points at. ``verifier`` checks signatures
-    before anything is stored. Raises UsageError (bad reference/platform), RegistryError,
-    IntegrityError, BusyError, TrustError (refused by the policy)."""
+    filled); every blob found stored is hashed before it counts as present (a damaged one is
+    moved aside and fetched again); the result's text is the digest the tag points at.
+    ``verifier`` checks signatures before anything is stored. Raises UsageError (bad
+    reference/platform), RegistryError, IntegrityError, BusyError, TrustError (refused by the
+    policy)."""
     store = Store(settings.store)
     with make_progress(settings) as progress:
         got = obtain(
@@ -219,6 +249,7 @@ def pull(
             platform=platform,
             jitter=jitter,
             progress=progress,
+            verify_stored=True,
         )
     result = got.pulled
     assert result is not None  # policy "always" pulls
@@ -434,13 +465,16 @@ def gc(settings: Settings) -> GcReport:
 
 def fsck(settings: Settings, *, repair: bool = False) -> FsckReport:
     """Re-hash every blob, check index.json and reachability and every layer-cache entry against
-    its record; ``repair`` first extracts damaged cache entries again from their blobs. Clean:
-    the report. Damage left: each finding logged on stderr, then :class:`FsckFailed` (exit 4)
+    its record; ``repair`` first moves damaged blobs aside (the next pull fetches them again)
+    and extracts damaged cache entries again from their blobs. Clean: the report. Damage left:
+    what was repaired and each finding logged on stderr, then :class:`FsckFailed` (exit 4)
     carrying the report."""
     from bootstrap.image import maintenance
 
     report = maintenance.fsck(Store(settings.store), repair=repair)
     if not report.ok:
+        for digest, path in report.set_aside:
+            log.info("fsck: moved damaged blob %s aside to %s", digest, path)
         for line in report.findings():
             log.error("fsck: %s", line)
         raise FsckFailed(report)

@@ -4,8 +4,10 @@
 index.json, cached layers and image trees nothing stored or held needs, temp files, per-blob
 and per-layer lock files and the temp dirs of killed checkouts. :func:`fsck` re-hashes every
 blob, walks index.json's reachability and verifies every layer-cache entry against its record
-(:func:`~bootstrap.image.layercache.verify_layer`); with ``repair`` damaged entries are
-extracted again from their blobs first. Both return a frozen report.
+(:func:`~bootstrap.image.layercache.verify_layer`); each damaged or missing blob is named with
+its path and the images that need it. With ``repair`` damaged blobs are first moved aside into
+``damaged/`` (kept as evidence; the next pull of an image needing them fetches them again)
+and damaged cache entries extracted again from their blobs. Both return a frozen report.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +43,7 @@ from bootstrap.image.store import (
     ref_name,
 )
 from bootstrap.locks import flocked
-from bootstrap.progress import human_size
+from bootstrap.progress import counted, human_size
 
 if TYPE_CHECKING:  # the layer cache (and the tar stream below it) is imported when fsck runs
     from bootstrap.image.layercache import LayerCheck
@@ -54,7 +56,9 @@ _CHECKOUT_TEMP = re.compile(r".+\.tmp-[A-Za-z0-9_]+")
 
 @dataclass(frozen=True)
 class GcReport:
-    """What :func:`gc` removed."""
+    """What :func:`gc` removed. ``kept_aside``: damaged blobs ``damaged/`` holds, which gc
+    never removes (evidence: remove them by hand when no longer needed); ``damaged_dir``:
+    where."""
 
     blobs_removed: int = 0
     bytes_freed: int = 0
@@ -63,6 +67,8 @@ class GcReport:
     locks_removed: int = 0
     blobs_kept: int = 0
     checkouts_removed: int = 0
+    kept_aside: int = 0
+    damaged_dir: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,14 +79,23 @@ class GcReport:
             "temp_removed": self.temp_removed,
             "locks_removed": self.locks_removed,
             "blobs_kept": self.blobs_kept,
+            "kept_aside": self.kept_aside,
         }
 
     def to_text(self) -> str:
-        return (
-            f"removed {self.blobs_removed} blobs ({human_size(self.bytes_freed)}), "
-            f"{self.layers_removed} cached layers, {self.temp_removed} temp files, "
-            f"{self.checkouts_removed} interrupted checkouts; {self.blobs_kept} blobs kept"
+        text = (
+            f"removed {counted(self.blobs_removed, 'blob')} ({human_size(self.bytes_freed)}), "
+            f"{counted(self.layers_removed, 'cached layer')}, "
+            f"{counted(self.temp_removed, 'temp file')}, "
+            f"{counted(self.checkouts_removed, 'interrupted checkout')}; "
+            f"{counted(self.blobs_kept, 'blob')} kept"
         )
+        if self.kept_aside:
+            text += (
+                f"; {counted(self.kept_aside, 'damaged blob')} set aside in {self.damaged_dir} "
+                "left alone (remove them when no longer needed)"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,10 @@ class FsckReport:
     name (or that cannot be parsed although referenced as manifests/configs); ``missing``: blobs
     referenced from index.json (directly or through manifests) but absent; ``problems``: other
     findings, one line each (bad index.json, size disagreements...). ``unreferenced`` blobs are
-    not damage (gc removes them)."""
+    not damage (gc removes them). ``needed_by``: for each damaged or missing blob, the stored
+    references whose image needs it; ``paths``: where each damaged or missing blob is (or
+    belongs). ``set_aside``: (digest, new path) of the damaged blobs ``--repair`` moved into
+    ``damaged/``; ``kept_aside``: how many blobs ``damaged/`` holds in all."""
 
     blobs_checked: int = 0
     bytes_checked: int = 0
@@ -100,6 +118,12 @@ class FsckReport:
     refs_checked: int = 0
     layers: tuple[LayerCheck, ...] = ()
     repaired: tuple[str, ...] = ()
+    needed_by: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    set_aside: tuple[tuple[str, str], ...] = ()
+    kept_aside: int = 0
+    damaged_dir: str = ""
+    mismatched: tuple[str, ...] = ()  # the damaged blobs that do not hash to their name
 
     @property
     def ok(self) -> bool:
@@ -107,16 +131,36 @@ class FsckReport:
             self.damaged or self.missing or self.problems or any(not c.ok for c in self.layers)
         )
 
+    def images_to_fetch(self) -> tuple[str, ...]:
+        """The stored references that need a damaged or missing blob: pulling (or importing)
+        each again makes the store whole (after ``fsck --repair`` for damaged blobs)."""
+        return tuple(
+            sorted({n for d in (*self.damaged, *self.missing) for n in self.needed_by.get(d, ())})
+        )
+
+    def _blob_line(self, state: str, digest: str) -> str:
+        names = self.needed_by.get(digest, ())
+        need = f"needed by {', '.join(names)}" if names else "no stored image needs it"
+        return f"{state} blob {digest}: {self.paths.get(digest, '?')} ({need})"
+
     def findings(self) -> list[str]:
         """One human line per finding."""
         return (
-            [f"damaged blob {d}" for d in self.damaged]
-            + [f"missing blob {d}" for d in self.missing]
+            [self._blob_line("damaged", d) for d in self.damaged]
+            + [self._blob_line("missing", d) for d in self.missing]
             + list(self.problems)
             + [line for c in self.layers for line in c.findings()]
         )
 
     def to_json(self) -> dict[str, Any]:
+        def blob(state: str, digest: str) -> dict[str, Any]:
+            return {
+                "digest": digest,
+                "state": state,
+                "path": self.paths.get(digest, ""),
+                "images": list(self.needed_by.get(digest, ())),
+            }
+
         return {
             "ok": self.ok,
             "blobs_checked": self.blobs_checked,
@@ -124,34 +168,58 @@ class FsckReport:
             "refs_checked": self.refs_checked,
             "damaged": list(self.damaged),
             "missing": list(self.missing),
+            "blobs": [blob("damaged", d) for d in self.damaged]
+            + [blob("missing", d) for d in self.missing],
+            "images_to_fetch": list(self.images_to_fetch()),
             "problems": list(self.problems),
             "unreferenced": self.unreferenced,
             "layers_checked": len(self.layers),
             "layers_damaged": [c.to_json() for c in self.layers if not c.ok],
             "layers_repaired": list(self.repaired),
+            "blobs_set_aside": [{"digest": d, "path": p} for d, p in self.set_aside],
+            "kept_aside": self.kept_aside,
         }
 
     def to_text(self) -> str:
         head = (
-            f"checked {self.blobs_checked} blobs ({human_size(self.bytes_checked)}), "
-            f"{self.refs_checked} refs, {len(self.layers)} cached layers: "
+            f"checked {counted(self.blobs_checked, 'blob')} ({human_size(self.bytes_checked)}), "
+            f"{counted(self.refs_checked, 'ref')}, "
+            f"{counted(len(self.layers), 'cached layer')}: "
         )
         if self.repaired:
-            head = f"repaired {len(self.repaired)} cached layers\n" + head
+            head = f"repaired {counted(len(self.repaired), 'cached layer')}\n" + head
+        if self.set_aside:
+            head = (
+                f"moved {counted(len(self.set_aside), 'damaged blob')} aside to "
+                f"{self.damaged_dir}\n" + head
+            )
         if self.ok:
             tail = "ok"
             if self.unreferenced:
-                tail += f" ({self.unreferenced} unreferenced blobs; 'bootstrap gc' removes them)"
+                tail += (
+                    f" ({counted(self.unreferenced, 'unreferenced blob')}; "
+                    "'bootstrap gc' removes them)"
+                )
+            if self.kept_aside:
+                tail += (
+                    f"; {counted(self.kept_aside, 'damaged blob')} kept aside in "
+                    f"{self.damaged_dir} (remove them when no longer needed)"
+                )
             return head + tail
-        return head + f"{len(self.findings())} problems\n" + "\n".join(self.findings())
+        findings = self.findings()
+        return head + f"{counted(len(findings), 'problem')}\n" + "\n".join(findings)
 
 
 def _walk(
-    store: Store, on_problem: Callable[[str, str], None] | None = None
+    store: Store,
+    on_problem: Callable[[str, str], None] | None = None,
+    users: dict[str, set[str]] | None = None,
 ) -> tuple[set[str], set[str], int]:
     """Reachability from index.json: (reachable blob digests, diff_ids of stored image
     configs, refs). ``on_problem(kind, text)`` gets ("missing", digest) for a required blob
-    that is absent and ("damaged", digest) / ("problem", line) for unparseable content."""
+    that is absent and ("damaged", digest) / ("problem", line) for unparseable content.
+    ``users`` (when given) gets, for every blob reached or required, the references whose
+    image needs it."""
 
     def problem(kind: str, text: str) -> None:
         if on_problem is not None:
@@ -169,12 +237,14 @@ def _walk(
             problem("problem", exc.message)
             continue
         todo.append((d.digest, d.media_type, d.size, True, name))
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()  # per reference, so each blob learns all its users
     while todo:
         digest, media_type, size, required, where = todo.pop()
-        if digest in seen:
+        if (digest, where) in seen:
             continue
-        seen.add(digest)
+        seen.add((digest, where))
+        if users is not None and required:
+            users.setdefault(digest, set()).add(where)
         path = store.blob_path(digest)
         if not path.is_file():
             if required:
@@ -332,6 +402,8 @@ def gc(store: Store, timeout: float | None = STORE_LOCK_WAIT) -> GcReport:
             locks_removed,
             kept,
             checkouts_removed,
+            len(store.set_aside_blobs()),
+            str(store.damaged),
         )
 
 
@@ -340,20 +412,26 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
     blob reachable from index.json is present and parses; check every layer-cache entry
     against its record (every path, type, mode, owner, size, mtime and file content). Holds
     :meth:`reading` (pulls may run meanwhile; gc may not; a read-only store can be checked).
-    Without ``repair`` it never changes
-    anything; with ``repair`` each damaged cache entry whose blob is intact is extracted
-    again from it (one whose blob is gone is removed), and the report describes the store
-    after that."""
+    Without ``repair`` it never changes anything; with ``repair`` each blob that does not hash
+    to its name is moved aside into ``damaged/`` (:meth:`Store.set_aside`: kept as evidence,
+    and its image's next pull fetches it again), each damaged cache entry whose blob is intact
+    is extracted again from it (one whose blob is damaged or gone is removed), and the report
+    describes the store after that."""
     from bootstrap.image.layercache import repair_layer, verify_layer
 
     if not store.oci.exists():
         return FsckReport()  # no store yet: nothing stored, nothing damaged
     repaired: list[str] = []
+    set_aside: list[tuple[str, str]] = []
     if repair:
         before = fsck(store)
         bad = [c for c in before.layers if not c.ok]
-        if bad:
+        if bad or before.mismatched:
             store.init()  # a writer from here on: a read-only store fails clearly
+        for digest in before.mismatched:
+            moved = store.set_aside_if_damaged(digest)
+            if moved is not None:
+                set_aside.append((digest, str(moved)))
         with store.using():
             for check in bad:
                 if check.blob in before.damaged or check.blob in before.missing:
@@ -361,7 +439,7 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
                 with contextlib.suppress(UsageError):
                     repair_layer(store, check)
                 repaired.append(check.diff_id)
-        if not repaired:
+        if not repaired and not set_aside:
             return before
         # image trees are hardlinked from the cache: they still hold the damaged inodes.
         # Those no deployment uses are dropped (composed again when needed); held ones are
@@ -373,8 +451,10 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
                     if f"{algdir.name}:{entry.name}" not in held:
                         remove_tree(entry)
     damaged: list[str] = []
+    mismatched: list[str] = []
     missing: list[str] = []
     problems: list[str] = []
+    users: dict[str, set[str]] = {}
     with store.reading():
         layout = store.oci / "oci-layout"
         try:
@@ -396,6 +476,7 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
             nbytes += path.stat().st_size
             if hash_file(path, digest) != digest:
                 damaged.append(digest)
+                mismatched.append(digest)
 
         def on_problem(kind: str, text: str) -> None:
             if kind == "missing":
@@ -407,12 +488,14 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
                 problems.append(text)
 
         try:
-            reachable, _, refs = _walk(store, on_problem)
+            reachable, _, refs = _walk(store, on_problem, users)
         except IntegrityError as exc:
             problems.append(exc.message)
             reachable, refs = set(), 0
         unreferenced = len(names - reachable)
         layers = tuple(verify_layer(path, diff_id) for diff_id, path in _cached_layers(store))
+        aside = len(store.set_aside_blobs())
+    bad_blobs = {*damaged, *missing}
     return FsckReport(
         checked,
         nbytes,
@@ -423,6 +506,12 @@ def fsck(store: Store, *, repair: bool = False) -> FsckReport:
         refs,
         layers,
         tuple(repaired),
+        needed_by={d: tuple(sorted(users.get(d, ()))) for d in bad_blobs},
+        paths={d: str(store.blob_path(d)) for d in bad_blobs},
+        set_aside=tuple(set_aside),
+        kept_aside=aside,
+        damaged_dir=str(store.damaged),
+        mismatched=tuple(sorted(set(mismatched))),
     )
 
 

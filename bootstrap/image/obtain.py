@@ -94,6 +94,7 @@ def obtain(
     extract: UnpackOptions | None = None,
     jitter: float = 0.0,
     progress: Progress | None = None,
+    verify_stored: bool = False,
 ) -> Obtained:
     """The image ``text`` names, from the store or pulled into it as ``policy`` says (see the
     module docstring). ``verifier()`` is called once, only when a pull happens, before any
@@ -101,7 +102,8 @@ def obtain(
     is stored (None skips verification: library use and tests). ``extract``: the pull also
     fills the layer cache in the same pass. ``jitter``: a pull first waits a random
     0..``jitter`` seconds (nodes started together then do not reach a mirror in the same
-    instant). ``platform`` selects from an index (default: the host's).
+    instant). ``platform`` selects from an index (default: the host's). ``verify_stored``: a
+    pull hashes the blobs it finds stored before taking them as present (``bootstrap pull``).
 
     Raises UsageError (bad reference or policy; with ``never`` an image not stored, hint:
     the pull command), RegistryError, IntegrityError, BusyError, TrustError (refused by the
@@ -116,7 +118,7 @@ def obtain(
         delay = random.uniform(0, jitter)
         log.info("waiting %.2fs (--jitter %g) before pulling", delay, jitter)
         time.sleep(delay)
-    result = _pull(store, text, platform, checker, extract, progress)
+    result = _pull(store, text, platform, checker, extract, progress, verify_stored)
     return Obtained(result.name, result.image, result)
 
 
@@ -127,6 +129,7 @@ def _pull(
     verifier: ImageVerifier | None,
     extract: UnpackOptions | None,
     progress: Progress | None,
+    verify_stored: bool = False,
 ) -> PullResult:
     from bootstrap.image.pull import pull_image
     from bootstrap.image.registry import RegistryClient
@@ -148,4 +151,5 @@ def _pull(
             fetched=fetched,
             verifier=verifier,
             extract=extract,
+            verify_stored=verify_stored,
         )

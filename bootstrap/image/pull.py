@@ -126,6 +126,7 @@ def pull_image(
     fetched: FetchedManifest | None = None,
     verifier: ImageVerifier | None = None,
     extract: UnpackOptions | None = None,
+    verify_stored: bool = False,
 ) -> PullResult:
     """Pull ``reference`` into ``store`` and tag it as ``str(reference)``; return what was pulled.
 
@@ -150,6 +151,9 @@ def pull_image(
     and, through a pipe, into an extractor thread, and neither is committed until the blob's
     size and digest and the layer's diff_id all match (a mismatch removes both). Layers whose
     blob is already stored or whose cache entry exists are not extracted here.
+    ``verify_stored``: a blob already stored is hashed before it is taken as present (what
+    ``bootstrap pull`` does); one that does not hash to its digest is moved aside and fetched
+    again. Without it, a stored blob of the right size is present (fsck hashes).
 
     Raises :class:`RegistryError` (exit 3) for registry/network failures,
     :class:`IntegrityError` (exit 4) for content that does not match its digest or size (nothing
@@ -171,6 +175,7 @@ def pull_image(
                 fetched=fetched,
                 verifier=verifier,
                 extract=extract,
+                verify_stored=verify_stored,
             )
     from bootstrap.image import manifest as mf
 
@@ -250,14 +255,16 @@ def pull_image(
 
             progress.add(desc.digest, desc.size, label)
             try:
-                store.ensure_blob(desc, download, before_commit=commit_point)
+                store.ensure_blob(desc, download, before_commit=commit_point, verify=verify_stored)
             except BaseException:
                 if streamed is not None:
                     streamed.settle(commit=False)
                 raise
             if streamed is not None:
                 streamed.settle(commit=True)
-            progress.done(desc.digest, "" if called else "already present")
+            progress.done(
+                desc.digest, "" if called else "already present" + (", verified" * verify_stored)
+            )
 
         cfg_desc = served.config
         if cfg_desc.size > MAX_CONFIG_BYTES:
@@ -294,13 +301,15 @@ def pull_image(
         # every blob is in: now the manifest, then the tag
         if served.media_type == DOCKER_MANIFEST:
             oci_data = oci_manifest(manifest_data)
-            desc = store.put_blob(oci_data, OCI_MANIFEST)
+            desc = store.put_blob(oci_data, OCI_MANIFEST, verify=verify_stored)
             converted = mf.parse_manifest(oci_data, OCI_MANIFEST, desc.digest)
             if not isinstance(converted, Manifest):  # pragma: no cover - oci_manifest keeps kind
                 raise IntegrityError(f"{name}: conversion to OCI failed", "report a bug")
             stored = converted
         else:
-            desc = store.put_blob(manifest_data, served.media_type, digest=served.digest)
+            desc = store.put_blob(
+                manifest_data, served.media_type, digest=served.digest, verify=verify_stored
+            )
             stored = served
         source = {SOURCE_DIGEST_ANNOTATION: fetched.digest} if fetched.digest != desc.digest else {}
         if admitted:

@@ -11,6 +11,8 @@ Layout under ``root`` (``Settings.store``)::
     layers/<alg>/<hex>   extracted-layer cache dirs keyed by diff_id (written by image.layercache)
     trees/<alg>/<hex>    composed read-only lower trees of images, keyed by manifest digest
     holds/<key>.json     what deployments use (gc keeps those trees and layers)
+    damaged/             blobs found damaged, moved aside (evidence; neither gc nor fsck
+                         removes them)
 
 Lock discipline (``fcntl.flock`` via :func:`bootstrap.locks.flocked` only):
 
@@ -46,6 +48,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +152,7 @@ class Store:
         self.layers = self.root / "layers"
         self.trees = self.root / "trees"
         self.holds = self.root / "holds"
+        self.damaged = self.root / "damaged"
         self._index_path = self.oci / "index.json"
         self._store_lock = self.locks / "store.lock"
         #: held exclusively while index.json (or oci-layout) is rewritten
@@ -394,14 +398,18 @@ class Store:
         fetch: Callable[[Callable[[bytes], object]], None],
         *,
         before_commit: Callable[[], None] | None = None,
+        verify: bool = False,
     ) -> Path:
         """Make sure the blob ``desc`` names is stored; return its path.
 
         Under the blob's own lock: if the blob is present, return at once (each blob is fetched
-        once even by concurrent pullers). Otherwise call ``fetch(write)``, which must stream the
-        content by calling ``write(chunk)``; the chunks go to a temp file under ``tmp/`` while
-        being hashed. More bytes than ``desc.size`` raise :class:`IntegrityError` at once; at
-        the end the size and digest must match exactly, else :class:`IntegrityError` (exit 4).
+        once even by concurrent pullers). Present means: of the descriptor's size, and with
+        ``verify`` also hashing to its digest; a stored blob that is not is damaged, moved
+        aside (:meth:`set_aside`) and fetched again. Otherwise call ``fetch(write)``, which
+        must stream the content by calling ``write(chunk)``; the chunks go to a temp file
+        under ``tmp/`` while being hashed. More bytes than ``desc.size`` raise
+        :class:`IntegrityError` at once; at the end the size and digest must match exactly,
+        else :class:`IntegrityError` (exit 4).
         The file is fsynced and renamed into ``blobs/``. ``before_commit`` (when given) is
         called after the size and digest matched and before the rename; whatever it raises
         propagates and nothing is stored. On any failure (including errors raised by ``fetch``,
@@ -410,16 +418,19 @@ class Store:
         path = self.blob_path(desc.digest)  # IntegrityError for a malformed digest
         self.init()
         with self.using(), self._blob_lock(desc.digest):
-            if self._present(desc, path):
+            if self._present(desc, path, verify):
                 return path
             self._write_blob(desc, path, fetch, before_commit)
             return path
 
-    def put_blob(self, data: bytes, media_type: str, *, digest: str | None = None) -> Descriptor:
+    def put_blob(
+        self, data: bytes, media_type: str, *, digest: str | None = None, verify: bool = False
+    ) -> Descriptor:
         """Store a small blob (manifest, config) given whole; return its descriptor.
 
         The digest is sha256 of ``data`` unless ``digest`` is given, in which case ``data`` must
-        hash to it (under its algorithm) or :class:`IntegrityError` is raised."""
+        hash to it (under its algorithm) or :class:`IntegrityError` is raised. ``verify``: as
+        for :meth:`ensure_blob`."""
         if digest is None:
             digest = digest_of(data)
         desc = Descriptor(media_type, check_digest(digest), len(data))
@@ -427,26 +438,71 @@ class Store:
         def fetch(write: Callable[[bytes], object]) -> None:
             write(data)
 
-        self.ensure_blob(desc, fetch)
+        self.ensure_blob(desc, fetch, verify=verify)
         return desc
 
-    def _present(self, desc: Descriptor, path: Path) -> bool:
+    def _present(self, desc: Descriptor, path: Path, verify: bool = False) -> bool:
+        """True when the blob is stored whole: its size is the descriptor's (and, with
+        ``verify``, it hashes to the digest). A stored file that is not is moved aside and
+        False returned; a blob that hashes right but whose size differs from the descriptor's
+        means the descriptor lies: :class:`IntegrityError`."""
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             return False
-        if size == desc.size:
+        if size == desc.size and not verify:
             return True
         # The digest fixes the size: either the stored file is damaged, or desc lies.
         actual = hash_file(path, desc.digest)
         if actual == desc.digest:
+            if size == desc.size:
+                return True
             raise IntegrityError(
                 f"descriptor of {desc.digest} says {desc.size} bytes, the content has {size}",
                 "the manifest is inconsistent; report it to the image's publisher",
             )
-        log.warning("stored blob %s is damaged; fetching it again", desc.digest)
-        path.unlink()
+        aside = self.set_aside(desc.digest)
+        log.warning(
+            "warning: stored blob %s was damaged (it hashes to %s); moved it to %s and "
+            "fetching it again",
+            desc.digest,
+            actual,
+            aside,
+        )
         return False
+
+    def set_aside(self, digest: str) -> Path:
+        """Move the stored blob ``digest`` out of ``blobs/`` into ``damaged/`` (a name with the
+        time, never overwriting an earlier one) and return where it went: a damaged blob is
+        kept as evidence, and its digest is free to be fetched again. The caller holds
+        :meth:`using` (and the blob's lock when one may be writing it)."""
+        src = self.blob_path(digest)
+        alg, hexpart = _split(digest)
+        with self._io("move a damaged blob aside"):
+            make_dirs(self.damaged)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            fd, name = tempfile.mkstemp(dir=self.damaged, prefix=f"{alg}-{hexpart}.{stamp}.")
+            os.close(fd)
+            os.replace(src, name)
+            fsync_dir(src.parent)
+            fsync_dir(self.damaged)
+        return Path(name)
+
+    def set_aside_if_damaged(self, digest: str) -> Path | None:
+        """Under the store lock and the blob's own: when the stored blob ``digest`` (still)
+        does not hash to its name, :meth:`set_aside` it and return where it went; else
+        None (intact, or gone)."""
+        path = self.blob_path(digest)
+        with self.using(), self._blob_lock(digest):
+            if not path.is_file() or hash_file(path, digest) == digest:
+                return None
+            return self.set_aside(digest)
+
+    def set_aside_blobs(self) -> list[Path]:
+        """The blobs moved aside into ``damaged/`` (oldest first)."""
+        if not self.damaged.is_dir():
+            return []
+        return sorted(self.damaged.iterdir())
 
     def put_stream(
         self, media_type: str, fetch: Callable[[Callable[[bytes], object]], None]
