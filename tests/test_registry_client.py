@@ -1284,3 +1284,26 @@ def test_session_trusts_system_roots_and_extra_cas(
     with pytest.raises(requests.exceptions.SSLError):
         get(True)
     assert get(ExtraCAs(str(registry_tls.ca_cert))) == 200
+
+
+def test_no_endpoint_reachable_is_transient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror refusing connections and an upstream that does not resolve (an air-gapped node
+    whose mirror is not up yet): worth waiting for, as each failure alone is."""
+    from bootstrap.image import api
+
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        '[[registry]]\nlocation = "upstream.invalid"\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:1"\ninsecure = true\n'
+    )
+    monkeypatch.setenv("REGISTRIES_CONFIG_PATH", str(conf))
+    remote = api.Remote()
+    try:
+        with pytest.raises(RegistryError) as info:
+            remote.digest("upstream.invalid/x/y:1")
+    finally:
+        remote.close()
+    assert "none of the 2 endpoints" in info.value.message
+    assert api.is_transient(info.value)

@@ -169,7 +169,7 @@ class RegistryClient:
                 "check the repository name, tag and digest",
             )
         detail = "; ".join(f"{_role(ep)} {e.message}" for ep, e in errors)
-        raise RegistryError(
+        raise _aggregate(errors)(
             f"{target}: none of the {len(errors)} endpoints served the manifest: {detail}",
             errors[-1][1].hint,
         )
@@ -207,7 +207,7 @@ class RegistryClient:
         if len(errors) == 1 or isinstance(errors[-1][1], NotFoundError):
             raise errors[-1][1]
         detail = "; ".join(f"{_role(ep)} {e.message}" for ep, e in errors)
-        raise RegistryError(
+        raise _aggregate(errors)(
             f"{ref}: none of the {len(errors)} endpoints answered for the manifest: {detail}",
             errors[-1][1].hint,
         )
@@ -510,6 +510,15 @@ class RegistryClient:
                 "the registry serves wrong content; do not trust it",
             )
         return data
+
+
+def _aggregate(errors: list[tuple[Endpoint, RegistryError]]) -> type[RegistryError]:
+    """The error class for "no endpoint served it": :class:`TransientError` when every endpoint
+    failed in a way that may pass (a mirror refusing connections while the upstream does not
+    resolve, on an air-gapped node), so callers that wait for a registry keep waiting."""
+    if all(isinstance(e, TransientError) for _, e in errors):
+        return TransientError
+    return RegistryError
 
 
 def _role(ep: Endpoint) -> str:
