@@ -10,6 +10,7 @@ import pytest
 
 from bootstrap.deploy import definition as defn
 from bootstrap.errors import UsageError
+from bootstrap.runtime.health import HealthCheck
 
 
 def write_def(root: Path, **files: str) -> Path:
@@ -181,6 +182,19 @@ def test_auto_update_and_health(tmp_path: Path) -> None:
     assert d.health.start_period == 60.0
     plain = defn.load(write_def(tmp_path / "plain", manifest="{}"))
     assert plain.auto_update is None and plain.health is None
+    web = defn.load(
+        write_def(
+            tmp_path / "web",
+            manifest=json.dumps({"health": {"http": "http://127.0.0.1:10248/healthz"}}),
+        )
+    )
+    assert web.health is not None and web.health.argv == ()
+    assert web.health.http == "http://127.0.0.1:10248/healthz"
+    assert web.health.describe() == "GET http://127.0.0.1:10248/healthz"
+    assert HealthCheck.from_json(web.health.to_json()) == web.health
+    assert HealthCheck.from_json(d.health.to_json()) == d.health
+    kubelet = defn.load(Path(__file__).resolve().parents[1] / "images" / "kubelet")
+    assert kubelet.health is not None and kubelet.health.http.endswith(":10248/healthz")
 
 
 @pytest.mark.parametrize(
@@ -195,6 +209,15 @@ def test_auto_update_and_health(tmp_path: Path) -> None:
         ({"health": {"exec": ["c"], "retries": 0}}, "health.retries"),
         ({"health": {"exec": ["c"], "retries": True}}, "health.retries"),
         ({"health": {"exec": ["c"], "cmd": ["x"]}}, "unknown key 'cmd'"),
+        ({"health": {}}, "exactly one of exec and http"),
+        ({"health": {"exec": ["c"], "http": "http://127.0.0.1/"}}, "exactly one of exec and http"),
+        ({"health": {"http": ""}}, "health.http: must be a URL"),
+        ({"health": {"http": ["http://x/"]}}, "health.http: must be a URL"),
+        ({"health": {"http": "ftp://127.0.0.1/x"}}, "not an http(s) URL"),
+        ({"health": {"http": "http:///healthz"}}, "not an http(s) URL"),
+        ({"health": {"http": "http://127.0.0.1:99999/"}}, "is not a URL"),
+        ({"health": {"http": "http://u:p@127.0.0.1/"}}, "holds credentials"),
+        ({"health": {"http": "http://127.0.0.1/a b"}}, "must be a URL"),
     ],
 )
 def test_bad_auto_update_and_health(tmp_path: Path, manifest: object, word: str) -> None:

@@ -256,6 +256,8 @@ def _manifest(reg: Registry, images: dict[str, str], extra: str = "") -> str:
 version: 1
 registries:
   insecure: ["{reg.host}"]
+  mirrors:
+    registry.k8s.io: ["{reg.host}"]
 network:
   timeout: 30
 containers:
@@ -266,6 +268,7 @@ containers:
       CRI_SOCKET: {cri.CRI_SOCKET}
       CRI_RUN_DIR: /run/containerd
       CRI_STATE_DIR: /var/lib/containerd
+      IMAGE_IMPORT: exec ctr -n k8s.io images import -
     ready:
       cri_socket: {cri.CRI_SOCKET}
       timeout: 120
@@ -276,7 +279,11 @@ containers:
       KUBELET: {cri.STANDIN_KUBELET}
       CRI_SOCKET: {cri.CRI_SOCKET}
     after: [ocid]
-{extra}"""
+{extra}pods:
+  # the sandbox image of the stand-in's probe: its /healthz (the kubelet's health check)
+  # answers ok only once that probe ran a pod
+  images: [{cri.PAUSE_IMAGE}]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -284,8 +291,10 @@ def node_images(_registry_plain: Registry) -> dict[str, str]:
     reg = _registry_plain
     daemon = cri.cri_daemon_image()
     standin = cri.kubelet_standin_image()
+    pause = cri.pause_image()
     reg.push(daemon.layout, daemon.tag, "bootstrap/ocid:containerd")
     reg.push(standin.layout, standin.tag, "bootstrap/kubelet:standin")
+    reg.push(pause.layout, pause.tag, "pause:3.9")  # served as registry.k8s.io/pause (mirror)
     return {
         "ocid": f"{reg.host}/bootstrap/ocid:containerd",
         "kubelet": f"{reg.host}/bootstrap/kubelet:standin",
@@ -515,6 +524,7 @@ trust:
     default: [{{type: reject}}]
     transports:
       docker:
+        registry.k8s.io/pause: [{{type: insecureAcceptAnything}}]
         "{reg.host}/bootstrap":
           - {{type: signedBy, keyType: GPGKeys, keyPath: /etc/pki/containers/ops.gpg}}
   files:
@@ -537,8 +547,8 @@ trust:
         assert "lookaside" in node.read_file("/etc/containers/registries.d/ops.yaml")
         # the signed CRI daemon and kubelet images were admitted; nothing was installed
         images = {i["name"]: i for i in node.bootstrap("--json", "images", check=True).json()}
-        assert set(images) == {node_images["ocid"], node_images["kubelet"]}
-        assert all("signedBy" in i["admitted"] for i in images.values())
+        assert set(images) == {node_images["ocid"], node_images["kubelet"], cri.PAUSE_IMAGE}
+        assert all("signedBy" in images[node_images[n]]["admitted"] for n in ("ocid", "kubelet"))
         assert not node.path(f"{STATE}/containers/ocid").exists()
         assert not node.path(f"{STATE}/.provisioned").exists()
         node.bootstrap("fsck", check=True)

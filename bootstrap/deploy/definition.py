@@ -10,8 +10,9 @@ A definition is a directory (``--definition DIR``, an image's ``/exports``) hold
   container's pid 1; default ``auto``), ``"initNames": ["name", ...]`` (more executable
   names that ``auto`` treats as an init already),
   ``"autoUpdate": "registry"|"local"|"off"`` (the container's default auto-update policy),
-  ``"health": {"exec": [argv...], "interval": S, "timeout": S, "retries": N,
-  "start_period": S}`` (a check run inside the container, see :class:`HealthCheck`) and
+  ``"health": {"exec": [argv...] | "http": URL, "interval": S, "timeout": S, "retries": N,
+  "start_period": S}`` (a check run inside the container, or a URL fetched from the host; see
+  :class:`HealthCheck`) and
   ``"type": "service"|"oneshot"`` (default ``service``: a long-running container; ``oneshot``:
   its command runs once at start, e.g. a self-check of files it puts on the host, and the unit
   stays active once it succeeded; no ``"readiness": "notify"``, no ``health`` then);
@@ -63,7 +64,7 @@ READINESS = ("none", "notify")
 UNIT_TYPES = ("service", "oneshot")
 DEFAULT_STOP_TIMEOUT = 5
 AUTO_UPDATE_POLICIES = ("registry", "local", "off")
-HEALTH_KEYS = ("exec", "interval", "timeout", "retries", "start_period")
+HEALTH_KEYS = ("exec", "http", "interval", "timeout", "retries", "start_period")
 IMAGE_IMPORT_KEYS = ("exec", "timeout")
 DEFAULT_IMPORT_TIMEOUT = 600.0
 DEFAULT_START_TIMEOUT = 60
@@ -442,7 +443,16 @@ def parse_health(doc: Any, where: str) -> HealthCheck:
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r}", f"known: {', '.join(HEALTH_KEYS)}")
     argv = doc.get("exec")
-    if (
+    url = doc.get("http")
+    if (argv is None) == (url is None):
+        raise UsageError(
+            f"{where}: give exactly one of exec and http",
+            '{"exec": ["/bin/check"]} runs in the container; '
+            '{"http": "http://127.0.0.1:10248/healthz"} is fetched from the host',
+        )
+    if url is not None:
+        _check_url(url, f"{where}.http")
+    elif (
         not isinstance(argv, list)
         or not argv
         or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
@@ -455,12 +465,32 @@ def parse_health(doc: Any, where: str) -> HealthCheck:
     if isinstance(retries, bool) or not isinstance(retries, int) or not 1 <= retries <= 100:
         raise UsageError(f"{where}.retries: must be an integer from 1 to 100", "e.g. 3")
     return HealthCheck(
-        argv=tuple(argv),
+        argv=tuple(argv or ()),
+        http=str(url or ""),
         interval=_seconds(doc.get("interval"), f"{where}.interval", 1.0, zero=False),
         timeout=_seconds(doc.get("timeout"), f"{where}.timeout", 10.0, zero=False),
         retries=retries,
         start_period=_seconds(doc.get("start_period"), f"{where}.start_period", 0.0, zero=True),
     )
+
+
+def _check_url(url: Any, where: str) -> None:
+    """Raise :class:`UsageError` naming ``where`` unless ``url`` is an http(s) URL with a host
+    and no credentials, whitespace or control characters."""
+    from urllib.parse import urlsplit
+
+    hint = 'an http:// or https:// URL, e.g. "http://127.0.0.1:10248/healthz"'
+    if not isinstance(url, str) or not url or _CONTROL.search(url) or " " in url:
+        raise UsageError(f"{where}: must be a URL", hint)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {url!r} is not a URL: {exc}", hint) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{where}: {url!r} is not an http(s) URL with a host", hint)
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(f"{where}: {url!r} holds credentials", "health URLs take none")
 
 
 def parse_image_import(doc: Any, where: str) -> ImageImport:

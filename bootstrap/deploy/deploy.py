@@ -200,6 +200,8 @@ class Deployment:
     #: ``imageImport`` rendered with this deployment's values): argv and timeout in seconds.
     image_import: tuple[str, ...] = ()
     image_import_timeout: float = 0.0
+    #: The definition's health check (None: none, or recorded by an older bootstrap).
+    health: HealthCheck | None = None
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
@@ -231,6 +233,7 @@ class Deployment:
                 host_files=hostfs.load(path),
                 image_import=tuple(str(a) for a in (doc.get("image_import") or {}).get("argv", ())),
                 image_import_timeout=float((doc.get("image_import") or {}).get("timeout", 0.0)),
+                health=HealthCheck.from_json(doc["health"]) if doc.get("health") else None,
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BootstrapError(
@@ -259,6 +262,7 @@ class Deployment:
             "admitted": self.admitted,
             "host_files": [e.to_json() for e in self.host_files],
             **self._image_import_json(),
+            "health": self.health.to_json() if self.health else None,
         }
 
     def _image_import_json(self) -> dict[str, Any]:
@@ -319,6 +323,8 @@ class Plan:
     def info(self, installed: str) -> dict[str, Any]:
         """The deployment's info.json document."""
         extra: dict[str, Any] = {}
+        if self.definition.health is not None:
+            extra["health"] = self.definition.health.to_json()
         if self.image_import and self.definition.image_import is not None:
             extra["image_import"] = {
                 "argv": list(self.image_import),
@@ -880,15 +886,19 @@ class Deployer:
                 self._install_unit(paths, slot, udir)
                 self.manager.reload()
                 self.manager.enable([self._unit_arg(paths, udir)])
+                health = staged_plan.definition.health
                 unit = (
                     self.manager.start(
                         paths.unit,
-                        timeout=start_job_timeout(staged_plan),
+                        timeout=health_job_timeout(staged_plan),
                         settle=install_settle(staged_plan, settle),
                     )
                     if start
                     else self.manager.state(paths.unit)
                 )
+                if start and health is not None:
+                    self._wait_healthy(paths, health)
+                    unit = self.manager.state(paths.unit)
             except BaseException as exc:
                 try:
                     self._remove_everything(paths, udir)
@@ -899,6 +909,8 @@ class Deployer:
                 raise
             deployment = Deployment.load(slot)
             how = "started" if start else "not started (--no-start)"
+            if start and staged_plan.definition.health is not None:
+                how += f" and healthy ({staged_plan.definition.health.describe()})"
             return DeployResult(
                 "install",
                 name,
@@ -989,9 +1001,7 @@ class Deployer:
                 _remove_slot(paths.staged)
                 raise
             health = staged.definition.health
-            job_timeout: dict[str, float] = {"timeout": start_job_timeout(staged)}
-            if health and health.start_period > 0 and staged.definition.readiness == "notify":
-                job_timeout["timeout"] = health.start_period  # READY=1 within it
+            job_timeout: dict[str, float] = {"timeout": health_job_timeout(staged)}
             was_running = self.manager.state(paths.unit).running
             write_atomic(paths.staged / PREVIOUS, active.name)
             host.begin(paths.staged)
@@ -1045,7 +1055,7 @@ class Deployer:
         fails or the unit stops meanwhile."""
         from bootstrap.runtime.health import wait_healthy
 
-        log.info("%s: waiting for its health check %s", paths.name, " ".join(check.argv))
+        log.info("%s: waiting for its health check %s", paths.name, check.describe())
         wait_healthy(
             paths.name, check, alive=lambda: self.manager.state(paths.unit).active_state == "active"
         )
@@ -1305,6 +1315,16 @@ def start_job_timeout(the_plan: Plan) -> float:
     systemd's own stop and start timeouts, so systemd's verdict (and message) comes first."""
     d = the_plan.definition
     return float(max(DEFAULT_JOB_TIMEOUT, d.start_timeout + d.stop_timeout + 60))
+
+
+def health_job_timeout(the_plan: Plan) -> float:
+    """How long bootstrap waits for a start or restart job of ``the_plan``'s unit when its
+    health is judged next: :func:`start_job_timeout`, but a ``notify`` unit whose health check
+    has a start period must send READY=1 within that period."""
+    health = the_plan.definition.health
+    if health and health.start_period > 0 and the_plan.definition.readiness == "notify":
+        return health.start_period
+    return start_job_timeout(the_plan)
 
 
 def _fits_mount_options(*dirs: Path) -> bool:
