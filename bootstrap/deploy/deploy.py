@@ -595,6 +595,7 @@ class Deployer:
                 self._settle_host_files(paths, back, flip=True)
                 self._install_unit(paths, back, Path(Deployment.load(back).unit_dir))
                 self.manager.reload()
+                self.run_what_the_link_says(paths)  # before the slot it may run is removed
         live = paths.active()
         if live is not None and any(hostfs.pending(s) for s in _all_slots(paths)):
             log.warning("%s: a change of its host files was interrupted; finishing it", paths.name)
@@ -605,6 +606,31 @@ class Deployer:
             if os.path.lexists(stale) and paths.active() != stale:
                 log.info("removing stale %s", stale)
                 _remove_slot(stale)
+
+    def run_what_the_link_says(self, paths: Paths) -> bool:
+        """Restart ``paths``' unit when it is running but its container does not run the
+        deployment the ``NAME`` symlink points to (:func:`runc.runs_from`; when that cannot be
+        told, it is restarted too). Returns whether it was restarted; a unit that is not running
+        is left so (it starts what the symlink names). Raises :class:`SystemdError` when the
+        restart fails."""
+        live = paths.active()
+        if live is None:
+            return False
+        unit = self.manager.state(paths.unit)
+        if not unit.running:
+            return False
+        if unit.service_type != "oneshot" and runc.runs_from(paths.name, live / "rootfs"):
+            return False
+        log.warning(
+            "%s: %s does not run %s, which %s points to; restarting it",
+            paths.name,
+            paths.unit,
+            live.name,
+            paths.link.name,
+        )
+        self.manager.reset_failed(paths.unit)
+        self.manager.restart(paths.unit, settle=0.0)
+        return True
 
     def _settle_host_files(
         self,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import SystemdError
@@ -52,6 +54,23 @@ def state(name: str, runtime: str | None = None) -> ContainerState | None:
         pid=int(doc.get("pid") or 0),
         bundle=str(doc.get("bundle", "")),
     )
+
+
+def runs_from(name: str, rootfs: str | Path, runtime: str | None = None) -> bool | None:
+    """Whether container ``name``'s pid 1 runs with ``rootfs`` as its root: the same file system
+    object (device and inode) as ``/proc/PID/root`` — the overlay mounted for that deployment,
+    or the checkout bound as the root. False when runc knows no running container ``name`` or
+    another root is seen; None when it cannot be told (``/proc/PID/root`` or ``rootfs`` cannot
+    be read, e.g. without privileges)."""
+    st = state(name, runtime)
+    if st is None or st.status != "running" or st.pid <= 0:
+        return False
+    try:
+        root = os.stat(f"/proc/{st.pid}/root")
+        want = os.stat(rootfs)
+    except OSError:
+        return None
+    return (root.st_dev, root.st_ino) == (want.st_dev, want.st_ino)
 
 
 def delete(name: str, runtime: str | None = None) -> None:
