@@ -15,11 +15,9 @@ import queue
 import threading
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-from bootstrap.image.layercache import ensure_layer
-from bootstrap.image.model import Descriptor
-
 if TYPE_CHECKING:
     from bootstrap.image.apply import UnpackOptions
+    from bootstrap.image.model import Descriptor
     from bootstrap.image.store import Store
 
 
@@ -142,6 +140,9 @@ class StreamedLayer:
 
     def _run(self, store: Store, desc: Descriptor, diff_id: str, options: UnpackOptions) -> None:
         try:
+            # the extraction path (apply, tarstream, isal) is imported by pulls that extract
+            from bootstrap.image.layercache import ensure_layer
+
             ensure_layer(
                 store,
                 desc,

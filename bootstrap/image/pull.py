@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bootstrap.errors import BootstrapError, IntegrityError
-from bootstrap.image.layercache import cached_layer
 from bootstrap.image.model import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -228,12 +227,11 @@ def pull_image(
                 nonlocal called, streamed
                 called = True
                 diff_id = diff_of.get(desc.digest)
-                if (
-                    extract is not None
-                    and diff_id is not None
-                    and cached_layer(store, diff_id, extract) is None
-                ):
-                    streamed = StreamedLayer(store, desc, diff_id, extract)
+                if extract is not None and diff_id is not None:
+                    from bootstrap.image.layercache import cached_layer
+
+                    if cached_layer(store, diff_id, extract) is None:
+                        streamed = StreamedLayer(store, desc, diff_id, extract)
                 tee = streamed
 
                 def sink(chunk: bytes) -> None:
