@@ -167,15 +167,16 @@ class NginxCache:
 
 
 @contextlib.contextmanager
-def site_cache(kind: str, upstream: Registry) -> Iterator[str]:
+def site_cache(kind: str, upstream: Registry) -> Iterator[tuple[str, int]]:
     """A cold site cache of ``kind`` ("registry" or "nginx") for ``upstream``; yields the
-    host:port nodes list as their mirror. Removed afterwards."""
+    host:port nodes list as their mirror and the pid of its (main) process. Removed
+    afterwards."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=SCRATCH_ROOT))
     try:
         if kind == "nginx":
             cache = NginxCache(root, upstream.host)
             try:
-                yield cache.host
+                yield cache.host, cache.proc.pid
             finally:
                 cache.close()
         else:
@@ -183,7 +184,7 @@ def site_cache(kind: str, upstream: Registry) -> Iterator[str]:
             mirror.remote = upstream.url
             mirror.start()
             try:
-                yield mirror.host
+                yield mirror.host, mirror.proc.pid if mirror.proc else 0
             finally:
                 mirror.close()
     finally:
@@ -202,6 +203,35 @@ def upstream_bytes(log_text: str) -> tuple[int, int]:
     return total, blobs
 
 
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, total, softirq) CPU seconds of the whole machine since boot, all cores
+    (``/proc/stat``); softirq is mostly the loopback network's packet processing, which no
+    process is charged for."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / tick, sum(fields) / tick, (fields[5] + fields[6]) / tick
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) used so far by process ``pid`` and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                pending += [int(c) for c in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -210,7 +240,7 @@ def _children_cpu() -> float:
 def fleet_round(
     upstream: Registry, n: int, size: int, work: Path, jitter: float = 0.0, cache: str = "registry"
 ) -> dict[str, float]:
-    with site_cache(cache, upstream) as mirror_host:
+    with site_cache(cache, upstream) as (mirror_host, cache_pid):
         conf = work / f"registries-{n}.conf"
         conf.write_text(
             f'[[registry]]\nlocation = "{upstream.host}"\ninsecure = true\n'
@@ -222,6 +252,11 @@ def fleet_round(
         ref = upstream.ref(REPO_NAME)
         pull = ["pull", "--jitter", str(jitter), ref] if jitter else ["pull", ref]
         cpu_before = _children_cpu()  # the registries are children too, but not reaped yet
+        cache_before, up_before = (
+            tree_cpu(cache_pid),
+            tree_cpu(upstream.proc.pid if upstream.proc else 0),
+        )
+        busy_before, total_before, irq_before = machine_cpu()
         started = time.monotonic()
         procs = [
             subprocess.Popen(
@@ -240,6 +275,10 @@ def fleet_round(
                 log(f"node failed (exit {p.returncode}): {err.decode(errors='replace')[-500:]}")
         elapsed = time.monotonic() - started
         cpu = _children_cpu() - cpu_before
+        busy, total, irq = machine_cpu()
+        busy, total, irq = busy - busy_before, total - total_before, irq - irq_before
+        cache_cpu = tree_cpu(cache_pid) - cache_before
+        up_cpu = tree_cpu(upstream.proc.pid if upstream.proc else 0) - up_before
         time.sleep(0.3)  # let the access log be written
         text = upstream.log_path.read_bytes()[before:].decode(errors="replace")
         served, blob_gets = upstream_bytes(text)
@@ -258,6 +297,12 @@ def fleet_round(
             "blob_gets": blob_gets,
             "cpu_per_node": cpu / n,
             "cpu_bound": cpu / (os.cpu_count() or 1),
+            "cache_cpu": cache_cpu,
+            "upstream_cpu": up_cpu,
+            # the machine's busy share over the wave, and what others ran meanwhile
+            "busy": busy / total if total else 0.0,
+            "irq_cpu": irq,
+            "others_cpu": max(0.0, busy - irq - cpu - cache_cpu - up_cpu),
             "failed": failed,
             "unclean": unclean,
         }
@@ -301,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"{cache:<8} N={n:<3} {res['seconds']:6.2f}s  upstream "
                             f"{human(res['upstream'])} ({res['ratio']:.2f}x image, "
                             f"{res['blob_gets']:.0f} blob GETs)  CPU {res['cpu_per_node']:.2f}"
-                            f"s/node ({res['cpu_bound']:.1f}s of all cores)  "
+                            f"s/node ({res['cpu_bound']:.1f}s of all cores), cache "
+                            f"{res['cache_cpu']:.1f}s, upstream {res['upstream_cpu']:.1f}s, "
+                            f"softirq {res['irq_cpu']:.1f}s, others {res['others_cpu']:.1f}s, "
+                            f"machine {res['busy']:.0%} busy  "
                             f"failed {res['failed']:.0f}  fsck unclean {res['unclean']:.0f}",
                             flush=True,
                         )
@@ -311,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jitter: {args.jitter:g}s" if args.jitter else "jitter: none")
     print(
         "\n| cache | N | time to all pulled (median) | x N = 1 | upstream bytes x image (max) "
-        "| failed or unclean | CPU s/node | CPU s of all cores |"
+        "| failed or unclean | CPU s/node | nodes' CPU s of all cores | cache CPU s "
+        "| softirq CPU s | others' CPU s | machine busy |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cache in caches:
         base = median([x["seconds"] for x in results[cache, counts[0]]])
         for n in counts:
@@ -323,9 +372,14 @@ def main(argv: list[str] | None = None) -> int:
             bad = sum(x["failed"] + x["unclean"] for x in rows)
             per_node = median([x["cpu_per_node"] for x in rows])
             bound = median([x["cpu_bound"] for x in rows])
+            cache_cpu = median([x["cache_cpu"] for x in rows])
+            others = median([x["others_cpu"] for x in rows])
+            irq = median([x["irq_cpu"] for x in rows])
+            busy = median([x["busy"] for x in rows])
             print(
                 f"| {cache} | {n} | {t:.2f} s | {t / base:.1f} | {up:.2f} | {bad:.0f} "
-                f"| {per_node:.2f} | {bound:.2f} |"
+                f"| {per_node:.2f} | {bound:.2f} | {cache_cpu:.1f} | {irq:.1f} | {others:.1f} "
+                f"| {busy:.0%} |"
             )
     print(machine_note().replace("at start", "at end"))
     return 0
