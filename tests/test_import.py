@@ -452,3 +452,68 @@ def test_docker_archive_compressed_layer_read_once(
         import_archive(other, tmp_path / "b.tar", None)
     assert [p for p in (other.root / "blobs").rglob("*") if p.is_file()] == []
     assert not any(other.tmp.iterdir())
+
+
+# ---- what a damaged or wrong file says: the archive, what is wrong in it, a hint about it ----
+
+
+def _flip_in_largest_member(archive: Path, out: Path) -> None:
+    data = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tf:
+        big = max(tf.getmembers(), key=lambda m: m.size)
+    data[big.offset_data + big.size // 2] ^= 0xFF
+    out.write_bytes(bytes(data))
+
+
+def _bad_number_tar(out: Path) -> None:
+    data = bytearray(_tar([reg("x", b"abc")]))
+    header = next(i for i in range(0, len(data), 512) if data[i : i + 1] == b"x")
+    data[header + 124 : header + 136] = b"sa\xebDzzzzzzzz"  # size: not octal
+    data[header + 148 : header + 156] = b" " * 8
+    checksum = sum(data[header : header + 512])
+    data[header + 148 : header + 156] = f"{checksum:06o}\0 ".encode()
+    out.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("case", "rc", "message", "hint"),
+    [
+        ("garbage", 2, "garbage.tar: not a tar archive", "bootstrap import reads a docker-archive"),
+        ("not-a-gzip-tar", 2, "gz.tar.gz: not a gzip tar", "bootstrap import reads"),
+        ("truncated docker-archive", 4, "half.tar: the archive ends early", "incomplete"),
+        ("flipped oci-archive", 4, "flip.tar: blobs/sha256/", "the archive is damaged"),
+        ("bad header number", 4, "num.tar: damaged tar archive", "the archive is damaged"),
+    ],
+)
+def test_import_errors_name_the_archive_and_hint_at_it(
+    tmp_path: Path, case: str, rc: int, message: str, hint: str
+) -> None:
+    spec = ImageSpec(layers=[Layer([File("etc/hello", os.urandom(200_000))])])
+    if case == "garbage":
+        path = tmp_path / "garbage.tar"
+        path.write_bytes(os.urandom(3000))
+    elif case == "not-a-gzip-tar":
+        path = tmp_path / "gz.tar.gz"
+        path.write_bytes(gzip.compress(os.urandom(3000)))
+    elif case == "truncated docker-archive":
+        whole = tmp_path / "whole.tar"
+        save_docker_archive(spec, whole, "local/x:1")
+        path = tmp_path / "half.tar"
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    elif case == "flipped oci-archive":
+        build_image(tmp_path / "oci", "t", spec)
+        save_oci_archive(tmp_path / "oci", tmp_path / "good.tar")
+        path = tmp_path / "flip.tar"
+        _flip_in_largest_member(tmp_path / "good.tar", path)
+    else:
+        path = tmp_path / "num.tar"
+        _bad_number_tar(path)
+    store = tmp_path / "store"
+    ran = bootstrap("import", "--name", "local/g:1", path, store=store)
+    assert ran.rc == rc, ran.stderr
+    error, given_hint = ran.stderr.splitlines()
+    assert error.startswith("bootstrap: error: ") and message in error, error
+    assert hint in given_hint, given_hint
+    for word in ("pull", "registry", "mirror", "invalid literal", "Traceback", "layer "):
+        assert word not in ran.stderr, (word, ran.stderr)
+    assert bootstrap("--json", "images", store=store, check=True).json() == []

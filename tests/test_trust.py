@@ -512,6 +512,16 @@ def test_import_refused_unless_the_policy_accepts_archives(
     rejected = world.policy({"default": [{"type": "reject"}]}, "imp-rej.json")
     ran = bootstrap("--signature-policy", rejected, "import", archive, store=store, env=world.env)
     assert ran.rc == 7 and "rejected" in ran.stderr
+    # the hint names the transport's scope to add, with an example that works as given
+    hint = ran.stderr.splitlines()[-1]
+    assert f"add its scope to {rejected}" in hint and '"docker-archive"' in hint, hint
+    example = json.loads(hint[hint.index("e.g. ") + 5 : hint.rindex(" (")])
+    assert example == {
+        "transports": {"docker-archive": {str(tmp_path): [{"type": "insecureAcceptAnything"}]}}
+    }
+    amended = world.policy({"default": [{"type": "reject"}], **example}, "imp-amended.json")
+    ran = bootstrap("--signature-policy", amended, "import", archive, store=tmp_path / "s-am")
+    assert ran.rc == 0, ran.stderr
     open_archives = world.policy(
         {
             "default": [signed_by(world.good)],

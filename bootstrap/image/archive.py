@@ -65,6 +65,14 @@ _CHUNK = 1 << 20
 _CONTAINERD_NAME = "io.containerd.image.name"
 _MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
 _HINT = "the archive is damaged or hostile; nothing was imported under a name"
+_KINDS_HINT = (
+    "bootstrap import reads a docker-archive (docker save), an oci-archive or a root "
+    "filesystem tar, optionally gzip- or zstd-compressed"
+)
+_INCOMPLETE_HINT = (
+    "the file is incomplete: copy or download it again (compare its size with the original's); "
+    "nothing was imported under a name"
+)
 
 
 @dataclass(frozen=True)
@@ -140,9 +148,10 @@ def import_archive(
     signature policy, asked once the kind is known and before any blob is stored (archives
     carry no signatures); None: no policy check.
 
-    Raises UsageError (exit 2) for a missing/unreadable file, a missing name, or ``name`` with a
-    multi-image archive; IntegrityError (exit 4) for hostile or inconsistent content;
-    TrustError (exit 7) when ``admit`` refuses."""
+    Raises UsageError (exit 2) for a missing/unreadable file, a file that is not a tar at all,
+    a missing name, or ``name`` with a multi-image archive; IntegrityError (exit 4) for
+    damaged, incomplete, hostile or inconsistent content, naming the archive, with a hint
+    about the archive (never about pulling); TrustError (exit 7) when ``admit`` refuses."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(
@@ -154,6 +163,56 @@ def import_archive(
         what = "no such file" if not os.path.lexists(path) else "not a regular file"
         raise UsageError(f"{path}: {what}", "give the path of a docker save, oci or tar file")
     name = _normalize(name) if name else None
+    try:
+        return _import(store, path, name, admit)
+    except IntegrityError as exc:
+        raise _about_the_archive(path, exc) from exc
+
+
+def _about_the_archive(path: Path, exc: IntegrityError) -> IntegrityError:
+    """``exc`` as the import's error: naming the archive, with a hint about the archive (an
+    error raised by code shared with pulls speaks of registries and pulling again)."""
+    message = exc.message
+    if path.name not in message:
+        message = f"{path}: {message}"
+    if "truncated" in message or "ends early" in message:
+        hint = _INCOMPLETE_HINT
+    elif exc.hint.startswith((_INCOMPLETE_HINT, _KINDS_HINT)) or "fsck" in exc.hint:
+        hint = exc.hint
+    elif "MAX_EXPANSION" in exc.hint or "BOOTSTRAP_" in exc.hint:
+        hint = exc.hint  # a limit the user may raise
+    else:
+        hint = _HINT
+    err = IntegrityError(message, hint)
+    err.__dict__.update({k: v for k, v in exc.__dict__.items() if k not in ("message", "hint")})
+    return err
+
+
+def _scan_archive(
+    hashing: Digesting, compression: str, path: Path, add: Callable[[TarMember], None]
+) -> str:
+    """:func:`scan_tar` over the whole archive file; its errors say what is wrong with the
+    file (not a tar at all, damaged, incomplete) instead of speaking of a layer."""
+    try:
+        return scan_tar(hashing, compression, path.name, add)
+    except IntegrityError as exc:
+        detail = exc.message.removeprefix(f"layer {path.name}: ").removeprefix(f"{path.name}: ")
+        detail = detail.removeprefix("malformed tar data: ")
+        if "truncated" in detail:
+            return _raise(f"{path}: the archive ends early ({detail})", _INCOMPLETE_HINT, exc)
+        if "at offset 0" in detail:  # the very first header: not a tar at all (bad input)
+            what = "not a tar archive" if compression == "none" else f"not a {compression} tar"
+            raise UsageError(f"{path}: {what} ({detail})", f"{_KINDS_HINT}; is it one?") from exc
+        return _raise(f"{path}: damaged tar archive ({detail})", _HINT, exc)
+
+
+def _raise(message: str, hint: str, cause: BaseException) -> str:
+    raise IntegrityError(message, hint) from cause
+
+
+def _import(
+    store: Store, path: Path, name: str | None, admit: ArchiveAdmitter | None
+) -> ImportResult:
     with store.using():
         with path.open("rb") as fh:
             compression = _compression_of(fh.read(8))
@@ -168,7 +227,7 @@ def import_archive(
                 if m.name.count("/") < 3:
                     members[m.name] = m
 
-            diff_id = scan_tar(hashing, compression, path.name, add)
+            diff_id = _scan_archive(hashing, compression, path, add)
         kind = _kind(members)
         admitted = ""
         if admit is not None:
@@ -528,8 +587,15 @@ def _copy_tree(store: Store, reader: _Members, desc: Descriptor, depth: int) -> 
                     f"{reader.path.name}: foreign layer {blob.digest} is not in the archive",
                     "bootstrap imports archives offline; include the layer",
                 )
-            store.ensure_blob(
-                Descriptor(blob.media_type, blob.digest, blob.size),
-                reader.fetch(_blob_member(blob.digest), "blob"),
-            )
+            try:
+                store.ensure_blob(
+                    Descriptor(blob.media_type, blob.digest, blob.size),
+                    reader.fetch(_blob_member(blob.digest), "blob"),
+                )
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"{reader.path.name}: {_blob_member(blob.digest)} does not match its "
+                    f"descriptor: {exc.message.removeprefix(f'blob {blob.digest}: ')}",
+                    _HINT,
+                ) from exc
     store.put_blob(data, desc.media_type, digest=desc.digest)  # verified above: no re-read

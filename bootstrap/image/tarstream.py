@@ -267,7 +267,10 @@ def _num(field_: bytes) -> int:
             value = (value << 8) | b
         return -value if negative else value
     text = field_.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:  # the bytes themselves are not shown: they may be anything
+        raise ValueError("a numeric field of a tar header is not an octal number") from None
 
 
 def _cstr(field_: bytes) -> str:
@@ -325,7 +328,10 @@ def read_entries(src: TarSource) -> Iterator[TarEntry]:
             raise src._truncated()
         if header.count(0) == _BLOCK:
             return  # end of archive (the second zero block and padding are drained by caller)
-        stored = _num(header[148:156])
+        try:
+            stored = _num(header[148:156])
+        except ValueError:
+            stored = -1  # not even a number: not a tar header (reported as a bad checksum)
         computed = sum(header) - sum(header[148:156]) + 8 * 32
         if stored != computed:
             raise IntegrityError(

@@ -11,6 +11,7 @@ requirement accepts when any one of the signatures found verifies.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -109,13 +110,16 @@ class Verifier:
         decision = self.policy.requirements_for_archive(transport, path)
         for req in decision.requirements:
             if req.type == "reject":
-                raise _rejected(name, decision)
+                raise TrustError(
+                    f"{name}: {transport} {path} rejected by policy (scope {decision.where})",
+                    _accept_archive_hint(self.policy.path, transport, path),
+                )
             if req.type != "insecureAcceptAnything":
                 raise TrustError(
                     f"{name}: {path} carries no signatures and the policy requires "
-                    f"{req.describe()}",
-                    f"the policy scope {decision.where} decided; pull the signed image from "
-                    f"a registry, or accept {transport} archives in the policy",
+                    f"{req.describe()} (scope {decision.where})",
+                    "pull the signed image from a registry instead, or "
+                    + _accept_archive_hint(self.policy.path, transport, path),
                 )
         return Admission(_describe(decision), decision.where)
 
@@ -189,6 +193,21 @@ class Verifier:
 
 def _describe(decision: Decision) -> str:
     return ", ".join(r.describe() for r in decision.requirements)
+
+
+def _accept_archive_hint(policy: Path, transport: str, path: Path) -> str:
+    """How to admit archives like ``path``: a scope under the archive's own transport (what
+    containers-policy.json(5) looks up for it), with an example."""
+    example = json.dumps(
+        {"transports": {transport: {str(path.absolute().parent): [ACCEPT]}}}, separators=(",", ":")
+    )
+    return (
+        f"archives carry no signatures: to import {transport} files from that directory, add "
+        f'its scope to {policy}, e.g. {example} ("" as the scope: every {transport})'
+    )
+
+
+ACCEPT = {"type": "insecureAcceptAnything"}
 
 
 def _rejected(name: str, decision: Decision) -> TrustError:
