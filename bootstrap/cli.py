@@ -553,9 +553,15 @@ class _NoUrllib3Retries(logging.Filter):
 
 def _setup_logging(verbosity: int, tty: bool) -> StderrHandler:
     """Log records to stderr: warnings with -q, INFO normally, DEBUG with -vv. Transient
-    records (retries) show as a status line on a TTY, as lines with -v, else not at all."""
+    records (retries) show as a status line on a TTY, as lines with -v, once per host on a
+    pipe or file, not at all with -q."""
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity < 2 else logging.DEBUG
-    mode = "line" if verbosity > 0 else "status" if tty and verbosity == 0 else "hide"
+    if verbosity < 0:
+        mode = "hide"
+    elif verbosity > 0:
+        mode = "line"
+    else:
+        mode = "status" if tty else "once"
     handler = StderrHandler(mode)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()

@@ -6,9 +6,11 @@ backoff, only on connection errors and on 429/5xx responses (honouring ``Retry-A
 (e.g. the blob downloader, with ``Range``) decides how to resume.
 
 Each retry is reported as one INFO record on the :data:`RETRY_LOG` logger ("127.0.0.1:5000:
-connection refused; retry 2 in 1.0s"), marked transient (``record.transient``): the CLI shows
-it as a status line on a TTY, as a log line with ``-v``, and not at all otherwise. urllib3's
-own "Retrying (...)" warnings are never shown.
+connection refused; retry 2 in 1.0s"), marked transient (``record.transient``, with
+``once_key`` the host and ``once_text`` the line said once): the CLI shows it as a status line
+on a TTY, as a log line with ``-v``, once per host otherwise ("127.0.0.1:5000: connection
+refused; retrying (-v shows each retry)"), and not at all with ``-q``. urllib3's own
+"Retrying (...)" warnings are never shown.
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ class _CappedRetry(Retry):
             reason,
             len(new.history),
             delay,
-            extra={"transient": True},
+            extra={
+                "transient": True,
+                "once_key": host,
+                "once_text": f"{host}: {reason}; retrying (-v shows each retry)",
+            },
         )
         return new
 

@@ -181,18 +181,32 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     - ``"line"``: as ordinary lines (``-v``);
     - ``"status"``: as one status line redrawn in place (a TTY at normal verbosity), erased
       before the next ordinary line and by :meth:`clear`;
-    - ``"hide"``: not at all (pipes and files at normal verbosity, ``-q``).
+    - ``"once"``: one ordinary line per ``record.once_key`` (e.g. per host), its
+      ``record.once_text`` when it has one (pipes and files at normal verbosity: a wait is
+      said, once, even where nothing can be redrawn);
+    - ``"hide"``: not at all (``-q``).
     """
 
     def __init__(self, transient_mode: str = "hide") -> None:
         super().__init__(sys.stderr)
         self.transient_mode = transient_mode
         self._status_shown = False
+        self._said: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         transient = bool(getattr(record, "transient", False))
         if transient and self.transient_mode == "hide":
             return
+        if transient and self.transient_mode == "once":
+            key = str(getattr(record, "once_key", record.getMessage()))
+            with self._status_lock:
+                if key in self._said:
+                    return
+                self._said.add(key)
+            once = getattr(record, "once_text", None)
+            if once is not None:
+                record = logging.makeLogRecord({**record.__dict__, "msg": once, "args": ()})
+            transient = False
         try:
             text = self.format(record)
             with self._status_lock:

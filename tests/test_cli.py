@@ -117,15 +117,32 @@ def _refused_ref() -> str:
     return "127.0.0.1:1/foo/bar:1"  # port 1: connection refused at once
 
 
-def test_unreachable_registry_is_two_lines_at_any_verbosity(tmp_path: Path) -> None:
-    for flags in ([], ["-q"]):
+def test_unreachable_registry_retries_said_once_then_two_lines(tmp_path: Path) -> None:
+    """On a pipe at default verbosity the wait is said once (a pull that seems to hang for
+    seconds says why); with -q only the error and the hint."""
+    for flags, said in (([], 1), (["-q"], 0)):
         ran = bootstrap(*flags, "pull", _refused_ref(), store=tmp_path / "s")
         assert ran.rc == ExitCode.REGISTRY
         lines = ran.stderr.splitlines()
-        assert len(lines) == 2, ran.stderr
-        assert lines[0].startswith("bootstrap: error: 127.0.0.1:1: cannot reach")
-        assert lines[1].startswith("bootstrap: hint: ")
+        assert len(lines) == 2 + said, ran.stderr
+        if said:
+            assert lines[0] == "127.0.0.1:1: connection refused; retrying (-v shows each retry)"
+        assert lines[-2].startswith("bootstrap: error: 127.0.0.1:1: cannot reach")
+        assert lines[-1].startswith("bootstrap: hint: ")
         assert "Retrying" not in ran.stderr and "urllib3" not in ran.stderr
+
+
+def test_an_insecure_registry_unreachable_names_both_schemes_tried(tmp_path: Path) -> None:
+    conf = tmp_path / "registries.conf"
+    conf.write_text('[[registry]]\nlocation = "127.0.0.1:1"\ninsecure = true\n')
+    ran = bootstrap(
+        "pull", _refused_ref(), store=tmp_path / "s", env={"REGISTRIES_CONFIG_PATH": str(conf)}
+    )
+    assert ran.rc == ExitCode.REGISTRY
+    assert ran.stderr.splitlines()[-2] == (
+        "bootstrap: error: 127.0.0.1:1: cannot reach https://127.0.0.1:1/v2/ nor "
+        "http://127.0.0.1:1/v2/: [Errno 111] Connection refused"
+    )
     ran = bootstrap("-v", "pull", _refused_ref(), store=tmp_path / "s")
     lines = ran.stderr.splitlines()
     retries = [line for line in lines if line.startswith("127.0.0.1:1: connection refused; retry")]

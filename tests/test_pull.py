@@ -102,6 +102,36 @@ def test_pull_for_another_platform_of_a_single_platform_image_warns(
     ) in ran.stderr
 
 
+@pytest.mark.parametrize("where", ["REGISTRIES_CONFIG_PATH", "registries.conf.d"])
+def test_a_plain_http_registry_hint_is_the_entry_and_the_file_to_put_it_in(
+    registry: Registry, busybox_image: Path, tmp_path: Path, where: str
+) -> None:
+    """TLS against a plain-http registry: the hint names the entry and the file; written
+    there as given, the pull works."""
+    registry.push(busybox_image, "latest", "plain/hint:1")
+    ref = f"{registry.host}/plain/hint:1"
+    if where == "REGISTRIES_CONFIG_PATH":
+        conf = tmp_path / "registries.conf"
+        conf.write_text("")
+        env = {"REGISTRIES_CONFIG_PATH": str(conf)}
+    else:
+        env = {"BOOTSTRAP_REGISTRIES_CONF_D": str(tmp_path / "conf.d")}
+    ran = bootstrap("pull", ref, store=tmp_path / "s", env=env)
+    assert ran.rc == 3, ran.stderr
+    hint = ran.stderr.splitlines()[-1]
+    m = re.fullmatch(
+        rf"bootstrap: hint: if {re.escape(registry.host)} is a plain-http registry, add "
+        r"(\[\[registry\]\] location = \S+ insecure = true) to (\S+)",
+        hint,
+    )
+    assert m, hint
+    entry, file = m.groups()
+    target = Path(file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(entry.replace("] ", "]\n").replace('" ', '"\n') + "\n")
+    bootstrap("pull", ref, store=tmp_path / "s", env=env, check=True)
+
+
 def test_pull_by_digest_and_short_name_normalized(
     registry: Registry, busybox_image: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

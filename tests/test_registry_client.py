@@ -1050,7 +1050,8 @@ def test_refused_mirror_moves_on_at_once(
     registry: Registry, insecure: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The production policy (default sessions): a mirror refusing connections costs no
-    retries, not even over the insecure https->http fallback; the next mirror serves."""
+    retries, not even over the insecure https->http fallback (http is tried once, at once,
+    and named); the next mirror serves."""
     repo = f"deadmirror/{'insecure' if insecure else 'secure'}"
     digest, config = _tiny_image(registry, repo)
     dead, upstream = _dead(), _dead()
@@ -1071,7 +1072,10 @@ def test_refused_mirror_moves_on_at_once(
     logged = _moving_on(caplog, dead)
     assert len(logged) == 1, logged  # once per endpoint, however often it is skipped
     assert "Connection refused" in logged[0] and registry.host in logged[0]
-    assert "http://" not in logged[0]  # same port: the http fallback was not tried
+    if insecure:  # same port, refused: http tried once more without retries, both named
+        assert f"https://{dead}/v2/ nor http://{dead}/v2/" in logged[0], logged[0]
+    else:
+        assert "http://" not in logged[0]
 
 
 @pytest.mark.slow
@@ -1109,9 +1113,9 @@ def test_everything_down_names_every_endpoint(caplog: pytest.LogCaptureFixture) 
     assert err.exit_code == ExitCode.REGISTRY
     assert "\n" not in err.message and err.hint
     for role, host in (("mirror", dead1), ("mirror", dead2), ("registry", upstream)):
-        assert (
-            f"{role} {host}: cannot reach https://{host}/v2/: [Errno 111] Connection refused"
-            in (err.message)
+        assert (  # insecure: both schemes tried (http once, without retries) and named
+            f"{role} {host}: cannot reach https://{host}/v2/ nor http://{host}/v2/: "
+            "[Errno 111] Connection refused" in err.message
         ), err.message
     assert err.message.count("Connection refused") == 3
     # the registry got its 2 retries; the mirrors none (each would have cost 2 s more)

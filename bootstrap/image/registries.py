@@ -513,6 +513,19 @@ def _interpret(doc: dict[str, Any]) -> _Doc:
     return _Doc(regs, search, aliases)
 
 
+def insecure_hint(host: str, env: Mapping[str, str] | None = None) -> str:
+    """How to mark ``host`` insecure (plain http or an unverified certificate), as one line:
+    the entry to add and the file to add it to — ``$REGISTRIES_CONFIG_PATH`` when set (the only
+    file read then), else a drop-in in the registries.conf.d directory :func:`load` reads."""
+    env = os.environ if env is None else env
+    if env.get("REGISTRIES_CONFIG_PATH"):
+        where = env["REGISTRIES_CONFIG_PATH"]
+    else:
+        conf_d = env.get("BOOTSTRAP_REGISTRIES_CONF_D") or str(SYSTEM_REGISTRIES_CONF_D)
+        where = f"{conf_d}/{host.replace(':', '-')}.conf"
+    return f'add [[registry]] location = "{host}" insecure = true to {where}'
+
+
 def load(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,

@@ -293,14 +293,13 @@ class Transport:
             if "WRONG_VERSION_NUMBER" in str(exc) or "record layer failure" in str(exc):
                 raise RegistryError(
                     f"{ep.host}: TLS failed: {reason(exc)} (the server may speak plain http)",
-                    f"if {ep.host} is a plain-http registry, set insecure = true for it in "
-                    "registries.conf",
+                    f"if {ep.host} is a plain-http registry, " + registries.insecure_hint(ep.host),
                 ) from exc
             raise RegistryError(
                 f"{ep.host}: TLS failed: {reason(exc)}",
                 f"put the registry's CA certificate in {first}/{ep.host}/ca.crt "
                 f"(certs.d searched: {':'.join(str(d) for d in dirs)}), "
-                "or mark the registry insecure in registries.conf",
+                f"or to skip verification {registries.insecure_hint(ep.host)}",
             ) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
             cls = UnreachableError if _is_connect_error(exc) else TransientError
@@ -347,25 +346,39 @@ class Transport:
     def _ping(self, ep: Endpoint, state: _HostState, fast: bool = False) -> None:
         """Learn ``ep``'s scheme and auth challenges from ``GET /v2/``.
 
-        An insecure endpoint tries https, then http. With an explicit port (the same for both)
-        http is not tried after a connect failure: a refused port refuses both. With the
-        default ports (443, 80) the https probe fails fast and the http one gets the policy."""
+        An insecure endpoint tries https, then http. With the default ports (443, 80) the https
+        probe fails fast and the http one gets the policy. With an explicit port (the same for
+        both) https gets the policy; after it, http is tried once without retries when the port
+        refused the connection (a refusal is instant), and not at all after a connect timeout
+        (the message says so). When no scheme could connect, the error names every URL tried."""
         schemes = ("https", "http") if ep.insecure else ("https",)
         same_port = _explicit_port(ep.api_host)
         if ep.insecure:
             # configured insecure on purpose: no warning per request
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         error: BootstrapError | None = None
+        unreachable: list[str] = []  # URLs no connection could be made to
         for scheme in schemes:
             url = f"{scheme}://{ep.api_host}/v2/"
-            probe_fast = fast or (scheme == "https" and ep.insecure and not same_port)
+            probe_fast = (
+                fast
+                or (scheme == "https" and ep.insecure and not same_port)
+                or (scheme == "http" and same_port)  # the port had its retries over https
+            )
             try:
                 resp = self._send(ep, "GET", url, fast=probe_fast, **self._tls_kwargs(ep, scheme))
             except UnreachableError as exc:
                 if error is not None and not isinstance(error, UnreachableError):
                     raise error from exc  # https got an answer: that says more
-                error = exc
-                if same_port:
+                unreachable.append(url)
+                why = exc.message.rpartition(f"{url}: ")[2]
+                error = UnreachableError(
+                    f"{ep.host}: cannot reach {' nor '.join(unreachable)}: {why}", exc.hint
+                )
+                if same_port and scheme == "https" and ep.insecure and "refused" not in why:
+                    error = UnreachableError(
+                        f"{error.message} (plain http on the same port not tried)", exc.hint
+                    )
                     break
                 continue
             except RegistryError as exc:
