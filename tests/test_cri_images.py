@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN_MAIN = REPO / "bootstrap" / "demo" / "kubelet_standin" / "main.py"
+STANDIN_MAIN = REPO / "images" / "demo" / "kubelet-standin" / "main.py"
 VENV_PYTHON = Path(sys.executable)
 
 
@@ -89,6 +89,26 @@ def test_image_is_cached_and_reproducible(kind: str, tmp_path: Path) -> None:
     print(f"{kind}: {len(manifest['layers'])} layers, {size / 1e6:.1f} MB compressed")
     if kind == "ocid":  # one layer per .deb plus ours
         assert len(manifest["layers"]) == len(cri.DAEMON_DEBS) + 1
+
+
+def test_cache_key_covers_the_content_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed, added or removed file under images/demo/KIND/ gives the image a new cache key
+    (so it is built again); an untouched one the same key."""
+    from bootstrap.demo import images
+
+    content = tmp_path / "demo"
+    shutil.copytree(images.CONTENT, content)
+    monkeypatch.setattr(images, "CONTENT", content)
+    key, _ = images.builder("busybox", tmp_path / "cache")
+    assert images.builder("busybox", tmp_path / "cache")[0] == key
+    hello = content / "busybox" / "hello"
+    hello.write_text(hello.read_text() + "# changed\n")
+    changed, _ = images.builder("busybox", tmp_path / "cache")
+    (content / "busybox" / "extra").write_text("x")
+    added, _ = images.builder("busybox", tmp_path / "cache")
+    assert len({key, changed, added}) == 3
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def _seed_cache(state: Path) -> None:
     for deb in cri.CACHE.glob("debs/*.deb"):
         if not (images / "debs" / deb.name).exists():
             _link(deb, images / "debs" / deb.name)
-    for layout in [*cri.CACHE.glob("ocid-*"), *cri.CACHE.glob("standin-*")]:
+    for layout in [*cri.CACHE.glob("ocid-*"), *cri.CACHE.glob("kubelet-standin-*")]:
         if layout.is_dir() and not (images / layout.name).exists():
             tmp = images / f".{layout.name}.seed"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -249,29 +249,3 @@ def test_demo_registry_refuses_an_address_in_use(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match=f"{addr} is in use"):
             reg.start()
     assert not (tmp_path / "r").exists()
-
-
-def test_kubelet_standin_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stand-in's sd_notify sends one datagram to $NOTIFY_SOCKET (path or abstract), and is
-    a no-op without it (not run by a Type=notify unit)."""
-    import importlib.util
-    import socket
-
-    src = REPO / "bootstrap" / "demo" / "kubelet_standin"
-    spec = importlib.util.spec_from_file_location("kubelet_standin_main", src / "main.py")
-    assert spec is not None and spec.loader is not None
-    standin = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, standin)  # its dataclasses look themselves up
-    spec.loader.exec_module(standin)
-
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert standin.sd_notify("READY=1") is False
-    for name in (str(tmp_path / "notify.sock"), f"@bootstrap-test-{os.getpid()}"):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-            server.bind("\0" + name[1:] if name.startswith("@") else name)
-            server.settimeout(5)
-            monkeypatch.setenv("NOTIFY_SOCKET", name)
-            assert standin.sd_notify("READY=1") is True
-            assert server.recv(64) == b"READY=1"
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
-    assert standin.sd_notify("READY=1") is False  # logged, not fatal

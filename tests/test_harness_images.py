@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from bootstrap.demo.oci import ImageBuildError
 from bootstrap.image.model import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -265,5 +266,5 @@ def test_docker_media_types(tmp_path: Path) -> None:
     assert manifest["mediaType"] == DOCKER_MANIFEST == image.media_type
     assert manifest["config"]["mediaType"] == DOCKER_CONFIG
     assert manifest["layers"][0]["mediaType"] == DOCKER_LAYER_GZIP
-    with pytest.raises(ValueError, match="zstd"):
+    with pytest.raises(ImageBuildError, match="zstd"):
         build_image(tmp_path / "z", "t", ImageSpec([Layer([], compression="zstd")]), docker=True)

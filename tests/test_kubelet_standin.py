@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MAIN = REPO / "bootstrap" / "demo" / "kubelet_standin" / "main.py"
+MAIN = REPO / "images" / "demo" / "kubelet-standin" / "main.py"
 
 
 @pytest.fixture
@@ -173,3 +174,19 @@ def test_a_runtime_that_never_answers(tmp_path: Path) -> None:
     assert "kubelet-standin: Version failed for 1s: UNAVAILABLE" in ran.stderr
     doc = json.loads(status.read_text())
     assert doc["healthy"] is False and doc["state"] == "starting"
+
+
+def test_sd_notify(standin: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in's sd_notify sends one datagram to $NOTIFY_SOCKET (path or abstract), and is
+    a no-op without it (not run by a Type=notify unit)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert standin.sd_notify("READY=1") is False
+    for name in (str(tmp_path / "notify.sock"), f"@bootstrap-test-{os.getpid()}"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+            server.bind("\0" + name[1:] if name.startswith("@") else name)
+            server.settimeout(5)
+            monkeypatch.setenv("NOTIFY_SOCKET", name)
+            assert standin.sd_notify("READY=1") is True
+            assert server.recv(64) == b"READY=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
+    assert standin.sd_notify("READY=1") is False  # logged, not fatal

@@ -52,6 +52,7 @@ from typing import Any
 import bootstrap
 from bootstrap.demo import images
 from bootstrap.demo.machine import Machine, MachineError, random_name, rootfs_tarball
+from bootstrap.demo.oci import ImageBuildError
 from bootstrap.errors import BootstrapError, UsageError
 from bootstrap.fsutil import write_atomic
 from bootstrap.locks import flocked
@@ -74,9 +75,6 @@ TOOLS = {
     "setsid": "util-linux",
     "docker-registry": "docker-registry",
 }
-STANDIN_SRC = Path(__file__).resolve().parent / "kubelet_standin"
-"""The kubelet stand-in's program (main.py): package data, copied into its image (with the
-product's CRI stubs, bootstrap/cri/)."""
 KUBELET_REPORT = "/var/lib/kubelet/standin-status.json"
 """Where the kubelet stand-in writes what the CRI daemon answered and how its pod probe went
 (see its main.py)."""
@@ -523,7 +521,7 @@ def _workload(inst: Install, cache: Path) -> Workload:
         return node_manifest
     return Workload(
         "busybox system container",
-        ((HELLO_REF, images.busybox_image(cache, HELLO_REF)),),
+        ((HELLO_REF, images.image("busybox", cache).archive()),),
         (HELLO_NAME,),
         ("install", HELLO_NAME, HELLO_REF),
     )
@@ -533,17 +531,16 @@ def _node_manifest_workload(inst: Install, cache: Path) -> Workload | None:
     """examples/node.yaml's containers, provisioned with ``bootstrap up``, with images built
     here; None (after saying why) when they cannot be built or this install has no ``up``."""
     manifest = inst.repo / "examples" / "node.yaml"
-    standin_src = STANDIN_SRC
     try:
         from bootstrap.node.manifest import load
 
         spec = load(manifest)
-        built = images.node_manifest_images(cache, standin_src)
+        built = images.node_manifest_images(cache)
         missing = [c.name for c in spec.containers if c.name not in built]
         pods = spec.pods.images if spec.pods is not None else ()
         missing += [ref for ref in pods if _repository_name(ref) not in built]
         if missing:
-            raise images.ImageBuildError(
+            raise ImageBuildError(
                 f"no offline image for {', '.join(missing)}", "use the node manifest's names"
             )
     except (ImportError, BootstrapError) as exc:

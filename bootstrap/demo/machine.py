@@ -1,11 +1,12 @@
 """A throwaway systemd machine: Debian bookworm's systemd 252 booted with ``systemd-nspawn``.
 
 Root filesystem: ``debootstrap`` once per cache key (suite, variant, mirror, package list), kept
-as ``base-KEY.tar.zst`` in a cache directory, then customised by ``noderoot/customize.sh`` (units
-that cannot work in a container masked, a oneshot that remounts the cgroup hierarchies read-write
-for runc, short stop timeouts, a volatile journal) and kept as ``rootfs-KEY.tar`` (the key also
-covers every file under ``noderoot/``). Both are built under an exclusive flock on
-``CACHE/.lock``; concurrent builders wait and reuse the result. :func:`rootfs_tarball`.
+as ``base-KEY.tar.zst`` in a cache directory, then customised by
+``images/demo/machine/customize.sh`` (units that cannot work in a container masked, a oneshot
+that remounts the cgroup hierarchies read-write for runc, short stop timeouts, a volatile
+journal) and kept as ``rootfs-KEY.tar`` (the key also covers every file under
+``images/demo/machine/``). Both are built under an exclusive flock on ``CACHE/.lock``;
+concurrent builders wait and reuse the result. :func:`rootfs_tarball`.
 
 A :class:`Machine` lives in ``RUNTIME_DIR/NAME-XXXXXXXX/`` (``rootfs/`` and ``console.log``).
 :meth:`Machine.boot` starts ``systemd-nspawn --boot`` **detached** (its own session, output to
@@ -54,13 +55,16 @@ from typing import Any
 from bootstrap import process
 from bootstrap.demo.netns import NETNS_DIR, PrivateNetwork
 from bootstrap.demo.netns import remove_stale as remove_stale_netns
+from bootstrap.demo.oci import hash_tree
 from bootstrap.errors import SystemdError
 from bootstrap.fsutil import fsync_dir, remove_tree
 from bootstrap.locks import flocked
 
 log = logging.getLogger(__name__)
 
-NODEROOT = Path(__file__).resolve().with_name("noderoot")
+NODEROOT = Path(__file__).resolve().parents[2] / "images" / "demo" / "machine"
+"""The machine's customisation: ``customize.sh`` and the ``overlay/`` tree it copies in
+(``images/demo/machine/`` in the source checkout the demo runs from)."""
 CUSTOMIZE = NODEROOT / "customize.sh"
 OVERLAY = NODEROOT / "overlay"
 
@@ -138,21 +142,6 @@ def _check(argv: Sequence[str | Path], what: str, timeout: float = 900) -> None:
 # ---- the cached root filesystem ----------------------------------------------------------------
 
 
-def _hash_tree(h: Any, root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts:
-            continue
-        rel = path.relative_to(root).as_posix()
-        st = path.lstat()
-        if path.is_symlink():
-            h.update(f"L {rel} {os.readlink(path)}\n".encode())
-        elif path.is_dir():
-            h.update(f"D {rel}\n".encode())
-        else:
-            h.update(f"F {rel} {st.st_mode & 0o7777:o} {st.st_size}\n".encode())
-            h.update(path.read_bytes())
-
-
 def base_key() -> str:
     """Cache key of the plain debootstrap result: suite, variant, mirror and package list."""
     spec = {"suite": SUITE, "variant": VARIANT, "mirror": MIRROR, "packages": sorted(PACKAGES)}
@@ -160,9 +149,10 @@ def base_key() -> str:
 
 
 def rootfs_key() -> str:
-    """Cache key of the customised rootfs: :func:`base_key` plus every file under noderoot/."""
+    """Cache key of the customised rootfs: :func:`base_key` and every file under
+    :data:`NODEROOT`."""
     h = hashlib.sha256(base_key().encode())
-    _hash_tree(h, NODEROOT)
+    hash_tree(h, NODEROOT)
     return h.hexdigest()[:16]
 
 
@@ -260,7 +250,7 @@ def rootfs_tarball(
 
     Built under an exclusive flock on ``cache_dir/.lock`` (concurrent callers wait, then reuse
     it): ``debootstrap`` (cached as ``base-KEY.tar.zst``, keyed by the package list; needs the
-    Debian mirror, about a minute) then ``noderoot/customize.sh ROOTFS noderoot/overlay``. Older
+    Debian mirror, about a minute) then ``customize.sh ROOTFS overlay`` of :data:`NODEROOT`. Older
     cache files are removed. Raises :class:`MachineError` when a step fails and
     :class:`~bootstrap.errors.BusyError` when the lock is not had within ``lock_timeout``."""
     key = rootfs_key()
@@ -278,13 +268,13 @@ def rootfs_tarball(
             started = time.monotonic()
             _build_base(base, work_dir, scratch_prefix)
             log.info("machine: base rootfs built in %.0fs", time.monotonic() - started)
-        log.info("machine: customising the rootfs (noderoot/customize.sh)")
+        log.info("machine: customising the rootfs (%s)", CUSTOMIZE)
         work = Path(tempfile.mkdtemp(prefix=f"{scratch_prefix}-build-{os.getpid()}-", dir=work_dir))
         try:
             root = work / "rootfs"
             root.mkdir()
             untar(base, root)
-            _check(["sh", str(CUSTOMIZE), str(root), str(OVERLAY)], "noderoot/customize.sh")
+            _check(["sh", str(CUSTOMIZE), str(root), str(OVERLAY)], str(CUSTOMIZE))
             _tar_into(root, final, zstd=False)
         finally:
             remove_mounted_tree(work)

@@ -7,9 +7,10 @@ this one: :func:`obtain` (the one way an image is had: resolution, pull policy, 
 one-pass extraction), :func:`deployment_rootfs` (a deployment's view of an image, held against
 gc), :func:`provenance` (what the registry served, what admitted it) and :class:`Remote` (what a
 registry serves now). What they hand back are frozen dataclasses; the vocabulary
-(:class:`Reference`, :class:`Image`, :class:`ImageConfig`, :class:`Platform`, :class:`Store`)
-is re-exported here. Nothing here imports the pull path (threads, requests) until a call needs
-it, so commands that need no network start fast. Errors are
+(:class:`Reference`, :class:`Image`, :class:`ImageConfig`, :class:`Platform`, :class:`Store`,
+the OCI media types, :class:`Digesting`) is re-exported here. Nothing here imports the pull
+path (threads, requests) until a call needs it, so commands that need no network start fast.
+Errors are
 :class:`~bootstrap.errors.BootstrapError` subclasses carrying the exit code (2 bad reference,
 platform or policy, 3 registry, 4 integrity, 6 store busy, 7 refused by the signature policy).
 """
@@ -23,7 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import IntegrityError, RegistryError, UsageError
-from bootstrap.image.model import REF_NAME_ANNOTATION, Image, ImageConfig, Platform
+from bootstrap.image.model import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    REF_NAME_ANNOTATION,
+    Image,
+    ImageConfig,
+    Platform,
+)
 from bootstrap.image.store import ADMITTED_ANNOTATION, SOURCE_DIGEST_ANNOTATION, Store, StoredRef
 from bootstrap.image.stream import Digesting
 from bootstrap.progress import Progress, counted, human_size, make_progress, waited
@@ -40,7 +52,14 @@ if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the
     from bootstrap.image.registry import RegistryClient
 
 __all__ = [
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER",
+    "OCI_LAYER_GZIP",
+    "OCI_LAYER_ZSTD",
+    "OCI_MANIFEST",
     "POLICIES",
+    "REF_NAME_ANNOTATION",
     "Digesting",
     "Image",
     "ImageConfig",

@@ -1,8 +1,8 @@
 """Offline test images for the node: a CRI daemon built from Debian's containerd, a kubelet
 stand-in that speaks CRI over gRPC, the CNI plugins, and the pod images (pause, busybox) — a
-thin test layer over the product's builders in :mod:`bootstrap.demo.images` (one
+thin test layer over the product's recipes in :mod:`bootstrap.demo.images` (one
 implementation), cached under ``.cache/cri/`` (rebuilt when their inputs change: the .deb files,
-the grpcio/protobuf versions, the stand-in's sources).
+the files under images/demo/, the grpcio/protobuf versions, the recipe code).
 
 Contract::
 
@@ -19,8 +19,9 @@ Contract::
     node_netns() -> context of a netns name # NODE_IP on a veth, default route; deleted after
     cni_conflist() -> dict                 # bridge + host-local (POD_SUBNET) + portmap + loopback
 
-What the images hold is described in :mod:`bootstrap.demo.images`; the stand-in's program is
-``bootstrap/demo/kubelet_standin/`` (``/usr/local/lib/kubelet-standin`` in the image).
+What the images hold is described in :mod:`bootstrap.demo.images`; their files (containerd's
+config, the stand-in's program, ...) are under ``images/demo/``. CRI_SOCKET and PAUSE_IMAGE are
+read from the CRI daemon image's containerd config there.
 """
 
 from __future__ import annotations
@@ -30,74 +31,65 @@ import copy
 import io
 import json
 import tarfile
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bootstrap.demo import demo, images
+from bootstrap.demo import images
 from bootstrap.demo.images import (  # noqa: F401  (re-exported: part of this module's contract)
-    CNI_TAG,
-    CONTAINERD_CONFIG,
-    CRI_SOCKET,
     DAEMON_DEBS,
-    DAEMON_TAG,
-    OCID_START,
-    PAUSE_IMAGE,
-    PAUSE_TAG,
-    POD_TAG,
-    STANDIN_DEBS,
     STANDIN_KUBELET,
-    STANDIN_SKIP,
-    STANDIN_TAG,
-    STANDIN_WRAPPER,
     CachedImage,
 )
+from bootstrap.demo.oci import DEFAULT_PATH_ENV
+from bootstrap.image.model import REF_NAME_ANNOTATION
 from bootstrap.runtime.config import DEFAULT_MOUNTS
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "cri"
-STANDIN_SRC = demo.STANDIN_SRC
+STANDIN_SRC = images.CONTENT / "kubelet-standin"
+"""The kubelet stand-in's program (``main.py``) and wrapper, copied into its image."""
+_CONTAINERD = tomllib.loads((images.CONTENT / "ocid" / "config.toml").read_text())
+CRI_SOCKET: str = _CONTAINERD["grpc"]["address"]
+PAUSE_IMAGE: str = _CONTAINERD["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"]
+"""The sandbox image containerd is configured with (bootstrap preloads it; never pulled)."""
 
 
 def cri_daemon_image() -> CachedImage:
-    """The containerd CRI daemon image, tagged :data:`DAEMON_TAG`."""
-    return images.cri_daemon_image(CACHE)
-
-
-def cri_daemon_builder() -> tuple[str, Any]:
-    """(cache key, a function building the CRI daemon image into a given OCI layout)."""
-    return images.cri_daemon_builder(CACHE)
+    """The containerd CRI daemon image, tagged ``containerd``."""
+    return images.image("ocid", CACHE)
 
 
 def cni_plugins_image() -> CachedImage:
-    """The CNI plugins image, tagged :data:`CNI_TAG`."""
-    return images.cni_plugins_image(CACHE)
+    """The CNI plugins image, tagged ``plugins``."""
+    return images.image("cni", CACHE)
 
 
 def pause_image() -> CachedImage:
-    """The sandbox image (``catatonit -P``), tagged :data:`PAUSE_TAG`."""
-    return images.pause_image(CACHE)
+    """The sandbox image (``catatonit -P``), tagged ``3.9``."""
+    return images.image("pause", CACHE)
 
 
 def pod_image() -> CachedImage:
-    """The busybox pod image (with ``httpd``), tagged :data:`POD_TAG`."""
-    return images.pod_image(CACHE)
+    """The busybox pod image (with ``httpd``), tagged ``busybox``."""
+    return images.image("busybox", CACHE)
+
+
+def kubelet_standin_image() -> CachedImage:
+    """The kubelet stand-in image, tagged ``standin``."""
+    return images.image("kubelet-standin", CACHE)
 
 
 BUILDERS: dict[str, Callable[[], tuple[str, Callable[[Path], None]]]] = {
-    "ocid": lambda: images.cri_daemon_builder(CACHE),
-    "cni": lambda: images.cni_plugins_builder(CACHE),
-    "pause": lambda: images.pause_builder(CACHE),
-    "pod": lambda: images.pod_builder(CACHE),
+    kind: partial(images.builder, kind, CACHE) for kind in ("ocid", "cni", "pause", "busybox")
 }
 """Builders of the images above by kind: ``(cache key, build(new_layout))``."""
 CACHED: dict[str, Callable[[], CachedImage]] = {
-    "ocid": cri_daemon_image,
-    "cni": cni_plugins_image,
-    "pause": pause_image,
-    "pod": pod_image,
+    kind: partial(images.image, kind, CACHE) for kind in BUILDERS
 }
 
 
@@ -106,8 +98,11 @@ def ctr_archive(image: CachedImage, name: str, dest: Path) -> Path:
     ``org.opencontainers.image.ref.name`` and containerd's ``io.containerd.image.name``), which
     ``ctr images import`` takes as the image's name — the form bootstrap hands a CRI daemon."""
     index = json.loads((image.layout / "index.json").read_text())
-    entry = next(m for m in index["manifests"] if m["annotations"][images.REF_NAME] == image.tag)
-    entry = {**entry, "annotations": {images.REF_NAME: name, "io.containerd.image.name": name}}
+    entry = next(
+        m for m in index["manifests"] if m["annotations"][REF_NAME_ANNOTATION] == image.tag
+    )
+    names = {REF_NAME_ANNOTATION: name, "io.containerd.image.name": name}
+    entry = {**entry, "annotations": names}
     with tarfile.open(dest, "w") as tar:
         tar.add(image.layout / "oci-layout", "oci-layout")
         doc = json.dumps({**index, "manifests": [entry]}).encode()
@@ -116,11 +111,6 @@ def ctr_archive(image: CachedImage, name: str, dest: Path) -> Path:
         tar.addfile(info, io.BytesIO(doc))
         tar.add(image.layout / "blobs", "blobs")
     return dest
-
-
-def kubelet_standin_image() -> CachedImage:
-    """The kubelet stand-in image, tagged :data:`STANDIN_TAG`."""
-    return images.kubelet_standin_image(CACHE, STANDIN_SRC)
 
 
 # ---- running the daemon on the host, talking to it ---------------------------------------------
@@ -186,7 +176,7 @@ def host_daemon_config(
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
             "args": list(args),
-            "env": [images.DEFAULT_PATH_ENV],
+            "env": [DEFAULT_PATH_ENV],
             "cwd": "/",
             "capabilities": {
                 k: caps for k in ("bounding", "effective", "permitted", "inheritable")

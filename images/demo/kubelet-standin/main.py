@@ -49,6 +49,7 @@ Stdlib and grpc only: it runs in its own image beside the product's CRI stubs.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import http.server
 import json
@@ -820,7 +821,8 @@ class Prober:
             calls.append(
                 (
                     "StopContainer",
-                    lambda cid=cid: self.rt.StopContainer(
+                    functools.partial(
+                        self.rt.StopContainer,
                         api_pb2.StopContainerRequest(container_id=cid, timeout=grace),
                         timeout=grace + 30,
                     ),
@@ -829,8 +831,10 @@ class Prober:
             calls.append(
                 (
                     "RemoveContainer",
-                    lambda cid=cid: self.rt.RemoveContainer(
-                        api_pb2.RemoveContainerRequest(container_id=cid), timeout=60
+                    functools.partial(
+                        self.rt.RemoveContainer,
+                        api_pb2.RemoveContainerRequest(container_id=cid),
+                        timeout=60,
                     ),
                 )
             )
@@ -939,7 +943,12 @@ def probe(args: argparse.Namespace, report: Report, attempt: int) -> bool:
             try:
                 pod = parse_pod(path)
             except (ValueError, OSError) as exc:
-                rec = {"key": path.name, "manifest": str(path), "steps": [], "failure": None}
+                rec: dict[str, Any] = {
+                    "key": path.name,
+                    "manifest": str(path),
+                    "steps": [],
+                    "failure": None,
+                }
                 prober.pods.append(rec)
                 with prober.step(rec, "manifest", str(path)):
                     raise StepFailed("manifest", f"{path}: {exc}") from None
