@@ -61,7 +61,28 @@ class CachedLayer:
         return self.path / "rootfs"
 
 
+# records this process wrote or read, by path: a cold pull + checkout composes what it just
+# extracted without parsing the records again; the key is the record file's identity (inode,
+# mtime, size), so a replaced or rewritten record is read anew
+_RECORDS: dict[str, tuple[tuple[int, int, int], LayerRecord, bool]] = {}
+
+
+def _record_key(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path / RECORD_FILE)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def _load_cached(path: Path, diff_id: str, options: UnpackOptions) -> CachedLayer | None:
+    try:
+        key = _record_key(path)
+    except FileNotFoundError:
+        return None
+    known = _RECORDS.get(str(path))
+    if known is not None and known[0] == key:
+        _, record, owners = known
+        if options.same_owner and not owners:
+            return None
+        return CachedLayer(diff_id, path, record)
     try:
         doc = json.loads((path / RECORD_FILE).read_text())
         if isinstance(doc, dict) and doc.get("version") != RECORD_VERSION:
@@ -72,6 +93,7 @@ def _load_cached(path: Path, diff_id: str, options: UnpackOptions) -> CachedLaye
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("layer cache %s unreadable (%s): extracting again", path, exc)
         return None
+    _RECORDS[str(path)] = (key, record, bool(doc.get("owners")))
     if options.same_owner and not doc.get("owners"):
         return None  # filled without owners (not as root): not good enough
     return CachedLayer(diff_id, path, record)
@@ -155,6 +177,7 @@ def ensure_layer(
                 remove_tree(old)
             else:
                 os.rename(tmp, path)
+            _RECORDS[str(path)] = (_record_key(path), record, options.same_owner)
         except BaseException:
             remove_tree(tmp)
             raise
