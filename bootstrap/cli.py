@@ -626,13 +626,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     Output to a pipe whose reader is gone ends the process quietly as if killed by SIGPIPE
     (status 141; see :func:`_closed_pipe`). As the process (``argv`` None), 022 is added to
     the umask: whatever the caller's umask, nothing bootstrap creates is writable by others
-    (the store and the state are 0700 on their own, see :mod:`bootstrap.fsutil`)."""
+    (the store and the state are 0700 on their own, see :mod:`bootstrap.fsutil`), and the
+    process ends through :func:`_end_process` once the command is done."""
     if argv is None:  # the command: nothing it creates is group- or world-writable
         os.umask(os.umask(0o022) | 0o022)
     try:
-        return _main(argv)
+        code = _main(argv)
     except _OutputClosed:
         return _closed_pipe(argv is None)
+    if argv is None:
+        _end_process(code)
+    return code
+
+
+def _end_process(code: int) -> None:
+    """End the process with ``code`` without the interpreter's teardown of every imported
+    module (a fifth of a short command's CPU: a pull's ~60 ms of 0.3 s): the exit handlers
+    run (logging's flush, weakref finalizers removing temp dirs), stdout and stderr are
+    flushed, then ``os._exit``. Returns (the caller exits normally) when another non-daemon
+    thread still runs, which a normal exit waits for, or when a flush fails."""
+    import atexit
+    import threading
+
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code)
 
 
 class _OutputClosed(Exception):
