@@ -8,7 +8,7 @@ that does not parse is content that is not what it claims to be.
 from __future__ import annotations
 
 import hashlib
-import platform as _platform
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -103,7 +103,7 @@ class Platform:
     @classmethod
     def host(cls) -> Platform:
         """The platform of this machine in Go's GOOS/GOARCH spelling."""
-        machine = _platform.machine().lower()
+        machine = os.uname().machine.lower()  # what platform.machine() reads
         arch, variant = {
             "x86_64": ("amd64", ""),
             "amd64": ("amd64", ""),
