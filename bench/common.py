@@ -180,12 +180,14 @@ def scratch(prefix: str) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class Run:
-    """One timed child process: wall seconds, peak RSS in bytes, exit status."""
+    """One timed child process: wall seconds, peak RSS in bytes, exit status, and its CPU
+    seconds (user + sys of it and its reaped children, from ``wait4``)."""
 
     seconds: float
     max_rss: int
     returncode: int
     stderr: str
+    cpu: float = 0.0
 
 
 GNU_TIME = Path("/usr/bin/time")  # Debian package "time"
@@ -199,7 +201,7 @@ def timed(argv: Sequence[str | Path], env: Mapping[str, str] | None = None) -> R
         lines = run.stderr.rstrip().splitlines()
         if lines and lines[-1].startswith("maxrss_kb="):
             rss = int(lines[-1].split("=", 1)[1]) * 1024
-            return Run(run.seconds, rss, run.returncode, "\n".join(lines[:-1]))
+            return Run(run.seconds, rss, run.returncode, "\n".join(lines[:-1]), run.cpu)
         return run
     return _wait(argv, env)
 
@@ -217,7 +219,8 @@ def _wait(argv: Sequence[str | Path], env: Mapping[str, str] | None) -> Run:
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
-    return Run(elapsed, usage.ru_maxrss * 1024, proc.returncode, stderr)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(elapsed, usage.ru_maxrss * 1024, proc.returncode, stderr, cpu)
 
 
 def check(run: Run, what: str) -> Run:

@@ -9,7 +9,8 @@ Each line is an image on a registry of one kind, both on 127.0.0.1 with storage 
 
 For each line and several rounds, each tool pulls into a fresh directory on tmpfs, alternating
 which goes first. Prints per-round times, the medians, the ratio ours/skopeo (target <= 0.8) and
-the peak RSS of each (target for ours < 100 MB).
+the peak RSS of each (target for ours < 100 MB), and each tool's CPU seconds (user + sys) per
+pull next to the start-up floor's (target for ours on the small image: <= 0.25 s).
 
     .venv/bin/python bench/pull.py [--rounds N] [--lines large/plain,small/token,...]
 """
@@ -33,6 +34,7 @@ from bench.common import (
     BOOTSTRAP,
     RSS_TARGET,
     SCRATCH_ROOT,
+    Run,
     bench_image,
     check,
     human,
@@ -111,29 +113,25 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
     with served(layout, mode) as srv:
         ref, env, src_args = srv.ref, srv.env, srv.skopeo_args
 
-        def ours() -> tuple[float, int]:
+        def ours() -> Run:
             with scratch("bench-ours-") as d:
-                run = check(timed([BOOTSTRAP, "-q", "--store", d, "pull", ref], env), "pull")
-            return run.seconds, run.max_rss
+                return check(timed([BOOTSTRAP, "-q", "--store", d, "pull", ref], env), "pull")
 
-        def skopeo() -> tuple[float, int]:
+        def skopeo() -> Run:
             with scratch("bench-skopeo-") as d:
                 argv = ["skopeo", "copy", "--quiet", *src_args, f"docker://{ref}", f"oci:{d}/o:t"]
-                run = check(timed(argv), "skopeo copy")
-            return run.seconds, run.max_rss
+                return check(timed(argv), "skopeo copy")
 
-        def floor() -> tuple[float, int]:
-            run = check(timed([sys.executable, "-c", IMPORTS]), "imports")
-            return run.seconds, run.max_rss
+        def floor() -> Run:
+            return check(timed([sys.executable, "-c", IMPORTS]), "imports")
 
-        def transfer() -> tuple[float, int]:
+        def transfer() -> Run:
             with scratch("bench-curl-") as d:
-                run = check(timed(["sh", "-c", 'cd "$0" && exec "$@"', d, *srv.curl]), "curl")
-            return run.seconds, run.max_rss
+                return check(timed(["sh", "-c", 'cd "$0" && exec "$@"', d, *srv.curl]), "curl")
 
         ours()  # warm-up (registry caches), not counted
         skopeo()
-        res: dict[str, list[tuple[float, int]]] = {
+        res: dict[str, list[Run]] = {
             "ours": [],
             "skopeo": [],
             "floor": [],
@@ -145,14 +143,15 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
             for name, fn in order if i % 2 == 0 else reversed(order):
                 res[name].append(fn())
             print(
-                f"{i + 1:>5}  {res['ours'][-1][0]:>13.2f}s  {res['skopeo'][-1][0]:>10.2f}s"
-                f"  {res['curl'][-1][0]:>9.2f}s"
+                f"{i + 1:>5}  {res['ours'][-1].seconds:>13.2f}s  "
+                f"{res['skopeo'][-1].seconds:>10.2f}s  {res['curl'][-1].seconds:>9.2f}s"
             )
-    mf = median([t for t, _ in res["floor"]])
-    mc = median([t for t, _ in res["curl"]])
-    mo = median([t for t, _ in res["ours"]])
-    ms = median([t for t, _ in res["skopeo"]])
-    peak = max(r for _, r in res["ours"])
+    mf = median([r.seconds for r in res["floor"]])
+    mc = median([r.seconds for r in res["curl"]])
+    mo = median([r.seconds for r in res["ours"]])
+    ms = median([r.seconds for r in res["skopeo"]])
+    cpu = {k: median([r.cpu for r in v]) for k, v in res.items()}
+    peak = max(r.max_rss for r in res["ours"])
     ratio = mo / ms
     verdict = "ok" if ratio <= PULL_TARGET else "MISSED"
     print(f"median  {mo:>13.2f}s  {ms:>10.2f}s")
@@ -162,9 +161,23 @@ def run_line(line: str, rounds: int) -> dict[str, float]:
     print(
         f"peak RSS: bootstrap {human(peak)} "
         f"(target < {human(RSS_TARGET)}: {'ok' if peak < RSS_TARGET else 'MISSED'}), "
-        f"skopeo {human(max(r for _, r in res['skopeo']))}"
+        f"skopeo {human(max(r.max_rss for r in res['skopeo']))}"
     )
-    return {"ours": mo, "skopeo": ms, "ratio": ratio, "rss": peak, "floor": mf, "curl": mc}
+    print(
+        f"CPU (user + sys) per run: bootstrap {cpu['ours']:.3f}s (start-up floor "
+        f"{cpu['floor']:.3f}s), skopeo {cpu['skopeo']:.3f}s, curl {cpu['curl']:.3f}s"
+    )
+    return {
+        "ours": mo,
+        "skopeo": ms,
+        "ratio": ratio,
+        "rss": peak,
+        "floor": mf,
+        "curl": mc,
+        "cpu": cpu["ours"],
+        "cpu_floor": cpu["floor"],
+        "cpu_skopeo": cpu["skopeo"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,13 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{line} done")
     print(
         f"\n{'line':<12} {'ours':>6} {'skopeo':>7} {'ratio':>6} {'RSS':>8} {'start-up':>8}"
-        f" {'curl':>6} {'(start-up+curl)/skopeo':>22}"
+        f" {'curl':>6} {'(start-up+curl)/skopeo':>22} {'CPU ours':>8} {'CPU floor':>9}"
+        f" {'CPU skopeo':>10}"
     )
     for line, r in summary.items():
         print(
             f"{line:<12} {r['ours']:>5.2f}s {r['skopeo']:>6.2f}s {r['ratio']:>6.2f} "
             f"{human(r['rss']):>8} {r['floor']:>7.2f}s {r['curl']:>5.2f}s"
-            f" {(r['floor'] + r['curl']) / r['skopeo']:>22.2f}"
+            f" {(r['floor'] + r['curl']) / r['skopeo']:>22.2f} {r['cpu']:>7.3f}s"
+            f" {r['cpu_floor']:>8.3f}s {r['cpu_skopeo']:>9.3f}s"
         )
     print(machine_note().replace("at start", "at end"))
     return 0
