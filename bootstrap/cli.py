@@ -166,6 +166,12 @@ def _pull(s: Settings, a: argparse.Namespace) -> Result:
     )
 
 
+def _push(s: Settings, a: argparse.Namespace) -> Result:
+    from bootstrap.image import api
+
+    return api.push(s, a.ref, a.dest)
+
+
 def _import(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.image import api
     from bootstrap.trust.verify import Verifier
@@ -304,6 +310,7 @@ def _demo(s: Settings, a: argparse.Namespace) -> Result:
 
 COMMANDS: dict[str, Handler] = {
     "pull": _pull,
+    "push": _push,
     "import": _import,
     "images": _images,
     "rmi": _rmi,
@@ -374,6 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=0.0,
         help="first wait a random 0..SECONDS (nodes started at once spread their pulls)",
+    )
+
+    c = _command(
+        sub,
+        "push",
+        "push a stored image to a registry; print the pushed manifest digest",
+        [
+            "push local/app:1 docker://registry.example.com:5000/site/app:1",
+            "push registry.example.com/site/app:1",
+        ],
+        "Credentials, CA certificates (certs.d) and insecure registries come from the same\n"
+        "files as for pull. Blobs the registry has already are not sent; the manifest goes\n"
+        "last. No signature is made or copied (sign it with skopeo or cosign).",
+    )
+    c.add_argument("ref", metavar="REF", help="a stored reference, as 'bootstrap images' lists")
+    c.add_argument(
+        "dest",
+        metavar="DEST",
+        nargs="?",
+        help="docker://HOST[:PORT]/NAME:TAG or HOST[:PORT]/NAME:TAG (default: REF)",
     )
 
     c = _command(

@@ -1,6 +1,7 @@
 """The image stage's facade: the only image module other stages (and the CLI) import.
 
-Commands: ``pull``, ``checkout``, ``import_archive``, ``images``, ``rmi``, ``gc``, ``fsck``; each
+Commands: ``pull``, ``push``, ``checkout``, ``import_archive``, ``images``, ``rmi``, ``gc``,
+``fsck``; each
 takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments as the command line
 gave them and returns a frozen result with ``to_json()`` and ``to_text()``. For the stages after
 this one: :func:`obtain` (the one way an image is had: resolution, pull policy, verification,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # the pull path (threads, registry client) is imported by the
     from bootstrap.image.maintenance import FsckReport, GcReport
     from bootstrap.image.obtain import POLICIES, Obtained, stored_name
     from bootstrap.image.pull import ImageVerifier, PullResult
+    from bootstrap.image.push import PushResult
     from bootstrap.image.reference import Reference
     from bootstrap.image.registry import RegistryClient
 
@@ -282,6 +284,25 @@ def pull(
         else "up to date",
     )
     return result
+
+
+def push(settings: Settings, ref: str, dest: str | None = None) -> PushResult:
+    """``bootstrap push REF [DEST]``: the image stored as ``ref`` (found as :func:`rmi` finds
+    it) sent to the registry ``DEST`` names (``docker://HOST/NAME:TAG`` or a plain reference;
+    default: ``ref`` itself, as podman push), with the pull's credentials, certs.d and
+    registries.conf; blobs the registry has are not sent, the manifest goes last, no
+    signature is made or copied (see :mod:`bootstrap.image.push`). Raises UsageError (not
+    stored, bad destination, blocked registry), RegistryError, IntegrityError (a damaged
+    stored blob)."""
+    from bootstrap.image.obtain import stored_name
+    from bootstrap.image.push import parse_destination, push_image
+
+    store = Store(settings.store)
+    name = stored_name(store, ref)
+    store.resolve(name)  # not stored: UsageError before anything is sent
+    destination = parse_destination(dest or name)
+    with make_progress(settings) as progress:
+        return push_image(store, name, destination, progress=progress)
 
 
 def checkout(

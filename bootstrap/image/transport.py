@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -426,9 +426,11 @@ class Transport:
         challenges: tuple[Challenge, ...],
         extra_scope: str | None = None,
         fast: bool = False,
+        actions: str = "pull",
     ) -> tuple[dict[str, str], tuple[str, str, str, str] | None]:
-        """Headers to authorize a request for ``ep.reference``'s repository, and the token
-        cache key used (None for basic/anonymous)."""
+        """Headers to authorize a request for ``ep.reference``'s repository (a token for
+        ``actions``: "pull", or "pull,push" for uploads), and the token cache key used (None
+        for basic/anonymous)."""
         entry = self._entry(ep)
         for ch in challenges:
             if ch.scheme == "basic":
@@ -444,7 +446,7 @@ class Transport:
                         "the registry's auth configuration is broken",
                     )
                 service = ch.params.get("service", "")
-                scopes = [f"repository:{ep.reference.path}:pull"]
+                scopes = [f"repository:{ep.reference.path}:{actions}"]
                 if extra_scope and extra_scope not in scopes:
                     scopes.append(extra_scope)
                 account = entry.username if entry is not None else ""
@@ -552,6 +554,23 @@ class Transport:
                 state.down = None
         return resp
 
+    def upload(
+        self,
+        ep: Endpoint,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: Callable[[], Any] | None = None,
+    ) -> requests.Response:
+        """``method`` (HEAD, POST, PUT) ``target`` on ``ep``, authorized for pushing (a token
+        for ``repository:PATH:pull,push``, or the basic credentials). ``target`` is a path
+        (``/v2/...``) or an absolute URL the registry answered with (an upload's
+        ``Location``; no credentials go to another host). ``body()`` returns the body (bytes
+        or a readable file) and is called again when a 401 asks for a fresh token. The
+        session does not retry POST/PUT (an upload is not idempotent); the answer streams."""
+        state = self._host(ep)
+        return self._request_at(ep, state, target, headers, False, method, "pull,push", body)
+
     def _request_at(
         self,
         ep: Endpoint,
@@ -560,12 +579,23 @@ class Transport:
         headers: Mapping[str, str],
         fast: bool,
         method: str = "GET",
+        actions: str = "pull",
+        body: Callable[[], Any] | None = None,
     ) -> requests.Response:
-        url = f"{state.scheme}://{ep.api_host}{path}"
+        if path.startswith(("http://", "https://")):
+            url = path
+            if urlsplit(url).netloc != ep.api_host:
+                # elsewhere (blob storage): no credentials of this registry go there
+                return self._send(ep, method, url, headers=dict(headers), stream=True,
+                                  data=body() if body else None,
+                                  **self._tls_kwargs(ep, urlsplit(url).scheme))  # fmt: skip
+        else:
+            url = f"{state.scheme}://{ep.api_host}{path}"
         tls = self._tls_kwargs(ep, state.scheme)
-        auth, key = self._authorization(ep, state.challenges, fast=fast)
+        auth, key = self._authorization(ep, state.challenges, fast=fast, actions=actions)
+        data = body() if body is not None else None
         resp = self._send(
-            ep, method, url, fast=fast, headers={**headers, **auth}, stream=True, **tls
+            ep, method, url, fast=fast, headers={**headers, **auth}, stream=True, data=data, **tls
         )
         if resp.status_code != 401:
             return resp
@@ -581,9 +611,10 @@ class Transport:
         challenges = challenges or state.challenges
         if not challenges and not auth:
             raise self._denied(ep, self._entry(ep), f"{path} answered 401 with no challenge")
-        auth2, _ = self._authorization(ep, challenges, extra, fast)
+        auth2, _ = self._authorization(ep, challenges, extra, fast, actions)
+        data = body() if body is not None else None
         resp = self._send(
-            ep, method, url, fast=fast, headers={**headers, **auth2}, stream=True, **tls
+            ep, method, url, fast=fast, headers={**headers, **auth2}, stream=True, data=data, **tls
         )
         if resp.status_code == 401:
             resp.close()
