@@ -7,7 +7,7 @@ import logging
 import shlex
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -100,16 +100,7 @@ def _run_fed(
         ]
         for r in readers:
             r.start()
-        expired = threading.Event()
-
-        def kill() -> None:
-            expired.set()
-            popen.kill()
-
-        timer = threading.Timer(timeout, kill) if timeout is not None else None
-        if timer is not None:
-            timer.start()
-        try:
+        with _deadline(popen, args, timeout):
             try:
                 feed(popen.stdin)
             except BaseException as exc:
@@ -129,12 +120,31 @@ def _run_fed(
             popen.wait()
             for r in readers:
                 r.join()
-        finally:
-            if timer is not None:
-                timer.cancel()
-        if expired.is_set():
-            raise subprocess.TimeoutExpired(args, timeout or 0.0)
         return subprocess.CompletedProcess(args, popen.returncode, b"".join(out), b"".join(err))
+
+
+@contextlib.contextmanager
+def _deadline(
+    popen: subprocess.Popen[bytes], args: list[str], timeout: float | None
+) -> Iterator[None]:
+    """Kill ``popen`` once ``timeout`` seconds pass while the block runs; the block then ends
+    (its waits return) and ``subprocess.TimeoutExpired`` is raised."""
+    expired = threading.Event()
+
+    def kill() -> None:
+        expired.set()
+        popen.kill()
+
+    timer = threading.Timer(timeout, kill) if timeout is not None else None
+    if timer is not None:
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(args, timeout or 0.0)
 
 
 def _broken_pipe(exc: BaseException | None) -> bool:
@@ -175,24 +185,10 @@ def _run_streaming(
         if input is not None and popen.stdin is not None:
             with popen.stdin:
                 popen.stdin.write(input)
-        expired = threading.Event()
-
-        def kill() -> None:
-            expired.set()
-            popen.kill()
-
-        timer = threading.Timer(timeout, kill) if timeout is not None else None
-        if timer is not None:
-            timer.start()
-        try:
+        with _deadline(popen, args, timeout):
             for raw in popen.stderr:
                 err.append(raw)
                 on_line(raw.decode(errors="replace").rstrip("\n"))
             popen.wait()
             reader.join()
-        finally:
-            if timer is not None:
-                timer.cancel()
-        if expired.is_set():
-            raise subprocess.TimeoutExpired(args, timeout or 0.0)
         return subprocess.CompletedProcess(args, popen.returncode, b"".join(out), b"".join(err))
