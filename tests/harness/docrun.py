@@ -2,12 +2,12 @@
 
 :func:`sh_blocks` takes the fenced ```` ```sh ```` blocks of one section of a Markdown page;
 :func:`run_sandboxed` runs a script in new mount, network and pid namespaces
-(``unshare --mount --net --pid``): ``/etc``, ``/root``, ``/srv`` and ``/var/lib`` are overlays
-over the machine's own (a page may write ``/etc/containers/...`` or ``/srv/sigstore`` exactly
-as it says, and nothing reaches the machine), the network is a loopback of its own (servers
-listen on the names and ports the page uses, ``/etc/hosts`` maps those names), and every
-process the script leaves running dies with it. The repository's venv comes first on PATH, so
-``bootstrap`` is this checkout's. Needs root.
+(``unshare --mount --net --pid``): ``/etc``, ``/root``, ``/srv``, ``/var/lib`` and ``/tmp``
+are overlays over the machine's own (a page may write ``/etc/containers/...`` or
+``/srv/sigstore`` exactly as it says, and nothing reaches the machine), the network is a
+loopback of its own (servers listen on the names and ports the page uses, ``/etc/hosts`` maps
+those names), and every process the script leaves running dies with it. The repository's venv
+comes first on PATH, so ``bootstrap`` is this checkout's. Needs root.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-OVERLAID = ("/etc", "/root", "/srv", "/var/lib")
+OVERLAID = ("/etc", "/root", "/srv", "/var/lib", "/tmp")
 VENV_BIN = Path(sys.executable).parent
 
 
