@@ -128,6 +128,9 @@ def test_demo_up_again_and_down(demo_state: Path) -> None:
     assert all(c["active_state"] == "active" for c in result["list"] if c["name"] in containers)
     assert _record(state)["machine"]["pid"] == machine.pid  # type: ignore[index]
 
+    if "ocid" in containers:
+        _suggested_update_then_rollback(machine, up.stdout)
+
     # a second command while one runs: exit 6 at once
     with flocked(state / "demo" / "demo.lock"):
         busy = bootstrap("--state", state, "demo", "--down", timeout=60)
@@ -153,6 +156,37 @@ def test_demo_up_again_and_down(demo_state: Path) -> None:
     again = bootstrap("--state", state, "demo", "--down", timeout=60)
     assert again.rc == 0 and "nothing to do" in again.stdout
     print(f"demo: up {up_seconds:.1f}s ({doc['workload']}), down {down_seconds:.1f}s")
+
+
+def _suggested_update_then_rollback(machine: m.Machine, printed: str) -> None:
+    """The printed update, run as printed inside the machine, changes something (the CRI
+    daemon restarts at debug: its journal and ``status`` show it) and the printed rollback
+    takes it back; no warning about a --set the definition does not use."""
+
+    def inside(cmd: str) -> str:
+        out = machine.run(["sh", "-c", cmd + " 2>&1"], timeout=300, check=False)
+        text = out.stdout.decode(errors="replace")
+        assert out.returncode == 0, f"{cmd}: {text}"
+        return text
+
+    lines = printed.splitlines()
+    i = next(i for i, ln in enumerate(lines) if "change, then undo:" in ln)
+    update = lines[i].split("change, then undo:", 1)[1].split("   (", 1)[0].strip()
+    rollback = lines[i + 1].split("   (", 1)[0].strip()
+    assert update == "bootstrap update --no-pull --set LOG_LEVEL=debug ocid", update
+    assert rollback == "bootstrap rollback ocid", rollback
+    out = inside(update)
+    assert "updated to" in out and "not used by the definition" not in out, out
+    status = inside("bootstrap status ocid")
+    assert "LOG_LEVEL=debug" in status and "  rollback: " in status, status
+    # containerd now logs at debug: its journal has debug lines since that restart
+    deadline = time.monotonic() + 30
+    while "level=debug" not in inside("journalctl -u ocid -n 200 --no-pager"):
+        assert time.monotonic() < deadline, "no debug line from ocid after the update"
+        time.sleep(0.5)
+    out = inside(rollback)
+    status = inside("bootstrap status ocid")
+    assert "LOG_LEVEL=debug" not in status and "active (running)" in status, status
 
 
 def test_demo_busy_exits_6_and_changes_nothing(tmp_path: Path) -> None:

@@ -452,16 +452,27 @@ def test_store_and_state_made_under_umask_000_are_private_and_a_non_root_contain
     )
     argv = [str(VENV / "bin/bootstrap"), "--store", store, "--state", state]
     cmd = "umask 000; exec " + " ".join(
-        [*argv, "install", "priv", images["app:1"], "--definition", d]
+        [*argv, "install", "priv", images["app:1"], "--definition", d, "--set", "UNUSED=1"]
     )
     ran = node.run("sh", "-c", cmd, env=env, check=False, timeout=300)
     try:
         assert ran.returncode == 0, ran.stderr
+        # a --set the definition does not use is said once (not once per rendering)
+        assert ran.stderr.count("--set UNUSED: not used by the definition") == 1, ran.stderr
         assert wait_for_text(node, "/run/priv-out/uid", "1000\n")
         assert exposures(node.path(store)) == []
         state_content = tuple(f"containers/*/{p}" for p in ("rootfs", "upper", "work"))
         assert exposures(node.path(state), state_content) == []
         assert CONTENT  # the store's image content kept its modes (see test_store_privacy)
+        # an update that changes something shows it, and a rollback takes it back
+        ran = node.run(*argv, "update", "--no-pull", "--set", "LEVEL=debug", "priv", env=env,
+                       check=False, timeout=300)  # fmt: skip
+        assert ran.returncode == 0 and ran.stderr.count("not used by the definition") == 1
+        status = node.run(*argv, "status", "priv", env=env).stdout
+        assert "  set:      LEVEL=debug UNUSED=1" in status and "  rollback: " in status
+        assert node.run(*argv, "rollback", "priv", env=env, check=False).returncode == 0
+        status = node.run(*argv, "status", "priv", env=env).stdout
+        assert "  set:      UNUSED=1\n" in status, status
     finally:
         node.run(*argv, "uninstall", "priv", env=env, check=False, timeout=300)
         node.run("rm", "-rf", "/var/lib/bs-private", d, "/run/priv-out", check=False)

@@ -222,3 +222,32 @@ def test_root_path_is_the_deployments_rootfs() -> None:
         image_config(cmd=("/x",)), hostname="c", template={"root": {"readonly": False}}
     ).document
     assert doc["root"] == {"path": "rootfs", "readonly": False}
+
+
+def test_a_capability_the_host_lacks_is_explained_when_the_definition_asked_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rtconfig = rc
+    image = image_config(cmd=("/bin/true",))
+    bounding = [c for c in rtconfig.CAPABILITIES if c != "CAP_SYS_RESOURCE"]
+    asked = {"process": {"capabilities": {"bounding": ["CAP_CHOWN", "CAP_SYS_RESOURCE"]}}}
+    with caplog.at_level("DEBUG", logger="bootstrap.runtime.config"):
+        doc = rtconfig.prepare(image, hostname="ocid", template=asked, bounding=bounding)
+        rtconfig.prepare(image, hostname="ocid", template=asked, bounding=bounding)  # again
+    assert doc.document["process"]["capabilities"]["bounding"] == ["CAP_CHOWN"]
+    [record] = [r for r in caplog.records if "CAP_SYS_RESOURCE" in r.getMessage()]
+    assert record.levelname == "INFO"  # said once, at the level a user sees
+    assert record.getMessage() == (
+        "ocid: runs without CAP_SYS_RESOURCE, which its definition asks for: not in this "
+        "host's capability bounding set (no process here can hold it; runc would not start "
+        "the container with it)"
+    )
+    # bootstrap's own defaults cut by a host: nothing a definition relies on, said at DEBUG
+    caplog.clear()
+    narrow = [c for c in rtconfig.CAPABILITIES if c != "CAP_NET_RAW"]
+    with caplog.at_level("DEBUG", logger="bootstrap.runtime.config"):
+        rtconfig.prepare(image, hostname="web", template=None, bounding=narrow)
+    [record] = [r for r in caplog.records if "CAP_NET_RAW" in r.getMessage()]
+    assert (
+        record.levelname == "DEBUG" and "which its definition asks for" not in record.getMessage()
+    )

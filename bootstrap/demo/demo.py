@@ -414,11 +414,8 @@ def _report(
         + " ".join(f"{c}.service" for c in workload.containers)
         + "; journalctl -u "
         + (workload.containers[0] if workload.containers else "dbus")
-        + "; runc list"
-        + (
-            # --no-pull: the demo's registry is stopped once the machine is provisioned
-            f"; bootstrap update --no-pull {workload.containers[0]}" if workload.containers else ""
-        ),
+        + "; runc list",
+        *_update_and_rollback(workload),
         f"its systemd over D-Bus: busctl --address={machine.bus_address} "
         "tree org.freedesktop.systemd1",
         f"its files:             /proc/{machine.pid}/root (rootfs {machine.rootfs})",
@@ -452,6 +449,27 @@ def _report(
         timings=timings,
         look_around=look,
         kubelet=kubelet,
+    )
+
+
+#: What the printed update changes and the rollback takes back: the CRI daemon's log level
+#: (its definition's LOG_LEVEL, containerd's --log-level in the demo's image).
+UPDATE_SET = "LOG_LEVEL=debug"
+
+
+def _update_and_rollback(workload: Workload) -> tuple[str, ...]:
+    """The suggested update (one that changes something: ``--set`` of a value the CRI
+    daemon's definition uses; ``--no-pull``: the demo's registry is stopped once the machine
+    is provisioned) and the rollback that takes it back, with what shows each. None for a
+    workload without the CRI daemon (the busybox fallback's definition has no variable)."""
+    if "ocid" not in workload.containers:
+        return ()
+    return (
+        f"change, then undo:     bootstrap update --no-pull --set {UPDATE_SET} ocid   "
+        "(containerd restarts at debug: journalctl -u ocid | grep level=debug; "
+        "bootstrap status ocid shows the value and the rollback target)",
+        "                       bootstrap rollback ocid   (back to the deployment before: "
+        "info again; bootstrap status ocid)",
     )
 
 

@@ -43,6 +43,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -356,8 +357,11 @@ def plan(
     unit_dir: Path,
     *,
     uuid_value: str | None = None,
+    check_only: bool = False,
 ) -> Plan:
     """Resolve variables and render every file of the deployment (nothing is written).
+    ``check_only``: a validation before the deployment is staged (which plans again): the
+    ``--set`` names the definition does not use are said by that later plan only, once.
 
     Raises :class:`UsageError` (exit 2) for bad ``--set`` names or values, unknown variables
     (naming file and line), bad JSON in the rendered config template, a config without a
@@ -438,7 +442,7 @@ def plan(
         image_import = definition.image_import.render(values)
     used = definition.variables() | {n for n, _ in service_t.placeholders()} | {"INIT"}
     unused = sorted(set(set_values) - used)
-    if unused:
+    if unused and not check_only:
         log.warning("--set %s: not used by the definition", ", ".join(unused))
     return Plan(
         name=name,
@@ -521,6 +525,9 @@ class ContainerStatus:
                     f"  host:     {len(files)} files/symlinks, {dirs} directories from "
                     "/exports/hostfs"
                 )
+            if self.active.set_values:
+                values = sorted(self.active.set_values.items())
+                lines.append("  set:      " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values))
         if self.previous:
             lines.append(f"  rollback: {self.previous.image} ({self.previous.digest[:19]})")
         if self.unit:
@@ -851,7 +858,7 @@ class Deployer:
         definition = defn.load(definition_dir) if definition_dir else None
         image = self.image(reference)
         if definition is not None:  # fail on bad input before taking the lock or writing
-            plan(paths, image, definition, set_values, udir)
+            plan(paths, image, definition, set_values, udir, check_only=True)
         self.manager.state(paths.unit)  # systemd must be reachable before anything is written
         with self.locked(paths):
             active = paths.active()
@@ -1014,7 +1021,7 @@ class Deployer:
                     current,
                 )
             if definition is not None:
-                plan(paths, image, definition, values, udir)
+                plan(paths, image, definition, values, udir, check_only=True)
             uuid_value = current.values.get("UUID")
             staged = self._stage(paths, image, definition, values, udir, uuid_value, options)
             try:  # new host files the host holds already are refused before anything changes

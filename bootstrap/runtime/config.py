@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,13 @@ def prepare(
     if isinstance(process, dict) and "user" in process:
         image_user = None
     _validate(doc, where)
-    _cut_capabilities(doc, bounding if bounding is not None else bounding_capabilities())
+    asked: set[str] = set()  # what the definition's template names itself
+    caps = process.get("capabilities") if isinstance(process, dict) else None
+    if isinstance(caps, dict):
+        asked = {n for names in caps.values() if isinstance(names, list) for n in names}
+    _cut_capabilities(
+        doc, bounding if bounding is not None else bounding_capabilities(), hostname, asked
+    )
     return PreparedConfig(doc, image_user)
 
 
@@ -409,7 +415,14 @@ def bounding_capabilities() -> list[str]:
     return list(CAPABILITIES)
 
 
-def _cut_capabilities(doc: dict[str, Any], bounding: Sequence[str]) -> None:
+def _cut_capabilities(
+    doc: dict[str, Any], bounding: Sequence[str], name: str = "", asked: Iterable[str] = ()
+) -> None:
+    """Leave out of ``doc``'s capability lists what ``bounding`` (this process's bounding
+    set) lacks: runc would fail on it, and no process here can hold it anyway. Said once per
+    process (install renders to compare, too), at INFO when the definition's template asked
+    for one of them itself (``asked``: its container runs without something it named),
+    else at DEBUG (bootstrap's own defaults: nothing a definition relies on)."""
     caps = doc.get("process", {}).get("capabilities")
     if not isinstance(caps, dict):
         return
@@ -419,12 +432,24 @@ def _cut_capabilities(doc: dict[str, Any], bounding: Sequence[str]) -> None:
         if isinstance(names, list):
             dropped.update(n for n in names if n not in allowed)
             caps[kind] = [n for n in names if n in allowed]
-    if dropped and frozenset(dropped) not in _REPORTED_CUTS:  # said once per process, not per
-        _REPORTED_CUTS.add(frozenset(dropped))  # rendering (install renders to compare, too)
-        log.info("capabilities not in the bounding set, left out: %s", " ".join(sorted(dropped)))
+    if not dropped or (name, frozenset(dropped)) in _REPORTED_CUTS:
+        return
+    _REPORTED_CUTS.add((name, frozenset(dropped)))
+    wanted = sorted(dropped & set(asked))
+    them = "it" if len(dropped) == 1 else "them"
+    log.log(
+        logging.INFO if wanted else logging.DEBUG,
+        "%s: runs without %s%s: not in this host's capability bounding set (no process here "
+        "can hold %s; runc would not start the container with %s)",
+        name or "container",
+        " ".join(sorted(dropped)),
+        ", which its definition asks for" if wanted else "",
+        them,
+        them,
+    )
 
 
-_REPORTED_CUTS: set[frozenset[str]] = set()
+_REPORTED_CUTS: set[tuple[str, frozenset[str]]] = set()
 
 
 # ---- users and groups from the rootfs ----------------------------------------------------------
