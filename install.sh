@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install bootstrap on a Debian 12 machine: run-time packages, a venv in ./.venv, the `bootstrap`
 # command in /usr/local/bin, and (when systemd is PID 1) the tool's own units.
-#   sudo ./install.sh         the tool
-#   sudo ./install.sh --dev   the tool plus everything the tests need
+#   ./install.sh         the tool (as root; from a user's shell: sudo ./install.sh)
+#   ./install.sh --dev   the tool plus everything the tests need
 # Idempotent: a second run changes nothing that is already in place.
 set -euo pipefail
 
@@ -20,7 +20,7 @@ step() { printf '==> %s\n' "$*" >&2; }
 fail() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 trap 'fail "step failed at line $LINENO: $BASH_COMMAND"' ERR
 
-[ "$(id -u)" -eq 0 ] || fail "must run as root: sudo ./install.sh $*"
+[ "$(id -u)" -eq 0 ] || fail "must run as root: run ./install.sh${*:+ $*} as root, or sudo ./install.sh${*:+ $*}"
 [ -r /etc/debian_version ] || fail "this installer supports Debian 12 (bookworm) only"
 
 # Run-time: runc, dbus and catatonit (the containers' init) for system containers; python3-venv;
@@ -64,10 +64,9 @@ step "installing bootstrap into $venv"
   || fail "could not upgrade pip in $venv"
 target="$here"
 [ "$dev" -eq 1 ] && target="$here[dev]"
-# compat mode: a path entry in a .pth instead of an import hook (the hook costs ~13 ms of
-# start-up in every bootstrap process)
-"$venv/bin/python" -m pip install -q --disable-pip-version-check \
-  --config-settings editable_mode=compat -e "$target" \
+# editable: a path entry in a .pth, no import hook (pyproject's package-dir; the hook would cost
+# ~13 ms of start-up in every bootstrap process)
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$target" \
   || fail "pip install of the project failed (PyGObject needs libgirepository1.0-dev and libcairo2-dev)"
 
 policy=/etc/containers/policy.json

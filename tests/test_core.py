@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -115,6 +116,55 @@ def test_cli_help_lists_the_contract() -> None:
     ran = bootstrap("--help", check=True)
     for cmd in ("pull", "import", "images", "rmi", "gc", "fsck", "checkout"):
         assert cmd in ran.stdout
+
+
+# ---- the README's commands ---------------------------------------------------------------------
+
+
+def _indented_commands(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.startswith("    ") and ln.strip()]
+
+
+def test_readme_commands_need_no_sudo_as_root_and_ci_runs_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README gives each command as root (a stock Debian 12 has no sudo) and with sudo;
+    nothing on the root path calls sudo; .ci/run runs the README's test command."""
+    from tests.harness.cli import REPO
+
+    readme = (REPO / "README.md").read_text()
+    commands = _indented_commands(readme)
+    assert "./install.sh && bootstrap demo" in commands
+    assert "sudo ./install.sh && sudo bootstrap demo" in commands
+    assert "./install.sh --dev && .venv/bin/python -m pytest" in commands
+    assert "`sudo ./install.sh --dev && sudo .venv/bin/python -m pytest`" in readme
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "  ./install.sh --dev && .venv/bin/python -m pytest -ra --durations=15\n" in ci
+    assert "  sudo ./install.sh --dev && sudo .venv/bin/python -m pytest -ra" in ci
+    install = (REPO / "install.sh").read_text()
+    code = [ln for ln in install.splitlines() if not ln.lstrip().startswith("#")]
+    assert not [ln for ln in code if re.search(r"(^|[;&|]\s*)sudo ", ln)], "install.sh runs sudo"
+    assert "editable_mode=compat" not in install  # setuptools' deprecated mode: 15 lines of warning
+    # the demo's refusal without root names both forms
+    from bootstrap.demo import demo
+
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
+    with pytest.raises(UsageError) as info:
+        demo._require_root()
+    assert "as root: bootstrap demo" in info.value.hint and "sudo bootstrap demo" in info.value.hint
+
+
+def test_install_sh_as_a_user_says_how_to_run_it(tmp_path: Path) -> None:
+    from tests.harness.cli import REPO
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user")
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(REPO / "install.sh")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "must run as root: run ./install.sh as root, or sudo ./install.sh" in out.stderr
 
 
 # ---- run() -------------------------------------------------------------------------------------

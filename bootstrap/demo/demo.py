@@ -603,7 +603,7 @@ def _require_root() -> None:
     if os.geteuid() != 0:
         raise UsageError(
             "bootstrap demo boots a systemd machine with systemd-nspawn and needs root",
-            "run it as root (sudo bootstrap demo)",
+            "run it as root (as root: bootstrap demo; from a user's shell: sudo bootstrap demo)",
         )
 
 
