@@ -413,7 +413,13 @@ def _report(
         "inside, try:           systemctl status "
         + " ".join(f"{c}.service" for c in workload.containers)
         + "; journalctl -u "
-        + (workload.containers[0] if workload.containers else "dbus")
+        + (
+            "ocid"  # the CRI daemon's log says the most (the first container may be a oneshot)
+            if "ocid" in workload.containers
+            else workload.containers[0]
+            if workload.containers
+            else "dbus"
+        )
         + "; runc list",
         *_update_and_rollback(workload),
         f"its systemd over D-Bus: busctl --address={machine.bus_address} "

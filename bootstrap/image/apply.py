@@ -519,5 +519,6 @@ def apply_layer(
 def diff_id_error(layer: str, expected: str, actual: str) -> IntegrityError:
     return IntegrityError(
         f"layer {layer}: uncompressed content is {actual}, the image config says {expected}",
-        "the layer blob does not match the image config; remove the image and pull it again",
+        "the layer blob does not match the image config: 'bootstrap fsck --repair' sets a "
+        "damaged stored one aside, then pull the image again",
     )

@@ -177,8 +177,8 @@ def _about_the_archive(path: Path, exc: IntegrityError) -> IntegrityError:
         message = f"{path}: {message}"
     if "truncated" in message or "ends early" in message:
         hint = _INCOMPLETE_HINT
-    elif exc.hint.startswith((_INCOMPLETE_HINT, _KINDS_HINT)) or "fsck" in exc.hint:
-        hint = exc.hint
+    elif exc.hint.startswith((_INCOMPLETE_HINT, _KINDS_HINT)) or "stored blob" in message:
+        hint = exc.hint  # about the archive already, or about the store's own damage
     elif "MAX_EXPANSION" in exc.hint or "BOOTSTRAP_" in exc.hint:
         hint = exc.hint  # a limit the user may raise
     else:

@@ -388,7 +388,7 @@ class Store:
         if actual != digest:
             raise IntegrityError(
                 f"stored blob {digest} is damaged (hashes to {actual})",
-                "run 'bootstrap fsck', delete the damaged blob and pull the image again",
+                "'bootstrap fsck --repair' sets it aside; then pull the image again",
             )
         return data
 

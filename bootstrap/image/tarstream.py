@@ -29,6 +29,10 @@ NAME_MAX = 255
 MAX_DEPTH = 256  # deeper paths exist in no real image; bounds the recursion of tree walks
 _MAX_META = 1 << 20  # pax / GNU long-name records larger than this are refused
 HOSTILE_HINT = "the image is damaged or hostile; nothing was written outside the rootfs"
+DAMAGED_HINT = (
+    "the layer blob is damaged: 'bootstrap fsck --repair' sets a stored one aside, then pull "
+    "the image again"
+)
 
 
 MAX_EXPANSION_ENV = "BOOTSTRAP_MAX_LAYER_EXPANSION"
@@ -151,7 +155,7 @@ class TarSource:
         except Exception as exc:  # zlib (OSError/EOFError/ValueError), zstandard.ZstdError, isal
             raise IntegrityError(
                 f"layer {self.layer}: cannot decompress: {exc}",
-                "the layer blob is damaged; remove the image and pull it again",
+                DAMAGED_HINT,
             ) from exc
         if not chunk:
             return False
@@ -166,7 +170,7 @@ class TarSource:
     def _truncated(self) -> IntegrityError:
         return IntegrityError(
             f"layer {self.layer}: tar stream truncated at offset {self.offset}",
-            "the layer blob is damaged; remove the image and pull it again",
+            DAMAGED_HINT,
         )
 
     def read(self, n: int) -> bytes:
