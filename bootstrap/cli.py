@@ -241,12 +241,38 @@ def _install(s: Settings, a: argparse.Namespace) -> Result:
 def _auto_update(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.deploy import api
 
-    return api.auto_update(s, a.names, dry_run=a.dry_run)
+    return api.auto_update(s, a.names, dry_run=a.dry_run, retry_failed=a.retry_failed)
 
 
 def _update(s: Settings, a: argparse.Namespace) -> Result:
     from bootstrap.deploy import api
 
+    if a.node:
+        given = [
+            flag
+            for flag, value in (
+                ("NAME", a.name),
+                ("REF", a.ref),
+                ("--set", a.set),
+                ("--definition", a.definition),
+                ("--auto-update", a.auto_update),
+                ("--init", a.init),
+            )
+            if value
+        ]
+        if given:
+            raise UsageError(
+                f"update --node: {', '.join(given)} cannot be given with --node",
+                "'update --node' updates every container to what its reference names now; "
+                "'update NAME [REF] [--set K=V]' changes one",
+            )
+        return api.update_node(s, dry_run=a.dry_run, pull=not a.no_pull)
+    if a.name is None:
+        raise UsageError(
+            "update: NAME or --node is required", "'bootstrap list' shows the installed containers"
+        )
+    if a.dry_run:
+        raise UsageError("update: --dry-run goes with --node", "bootstrap update --node --dry-run")
     return api.update(
         s,
         a.name,
@@ -500,14 +526,36 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(
         sub,
         "update",
-        "update a system container; rolls back if it fails",
-        ["update ocid", "update ocid registry.example.org/ocid:1.1"],
+        "update a system container, or the node as one transaction; rolls back if it fails",
+        [
+            "update ocid",
+            "update ocid registry.example.org/ocid:1.1",
+            "update --node --dry-run",
+            "update --node",
+        ],
+        "--node: every container's reference is pulled again; those that moved are updated\n"
+        "together with the running containers ordered after them (the kubelet after the CRI\n"
+        "daemon): staged, started in order, judged by the node's health (CRI Status, health\n"
+        "checks), committed all or rolled back all (exit 5).",
     )
-    c.add_argument("name", metavar="NAME", help="an installed container, as 'bootstrap list' shows")
+    c.add_argument(
+        "name",
+        metavar="NAME",
+        nargs="?",
+        help="an installed container, as 'bootstrap list' shows",
+    )
     c.add_argument("ref", metavar="REF", nargs="?", help="new image (default: the current one)")
     c.add_argument("--set", action="append", metavar="K=V", help="template variable (repeatable)")
     c.add_argument("--definition", metavar="DIR", help="a new definition directory")
     c.add_argument("--no-pull", action="store_true", help="use the stored image, do not pull")
+    c.add_argument(
+        "--node",
+        action="store_true",
+        help="every container whose reference moved, with its dependants, as one transaction",
+    )
+    c.add_argument(
+        "--dry-run", action="store_true", help="with --node: look up and report, change nothing"
+    )
     c.add_argument(
         "--auto-update",
         choices=("registry", "local", "off"),
@@ -521,13 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(
         sub,
         "auto-update",
-        "update containers whose image moved (policy registry/local); roll back failures",
-        ["auto-update --dry-run", "auto-update ocid kubelet"],
+        "update containers whose image moved (policy registry/local) as one node transaction",
+        ["auto-update --dry-run", "auto-update ocid kubelet", "auto-update --retry-failed"],
         "A container takes part when its policy (install --auto-update, or its definition)\n"
-        "is registry (the tag moved in the registry) or local (the stored tag moved).",
+        "is registry (the tag moved in the registry) or local (the stored tag moved). Those\n"
+        "that moved are updated together with the running containers ordered after them,\n"
+        "judged by the node's health, committed all or rolled back all (exit 5). A digest\n"
+        "that was rolled back is skipped until the tag moves again.",
     )
     c.add_argument("names", metavar="NAME", nargs="*", help="only these (default: all)")
     c.add_argument("--dry-run", action="store_true", help="look up, report, change nothing")
+    c.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also try a digest that was rolled back before",
+    )
     c = _command(
         sub,
         "rollback",

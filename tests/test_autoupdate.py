@@ -85,25 +85,25 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
     # nothing moved: unchanged, exit 0
     ran = node.bootstrap("--json", "auto-update", env=env)
     assert ran.rc == 0, ran.stderr
-    out = _by_name(ran.json())
+    out = _by_name(ran.json()["units"])
     assert out["au1"]["result"] == "unchanged" and out["au1"]["from"] == out["au1"]["to"]
     assert out["au-off"]["result"] == "unchanged" and out["au-off"]["to"] is None
     assert out["au-dk"]["result"] == out["au-ix"]["result"] == "unchanged", out
-    assert set(ran.json()[0]) >= {"name", "image", "policy", "from", "to", "result"}
+    assert set(ran.json()["units"][0]) >= {"name", "image", "policy", "from", "to", "result"}
 
     # the tags move to svc-2; a dry run reports it and changes nothing
     reg.push(layout, "svc-2", "au/svc:live")
     reg.push(layout, "svc-2", "au/frozen:live")
     ran = node.bootstrap("--json", "auto-update", "--dry-run", env=env)
     assert ran.rc == 0, ran.stderr
-    out = _by_name(ran.json())
+    out = _by_name(ran.json()["units"])
     assert out["au1"]["result"] == "pending" and out["au1"]["from"] != out["au1"]["to"]
     assert link_target(node, "au1") == "au1.0" and "3600" in _cmdline(node, "au1")
 
     # the update: au1 runs svc-2 (its health check passed), au-off is never touched
     ran = node.bootstrap("--json", "auto-update", env=env)
     assert ran.rc == 0, ran.stderr
-    out = _by_name(ran.json())
+    out = _by_name(ran.json()["units"])
     assert out["au1"]["result"] == "updated", out
     assert out["au-off"]["result"] == "unchanged" and out["au-off"]["policy"] == "off"
     assert link_target(node, "au1") == "au1.1" and "3601" in _cmdline(node, "au1")
@@ -112,13 +112,13 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
     info = json.loads(node.path(f"{CONTAINERS}/au1.1/info.json").read_text())
     assert info["source_digest"] == out["au1"]["to"] and info["auto_update"] == "registry"
     ran = node.bootstrap("--json", "auto-update", "au1", env=env)
-    assert ran.rc == 0 and ran.json()[0]["result"] == "unchanged", ran.stderr
+    assert ran.rc == 0 and ran.json()["units"][0]["result"] == "unchanged", ran.stderr
 
     # a broken image: rolled back, svc-2 still running, exit 5
     reg.push(layout, "broken", "au/svc:live")
     ran = node.bootstrap("--json", "auto-update", "au1", env=env)
     assert ran.rc == 5, ran.stderr
-    assert ran.json()[0]["result"] == "rolled-back"
+    assert ran.json()["units"][0]["result"] == "rolled-back"
     assert link_target(node, "au1") == "au1.1" and "3601" in _cmdline(node, "au1")
     assert active(node, "au1.service") == "active"
 
@@ -164,7 +164,7 @@ def test_auto_update_moving_tag_rollback_policy_off_and_units(
         assert ran.json()["deployment"]["auto_update"] == "off"
         reg.push(layout, "svc-2", "au/svc:live")
         ran = node.bootstrap("--json", "auto-update", "au1", env=env)
-        assert ran.rc == 0 and ran.json()[0]["result"] == "unchanged", ran.stdout
+        assert ran.rc == 0 and ran.json()["units"][0]["result"] == "unchanged", ran.stdout
         assert "3600" in _cmdline(node, "au1")
     finally:
         node.systemctl("disable", "--now", "bootstrap-auto-update.timer")
@@ -238,8 +238,8 @@ def test_notify_unit_must_be_ready_within_the_start_period(
         ran = node.bootstrap("--json", "auto-update", "aunotify", env=env)
         took = time.monotonic() - started
         assert ran.rc == 5, ran.stderr
-        assert ran.json()[0]["result"] == "rolled-back", ran.stdout
-        assert "timeout" in ran.json()[0]["message"], ran.stdout
+        assert ran.json()["units"][0]["result"] == "rolled-back", ran.stdout
+        assert "timeout" in ran.json()["units"][0]["message"], ran.stdout
         assert took < 60, f"rolled back after {took:.1f}s"  # the job timeout is 120 s
         assert active(node, "aunotify.service") == "active"
         assert link_target(node, "aunotify") == "aunotify.0"
@@ -336,12 +336,15 @@ containers:
         reg.push(layout, "v2", "au/cri:live")
         ran = node.bootstrap("--json", "auto-update", env=env)
         assert ran.rc == 0, ran.stderr
-        out = _by_name(ran.json())
+        out = _by_name(ran.json()["units"])
         assert out["aucri"]["result"] == "updated", out
-        assert out["aukl"]["result"] == "unchanged" and out["aukl"]["policy"] == "off"
-        assert [o["name"] for o in ran.json()] == ["aucri", "aukl"]  # dependencies first
+        # the dependant moved with it: restarted (its policy is off, its image the same)
+        assert out["aukl"]["result"] == "restarted" and out["aukl"]["policy"] == "off"
+        assert out["aukl"]["updated"] == "false" and ran.json()["node"]["verdict"] == "healthy"
+        assert [o["name"] for o in ran.json()["units"]] == ["aucri", "aukl"]  # dependencies first
         err = ran.stderr
-        waited, restarted = err.find("waiting for CRI Version"), err.find("restarting aukl")
+        waited = err.find("aucri: waiting for CRI Status RuntimeReady")
+        restarted = err.find("aukl: (re)starting aukl.service")
         assert 0 <= waited < restarted, err
         assert cri_version(node.path("/run/au-cri/cri.sock"))["runtime_version"] == "2"
         assert running_pid(node, "aukl", other_than=kl_pid) != kl_pid
@@ -398,7 +401,7 @@ def test_local_policy_dry_run_lock_and_bad_names(_registry_plain: Registry, tmp_
 
     ran = bootstrap("--json", "auto-update", "--dry-run", store=store, state=state, env=env)
     assert ran.rc == 0, ran.stderr
-    out = _by_name(ran.json())
+    out = _by_name(ran.json()["units"])
     assert out["loc"]["result"] == "pending"
     assert (out["loc"]["from"], out["loc"]["to"]) == (old, stored)
     assert out["gone"]["result"] == "unchanged" and out["gone"]["to"] is None

@@ -627,7 +627,7 @@ def test_auto_update_killed_at_random_points(
         _node_checks(node, env, f"auto-update round {i} ({row})")
         ran = node.bootstrap("--json", "auto-update", env=env)
         assert ran.rc == 0, f"auto-update round {i} ({row}): rerun: {ran.stderr}"
-        assert ran.json()[0]["result"] in ("updated", "unchanged"), ran.stdout
+        assert ran.json()["units"][0]["result"] in ("updated", "unchanged"), ran.stdout
         _assert_running(node, "au", digest, args, f"auto-update round {i} ({row})")
         current = target
     node.bootstrap("uninstall", "au", env=env, check=True)

@@ -16,8 +16,9 @@ from bootstrap.deploy.listing import ListResult
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:  # the deployer (and systemd's bus) is imported by the calls that act
-    from bootstrap.deploy.autoupdate import Report
     from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult
+    from bootstrap.deploy.nodeupdate import NodeReport
+    from bootstrap.deploy.transaction import Outcome
 
 
 @contextmanager
@@ -131,11 +132,35 @@ def status(settings: Settings, name: str) -> ContainerStatus:
         return d.status(name)
 
 
-def auto_update(settings: Settings, names: list[str], *, dry_run: bool = False) -> Report:
-    """``bootstrap auto-update [--dry-run] [NAME...]``: update every container (or those
-    named) whose policy is not off and whose image moved; the report's ``exit_code`` is 5 when
-    one rolled back or failed."""
+def auto_update(
+    settings: Settings, names: list[str], *, dry_run: bool = False, retry_failed: bool = False
+) -> NodeReport:
+    """``bootstrap auto-update [--dry-run] [--retry-failed] [NAME...]``: update the containers
+    (default: all) whose policy is not off and whose image moved, together with the running
+    containers ordered after them, as one node transaction; the report's ``exit_code`` is 5
+    when the node rolled back or something failed."""
     from bootstrap.deploy.autoupdate import auto_update as run_pass
 
     with _deployer(settings) as d:
-        return run_pass(d, names, dry_run=dry_run)
+        return run_pass(d, names, dry_run=dry_run, retry_failed=retry_failed)
+
+
+def update_node(settings: Settings, *, dry_run: bool = False, pull: bool = True) -> NodeReport:
+    """``bootstrap update --node [--dry-run] [--no-pull]``: every container's reference pulled
+    again; those that moved are updated together with the running containers ordered after
+    them, as one node transaction (see :mod:`bootstrap.deploy.nodeupdate`)."""
+    from bootstrap.deploy.nodeupdate import node_update
+
+    with _deployer(settings) as d:
+        return node_update(d, command="update --node", dry_run=dry_run, pull=pull)
+
+
+def finish_node_update(settings: Settings) -> Outcome | None:
+    """Finish (commit or roll back) a node update a killed run left; None when there is none
+    (nothing is imported or asked then)."""
+    if not (settings.state / "node" / "transaction.json").exists():
+        return None
+    from bootstrap.deploy.nodeupdate import finish_interrupted
+
+    with _deployer(settings) as d:
+        return finish_interrupted(d)

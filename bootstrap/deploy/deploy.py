@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.deploy import definition as defn
-from bootstrap.deploy import hostfs
+from bootstrap.deploy import failures, hostfs
 from bootstrap.deploy.definition import Definition, TemplateFile
 from bootstrap.deploy.listing import ListResult
 from bootstrap.errors import BootstrapError, SystemdError, UsageError
@@ -81,6 +81,9 @@ INFO = "info.json"
 CONFIG = "config.json"
 TMPFILES = "tmpfiles.conf"
 DEFINITION_COPY = "definition"
+#: The node lock under ``$STATE/locks``: a node update holds it exclusively, every
+#: per-container command shared (before its container's lock).
+NODE_LOCK = "node.lock"
 #: Marker in a staged deployment while an update proves it: the name of the slot that was live
 #: before (so an interrupted update can go back to it). Removed once the update is final.
 PREVIOUS = ".previous"
@@ -349,6 +352,24 @@ class Plan:
         }
 
 
+@dataclass(frozen=True)
+class StagedUpdate:
+    """An update staged in ``paths.staged`` and checked against the host, not live yet:
+    ``active`` is the slot it replaces (its deployment ``current``), ``plan`` what was
+    rendered, ``host`` the planned change of the host files."""
+
+    paths: Paths
+    active: Path
+    current: Deployment
+    plan: Plan
+    host: hostfs.Transition
+
+    @property
+    def job_timeout(self) -> float:
+        """How long to wait for the restart job (see :func:`health_job_timeout`)."""
+        return health_job_timeout(self.plan)
+
+
 def plan(
     paths: Paths,
     image: Image,
@@ -496,6 +517,9 @@ class ContainerStatus:
     unit: UnitState | None
     runc: runc.ContainerState | None
     problems: tuple[str, ...] = ()
+    #: A digest of its image that was rolled back (auto-update skips it; see
+    #: :mod:`bootstrap.deploy.failures`).
+    failed: failures.Failed | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -505,6 +529,7 @@ class ContainerStatus:
             "unit": self.unit.to_json() if self.unit else None,
             "runc": self.runc.to_json() if self.runc else None,
             "problems": list(self.problems),
+            "failed_update": self.failed.to_json() if self.failed else None,
         }
 
     def to_text(self) -> str:
@@ -537,6 +562,8 @@ class ContainerStatus:
             )
         if self.runc:
             lines.append(f"  runc:     {self.runc.status}, pid {self.runc.pid}")
+        if self.failed:
+            lines.append(f"  skipped:  {self.failed.skip_note()}")
         lines += [f"  problem:  {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -574,9 +601,51 @@ class Deployer:
 
     @contextlib.contextmanager
     def locked(self, paths: Paths) -> Iterator[None]:
-        with flocked(paths.lock, timeout=lock_timeout(), what=f"system container {paths.name}"):
+        """Hold the node lock shared, then container ``paths.name``'s lock, for the block;
+        first finish a node update a killed run left (its journal), then repair what an
+        interrupted command on this container left (:meth:`_recover`)."""
+        with (
+            self._node_shared(),
+            flocked(paths.lock, timeout=lock_timeout(), what=f"system container {paths.name}"),
+        ):
             self._recover(paths)
             yield
+
+    @property
+    def _node_lock(self) -> Path:
+        return self.state / "locks" / NODE_LOCK
+
+    @contextlib.contextmanager
+    def node_locked(self) -> Iterator[None]:
+        """Hold the node lock exclusively (a node update): no per-container command runs
+        meanwhile. Waits up to :func:`lock_timeout`, then :class:`BusyError` (exit 6)."""
+        with flocked(self._node_lock, timeout=lock_timeout(), what="the node (a node update)"):
+            yield
+
+    @contextlib.contextmanager
+    def _node_shared(self) -> Iterator[None]:
+        """The node lock, shared, with no node update journal left behind: one a killed run
+        left is finished first (:func:`bootstrap.deploy.nodeupdate.finish_interrupted`, under
+        the node lock held exclusively), as often as one appears before the lock is had."""
+        journal = self.state / "node" / "transaction.json"
+        while True:
+            if journal.exists():
+                from bootstrap.deploy.nodeupdate import finish_interrupted
+
+                finish_interrupted(self)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(
+                    flocked(
+                        self._node_lock,
+                        shared=True,
+                        timeout=lock_timeout(),
+                        what="the node (a node update)",
+                    )
+                )
+                if journal.exists():  # a node update was killed meanwhile
+                    continue
+                yield
+                return
 
     def _recover(self, paths: Paths) -> None:
         """Repair what an update killed midway left (see :data:`PREVIOUS`): a symlink on an
@@ -941,6 +1010,7 @@ class Deployer:
                     raise exc.with_context(f"install {name} (nothing installed)") from exc
                 raise
             deployment = Deployment.load(slot)
+            failures.forget(self.state, name)  # a new installation under an old name
             how = "started" if start else "not started (--no-start)"
             if start and staged_plan.definition.health is not None:
                 how += f" and healthy ({staged_plan.definition.health.describe()})"
@@ -980,7 +1050,7 @@ class Deployer:
         with self.locked(paths):
             active = _require_active(paths)
             current = Deployment.load(active)
-            options = _carried(current)
+            options = carried_options(current)
             if auto_update is not None:
                 options = dataclasses.replace(options, auto_update=auto_update)
             udir = Path(current.unit_dir)
@@ -1020,32 +1090,15 @@ class Deployer:
                     "these values; nothing changed",
                     current,
                 )
-            if definition is not None:
-                plan(paths, image, definition, values, udir, check_only=True)
-            uuid_value = current.values.get("UUID")
-            staged = self._stage(paths, image, definition, values, udir, uuid_value, options)
-            try:  # new host files the host holds already are refused before anything changes
-                owned = hostfs.claims(active)
-                known = {e.path for e in self._shipped(active).entries}
-                host = hostfs.prepare(
-                    name, owned, self._shipped(paths.staged), strict=True, known=known
-                )
-            except BaseException:
-                _remove_slot(paths.staged)
-                raise
-            health = staged.definition.health
-            job_timeout: dict[str, float] = {"timeout": health_job_timeout(staged)}
+            staged = self.stage_update(paths, active, current, image, values, definition, options)
+            health = staged.plan.definition.health
             was_running = self.manager.state(paths.unit).running
-            write_atomic(paths.staged / PREVIOUS, active.name)
-            host.begin(paths.staged)
-            _flip(paths, paths.staged)
+            self.switch(staged)
             try:
-                host.finish(paths.staged)
-                self._install_unit(paths, paths.staged, udir)
-                self.manager.reload()
-                self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
                 unit = (
-                    self.manager.restart(paths.unit, settle=restart_settle(staged), **job_timeout)
+                    self.manager.restart(
+                        paths.unit, settle=restart_settle(staged.plan), timeout=staged.job_timeout
+                    )
                     if was_running
                     else None
                 )
@@ -1058,18 +1111,16 @@ class Deployer:
                 _remove_slot(paths.staged)
                 if not isinstance(exc, BootstrapError):
                     raise
+                failures.remember(
+                    self.state, name, image.name, self.source_digest(image), err.message
+                )
                 raise RolledBackError(
                     f"update of {name} to {image.name} failed, rolled back to {current.image} "
                     f"({active.name}): {err.message}",
                     err.hint or f"journalctl -u {paths.unit}",
                 ) from err
-            older = paths.other(active)
-            if os.path.lexists(older):
-                os.rename(older, paths.trash)
-            os.rename(paths.staged, older)
-            _flip(paths, older)
-            (older / PREVIOUS).unlink()
-            _remove_slot(paths.trash)
+            older = self.promote(paths, active.name)
+            failures.forget(self.state, name)
             deployment = Deployment.load(older)
             how = "restarted and active" if was_running else "not running, not started"
             return DeployResult(
@@ -1082,6 +1133,91 @@ class Deployer:
                 deployment,
                 unit,
             )
+
+    # -- the steps of an update, also taken one container at a time by a node transaction ------
+
+    def stage_update(
+        self,
+        paths: Paths,
+        active: Path,
+        current: Deployment,
+        image: Image,
+        values: Mapping[str, str],
+        definition: Definition | None,
+        options: Options,
+    ) -> StagedUpdate:
+        """Stage ``image`` (with ``values``, ``definition``; None: the image's /exports or the
+        built-in) as ``paths.staged`` beside the slots, and check the host files it ships
+        against the host (new ones the host holds already: :class:`UsageError`). Nothing live
+        changes; on failure nothing is left. The caller holds the container's lock."""
+        udir = Path(current.unit_dir)
+        if definition is not None:
+            plan(paths, image, definition, values, udir, check_only=True)
+        uuid_value = current.values.get("UUID")
+        staged = self._stage(paths, image, definition, values, udir, uuid_value, options)
+        try:  # new host files the host holds already are refused before anything changes
+            owned = hostfs.claims(active)
+            known = {e.path for e in self._shipped(active).entries}
+            host = hostfs.prepare(
+                paths.name, owned, self._shipped(paths.staged), strict=True, known=known
+            )
+        except BaseException:
+            _remove_slot(paths.staged)
+            raise
+        return StagedUpdate(paths, active, current, staged, host)
+
+    def switch(self, staged: StagedUpdate) -> None:
+        """Make ``staged`` live without (re)starting its unit: mark it with the slot it
+        replaces (:data:`PREVIOUS`), move the host files (marked first), point the symlink at
+        it, write its unit and tmpfiles files, reload systemd, clear a past start limit."""
+        paths = staged.paths
+        write_atomic(paths.staged / PREVIOUS, staged.active.name)
+        staged.host.begin(paths.staged)
+        _flip(paths, paths.staged)
+        staged.host.finish(paths.staged)
+        self._install_unit(paths, paths.staged, Path(staged.current.unit_dir))
+        self.manager.reload()
+        self.manager.reset_failed(paths.unit)  # a past start-limit must not block it
+
+    def promote(self, paths: Paths, previous: str) -> Path:
+        """Make the proven ``paths.staged`` the slot that is not ``previous`` (the slot it
+        replaced stays as the rollback target; the older one is removed) and point the symlink
+        at it; returns that slot. Finishes a promotion that was cut short: when the staged
+        deployment was renamed already, only the symlink and the leftovers are seen to."""
+        older = paths.other(paths.root / previous)
+        if paths.staged.is_dir():
+            if os.path.lexists(older):
+                _remove_slot(paths.trash)  # a leftover of an earlier promotion
+                os.rename(older, paths.trash)
+            os.rename(paths.staged, older)
+        _flip(paths, older)
+        (older / PREVIOUS).unlink(missing_ok=True)
+        _remove_slot(paths.trash)
+        return older
+
+    def make_live(self, paths: Paths, slot: Path, *, failed: Path | None = None) -> None:
+        """Point ``paths``' symlink back at ``slot`` after a switch to ``failed`` that did not
+        prove itself: its host files (taking as ours what either slot records or marks; files
+        not ours kept), its unit and tmpfiles files. systemd is not reloaded and nothing is
+        (re)started here."""
+        self._settle_host_files(paths, slot, flip=True, owned_by=(slot, failed))
+        self._install_unit(paths, slot, Path(Deployment.load(slot).unit_dir))
+
+    def discard_staged(self, paths: Paths) -> None:
+        """Remove ``paths.staged`` (unmounting its rootfs first); the symlink must not point at
+        it."""
+        _remove_slot(paths.staged)
+
+    def definition_of(self, slot: Path) -> Definition:
+        """The definition deployment ``slot`` was rendered from: its copy of a definition
+        directory, the image's ``/exports``, or the built-in."""
+        dep = Deployment.load(slot)
+        if dep.definition_source == "directory":
+            return defn.load(slot / DEFINITION_COPY, where=dep.definition_origin)
+        if dep.definition_source == "image":
+            tree = slot / "lower" if (slot / "lower").is_symlink() else slot / "rootfs"
+            return defn.load(tree / "exports", source="image", where=f"{dep.image}:/exports")
+        return defn.builtin()
 
     def _wait_healthy(self, paths: Paths, check: HealthCheck) -> None:
         """Wait for ``check`` to pass in the running container; :class:`SystemdError` when it
@@ -1176,6 +1312,14 @@ class Deployer:
                     f"on {current.image} ({active.name}): {err.message}",
                     err.hint,
                 ) from err
+            # what the operator rolled back from is not re-applied by auto-update
+            failures.remember(
+                self.state,
+                name,
+                current.image,
+                current.source_digest,
+                "rolled back by 'bootstrap rollback'",
+            )
             return DeployResult(
                 "rollback",
                 name,
@@ -1204,6 +1348,7 @@ class Deployer:
                     udir = Path(Deployment.load(candidate).unit_dir)
                     break
             self._remove_everything(paths, udir)
+            failures.forget(self.state, name)
             return DeployResult(
                 "uninstall",
                 name,
@@ -1271,7 +1416,8 @@ class Deployer:
             state = runc.state(name)
         except BootstrapError as err:
             problems.append(err.message)
-        return ContainerStatus(name, current, previous, unit, state, tuple(problems))
+        failed = failures.get(self.state, name)
+        return ContainerStatus(name, current, previous, unit, state, tuple(problems), failed)
 
     def list(self) -> ListResult:
         """Every installed container with its unit state (None when systemd is unreachable).
@@ -1301,7 +1447,7 @@ class Deployer:
         return ListResult(tuple(out))
 
 
-def _carried(current: Deployment) -> Options:
+def carried_options(current: Deployment) -> Options:
     """What an update keeps of ``current``'s options: an explicit policy (one that came from
     the definition follows the new definition), the ordering and the readiness."""
     return Options(

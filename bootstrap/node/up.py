@@ -22,6 +22,9 @@ Steps, each logged as one plain line (journald keeps them; no progress bars off 
    when it ended and how long it took, seconds from the start of ``up``; ``up`` prints it at
    the end and ``bootstrap status --node`` shows it again.
 
+A node update (``update --node``, ``auto-update``) a killed run left is finished (committed
+or rolled back) first, even when the node is provisioned already.
+
 A run killed anywhere is finished by the next one: stored images are not fetched again,
 installed containers are kept (the deploy stage recovers an interrupted install under its lock)
 and started if they are not running; only the marker says "done". Concurrent runs serialize on
@@ -257,6 +260,7 @@ def up(settings: Settings, manifest_path: str | Path) -> UpResult:
         len(order),
         " -> ".join(c.name for c in order),
     )
+    _finish_node_update(settings)
     done = _already_done(marker, manifest)
     if done is not None:
         return done
@@ -265,6 +269,16 @@ def up(settings: Settings, manifest_path: str | Path) -> UpResult:
         if done is not None:
             return done
         return _provision(settings, manifest, order, marker, started)
+
+
+def _finish_node_update(settings: Settings) -> None:
+    """Commit or roll back a node update (``update --node``, ``auto-update``) a killed run
+    left, before anything else: the node must run what its links say."""
+    from bootstrap.deploy import api
+
+    outcome = api.finish_node_update(settings)
+    if outcome is not None:
+        log.info("up: an interrupted node update was finished: %s", outcome.verdict)
 
 
 def _already_done(marker: Path, manifest: NodeManifest) -> UpResult | None:

@@ -266,3 +266,52 @@ def node_netns() -> Iterator[str]:
         yield net.name
     finally:
         net.destroy()
+
+
+# ---- variants of an image, for updates -----------------------------------------------------------
+
+
+def image_variant(
+    image: CachedImage,
+    layout: Path,
+    tag: str,
+    *,
+    label: str,
+    files: dict[str, bytes] | None = None,
+) -> None:
+    """Tag ``tag`` in the OCI layout ``layout`` (a copy of ``image``'s layout, made on first
+    use): ``image`` with the config label ``bootstrap.test.variant=LABEL`` (so a new config and
+    manifest digest) and, with ``files``, one more layer holding them (paths relative to the
+    rootfs, e.g. ``exports/hostfs/etc/x``; parent directories 0755, files 0644)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not (layout / "index.json").exists():
+        shutil.copytree(image.layout, layout)
+    base = f"{layout}:{image.tag}"
+    if files:
+        with tempfile.TemporaryDirectory() as work:
+            tar_path = Path(work) / "layer.tar"
+            with tarfile.open(tar_path, "w") as tar:
+                dirs = sorted({str(p) for f in files for p in Path(f).parents if str(p) != "."})
+                for d in dirs:
+                    info = tarfile.TarInfo(d)
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, images.MTIME
+                    tar.addfile(info)
+                for name, data in sorted(files.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(data), 0o644, images.MTIME
+                    tar.addfile(info, io.BytesIO(data))
+            subprocess.run(
+                ["umoci", "raw", "add-layer", "--image", base, "--tag", tag, str(tar_path)],
+                check=True,
+                capture_output=True,
+            )
+        base = f"{layout}:{tag}"
+    subprocess.run(
+        ["umoci", "config", "--image", base, "--tag", tag,
+         "--config.label", f"bootstrap.test.variant={label}"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
