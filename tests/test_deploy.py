@@ -279,6 +279,9 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert active(node, unit) == "active"
     running_pid(node, "c1")
     assert "3601" in node.run("cat", f"/proc/{running_pid(node, 'c1')}/cmdline").stdout
+    # the digest that failed is remembered (auto-update will not try it again)
+    failed = json.loads(node.read_file(f"{STATE}/node/failed.json"))["containers"]["c1"]
+    assert failed["image"] == images["bad:1"] and "c1.service" in failed["reason"]
 
     # rollback reaches the deployment before the failed update's predecessor
     ran = node.bootstrap("--json", "rollback", "c1", env=env)
@@ -289,11 +292,13 @@ def test_lifecycle_install_update_failed_update_rollback_uninstall(
     assert overlay_mounts(node) == ["c1.0/rootfs"]
     assert "3600" in node.run("cat", f"/proc/{running_pid(node, 'c1')}/cmdline").stdout
 
-    # status and list
+    # status and list; what the operator rolled back from is remembered as failed
     ran = node.bootstrap("--json", "status", "c1", env=env)
     assert ran.rc == 0, ran.stderr
     st = ran.json()
     assert st["active"]["digest"] == first and st["previous"]["digest"] == second
+    assert st["failed_update"]["image"] == images["app:2"]
+    assert st["failed_update"]["reason"] == "rolled back by 'bootstrap rollback'"
     assert st["unit"]["active_state"] == "active" and st["runc"]["status"] == "running"
     ran = node.bootstrap("--json", "list", env=env)
     listed = {c["name"]: c for c in ran.json()}

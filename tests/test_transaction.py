@@ -305,3 +305,52 @@ def test_order_and_blame() -> None:
     assert tx.blame(members, "") == [by["kubelet"], by["ocid"]]
     lone = [Member("x", False, "x.0", True, after=("gone",)), Member("y", True, "y.0", True)]
     assert tx.blame(lone, "x") == [lone[1]]
+
+
+def test_remembered_failures(tmp_path: Path) -> None:
+    from bootstrap.deploy import failures
+
+    assert failures.load(tmp_path) == {} and failures.get(tmp_path, "k") is None
+    failures.forget(tmp_path, "k")  # nothing remembered: nothing written
+    assert not (tmp_path / "node").exists()
+    first = failures.remember(tmp_path, "k", "r/k:1", "sha256:aa", "k: health\\ncheck failed")
+    assert first.reason == "k: health\\ncheck failed".replace("\\n", "\\\\n") or first.reason
+    failures.remember(tmp_path, "o", "r/o:1", "sha256:bb", "NetworkReady false")
+    again = failures.remember(tmp_path, "k", "r/k:1", "sha256:cc", "later")  # replaces
+    got = failures.load(tmp_path)
+    assert set(got) == {"k", "o"} and got["k"] == again
+    assert got["k"].matches("r/k:1", "sha256:cc") and not got["k"].matches("r/k:1", "sha256:aa")
+    assert "auto-update leaves it until the tag moves" in got["k"].skip_note()
+    failures.forget(tmp_path, "k")
+    assert set(failures.load(tmp_path)) == {"o"}
+    (tmp_path / "node" / "failed.json").write_text("{damaged")
+    assert failures.load(tmp_path) == {}  # advice only: a damaged file is forgotten, logged
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["update", "--node", "ocid"], "NAME cannot be given with --node"),
+        (["update", "--node", "--set", "A=1"], "--set cannot be given with --node"),
+        (["update"], "NAME or --node is required"),
+        (["update", "ocid", "--dry-run"], "--dry-run goes with --node"),
+    ],
+)
+def test_update_node_usage(tmp_path: Path, args: list[str], said: str) -> None:
+    from tests.harness.cli import bootstrap
+
+    ran = bootstrap(*args, store=tmp_path / "store", state=tmp_path / "state")
+    assert ran.rc == 2 and said in ran.stderr, ran.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_update_node_with_nothing_installed(tmp_path: Path) -> None:
+    from tests.harness.cli import bootstrap
+
+    for args in (["update", "--node"], ["auto-update"], ["update", "--node", "--dry-run"]):
+        ran = bootstrap("--json", *args, store=tmp_path / "store", state=tmp_path / "state")
+        assert ran.rc == 0, ran.stderr
+        doc = ran.json()
+        assert doc["units"] == [] and doc["node"]["verdict"] == "unchanged", doc
+    ran = bootstrap("update", "--node", store=tmp_path / "store", state=tmp_path / "state")
+    assert ran.stdout.strip() == "no system containers installed"
