@@ -18,6 +18,7 @@ Contract::
     cri_version(socket, timeout) -> dict   # call CRI Version from the host with the stubs
     node_netns() -> context of a netns name # NODE_IP on a veth, default route; deleted after
     cni_conflist() -> dict                 # bridge + host-local (POD_SUBNET) + portmap + loopback
+    image_variant(image, layout, tag, label=, files=)  # a tag of `image` a label (+ files) apart
 
 What the images hold is described in :mod:`bootstrap.demo.images`; their files (containerd's
 config, the stand-in's program, ...) are under ``images/demo/``. CRI_SOCKET and PAUSE_IMAGE are
@@ -45,7 +46,7 @@ from bootstrap.demo.images import (  # noqa: F401  (re-exported: part of this mo
     STANDIN_KUBELET,
     CachedImage,
 )
-from bootstrap.demo.oci import DEFAULT_PATH_ENV
+from bootstrap.demo.oci import DEFAULT_PATH_ENV, MTIME
 from bootstrap.image.model import REF_NAME_ANNOTATION
 from bootstrap.runtime.config import DEFAULT_MOUNTS
 
@@ -53,7 +54,9 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "cri"
 STANDIN_SRC = images.CONTENT / "kubelet-standin"
 """The kubelet stand-in's program (``main.py``) and wrapper, copied into its image."""
-_CONTAINERD = tomllib.loads((images.CONTENT / "ocid" / "config.toml").read_text())
+CONTAINERD_CONFIG = (images.CONTENT / "ocid" / "config.toml").read_text()
+"""The CRI daemon image's containerd config (also in its /exports/hostfs)."""
+_CONTAINERD = tomllib.loads(CONTAINERD_CONFIG)
 CRI_SOCKET: str = _CONTAINERD["grpc"]["address"]
 PAUSE_IMAGE: str = _CONTAINERD["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"]
 """The sandbox image containerd is configured with (bootstrap preloads it; never pulled)."""
@@ -297,11 +300,11 @@ def image_variant(
                 dirs = sorted({str(p) for f in files for p in Path(f).parents if str(p) != "."})
                 for d in dirs:
                     info = tarfile.TarInfo(d)
-                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, images.MTIME
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
                     tar.addfile(info)
                 for name, data in sorted(files.items()):
                     info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(data), 0o644, images.MTIME
+                    info.size, info.mode, info.mtime = len(data), 0o644, MTIME
                     tar.addfile(info, io.BytesIO(data))
             subprocess.run(
                 ["umoci", "raw", "add-layer", "--image", base, "--tag", tag, str(tar_path)],
