@@ -1312,14 +1312,15 @@ class Deployer:
                     f"on {current.image} ({active.name}): {err.message}",
                     err.hint,
                 ) from err
-            # what the operator rolled back from is not re-applied by auto-update
-            failures.remember(
-                self.state,
-                name,
-                current.image,
-                current.source_digest,
-                "rolled back by 'bootstrap rollback'",
-            )
+            if current.source_digest != previous.source_digest or current.image != previous.image:
+                # the image the operator rolled back from is not re-applied by auto-update
+                failures.remember(
+                    self.state,
+                    name,
+                    current.image,
+                    current.source_digest,
+                    "rolled back by 'bootstrap rollback'",
+                )
             return DeployResult(
                 "rollback",
                 name,
