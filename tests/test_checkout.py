@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -370,17 +371,26 @@ def test_gc_removes_temp_dirs_of_killed_checkouts(tmp_path: Path) -> None:
 
 
 def test_parallel_copy_out_equals_the_hardlinked_tree(
-    image_builder: ImageBuilder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """Layers with hundreds of files in many directories are copied by several threads: the
-    result equals the hardlinked composition (content, modes, owners, times, xattrs), hardlinks
-    inside a layer stay one inode of the checkout's own, upper layers replace lower files."""
+    """Layers with hundreds of files in many directories are copied by several processes
+    (threads when the process has other threads): the result equals the hardlinked
+    composition (content, modes, owners, times, xattrs), hardlinks inside a layer stay one
+    inode of the checkout's own, upper layers replace lower files."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # four idle cores
+    old_umask = os.umask(0o027)
+    request.addfinalizer(lambda: os.umask(old_umask))
     owner = {"uid": 7, "gid": 8} if ROOT else {}
     low = Layer(
         [File(f"d{i % 9}/f{i}", b"low %d" % i, mode=0o640, **owner) for i in range(300)]
         + [File("big", os.urandom(3 << 20)), Hardlink("d0/again", "d0/f0")]
         + [File("x/attr", b"x", xattrs={"user.k": "v"})]
+        + [File("m/open", b"o", mode=0o666), File("m/suid", b"s", mode=0o4755, **owner)]
+        + [File(f"m/f{i}", b"m", mode=0o777 if i % 2 else 0o400) for i in range(70)]
     )
     high = Layer(
         [File(f"d{i % 9}/f{i}", b"high %d" % i, mode=0o600) for i in range(0, 300, 2)]
@@ -409,5 +419,64 @@ def test_parallel_copy_out_equals_the_hardlinked_tree(
             os.lstat(tmp_path / "copy/d5/f5").st_gid,
         ) == (7, 8)
     assert os.getxattr(tmp_path / "copy/x/attr", "user.k") == b"v"
+    # modes the umask would take and special bits are set, whatever the umask
+    assert stat.S_IMODE(os.lstat(tmp_path / "copy/m/open").st_mode) == 0o666
+    assert stat.S_IMODE(os.lstat(tmp_path / "copy/m/suid").st_mode) == 0o4755
+    assert stat.S_IMODE(os.lstat(tmp_path / "copy/m/f1").st_mode) == 0o777
     records = [json.loads((p / "layer.json").read_text()) for p in store.layers.glob("*/*")]
     assert sorted(r["xattrs"] for r in records) == [False, True]
+
+
+def _many_files_image(image_builder: ImageBuilder, tmp_path: Path) -> tuple[Store, Path]:
+    layer = Layer([File(f"d{i % 7}/f{i}", b"%d" % i) for i in range(200)])
+    layout, _ = image_builder(ImageSpec(layers=[layer]))
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "t", NAME)
+    return store, layout
+
+
+def test_a_failing_copy_process_fails_the_checkout_and_leaves_nothing(
+    image_builder: ImageBuilder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that fails in a forked copier is the checkout's error (with the copier's errno
+    and file); nothing is left at DEST or beside it."""
+    from bootstrap.errors import BootstrapError
+    from bootstrap.image import compose
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    store, _ = _many_files_image(image_builder, tmp_path)
+    real = compose._Composer._copy_file
+
+    def failing(self: compose._Composer, src: str, dst: str, st: os.stat_result) -> None:
+        if os.getpid() != parent:  # only in the forked copier
+            raise OSError(28, "No space left on device", dst)
+        real(self, src, dst, st)
+
+    parent = os.getpid()
+    monkeypatch.setattr(compose._Composer, "_copy_file", failing)
+    with pytest.raises(BootstrapError, match="No space left on device"):
+        checkout(store, store.image(NAME), tmp_path / "dest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oci", "store"]
+
+
+def test_copy_out_on_threads_when_the_process_has_other_threads(
+    image_builder: ImageBuilder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked beside another thread"))
+    store, _ = _many_files_image(image_builder, tmp_path)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        checkout(store, store.image(NAME), tmp_path / "dest")
+    finally:
+        stop.set()
+        other.join()
+    assert (tmp_path / "dest/d3/f10").read_bytes() == b"10"
+    assert len(list((tmp_path / "dest").rglob("f*"))) == 200
