@@ -12,8 +12,12 @@ first, each round on the same file system:
   the file system has them, copies otherwise);
 - the peer: ``cp -a --reflink=always r0 DEST`` where the file system reflinks, ``cp -a r0 DEST``
   elsewhere (tmpfs, ext4);
-with ``df`` (used bytes of the file system, after ``sync``) before and after each, and the
-directory removed afterwards. Prints the medians, checkout / peer (targets: <= 0.8 x ``cp -a``
+- the same followed by ``sync -f DEST``: a checkout is durable before it is renamed into place
+  (``syncfs``), ``cp`` alone is not; on a file system that writes back (ext4, XFS, btrfs) the
+  flush is part of what a checkout costs;
+with ``df`` (used bytes of the file system, after ``sync``) before and after each (on tmpfs,
+shared with everything else in /dev/shm, ``du`` of the new tree instead), and the directory
+removed afterwards. Prints the medians, checkout / peer (targets: <= 0.8 x ``cp -a``
 on tmpfs, <= 1.0 x ``cp -a --reflink=always`` on XFS and btrfs, with no more new space than
 the peer's copy) and the new space of each. Needs root (loop devices, mounts).
 
@@ -100,6 +104,16 @@ def used(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes allocated to the files and directories under ``path`` (``du``): on the shared
+    /dev/shm, whose ``df`` counts every other user's files too."""
+    total = 0
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
 def peer_argv(kind: str, src: Path, dest: Path) -> list[str | Path]:
     if kind in REFLINKS:
         return ["cp", "-a", "--reflink=always", src, dest]
@@ -108,7 +122,14 @@ def peer_argv(kind: str, src: Path, dest: Path) -> list[str | Path]:
 
 def line(kind: str, rounds: int, size_gb: int) -> dict[str, float]:
     layout = bench_image()
-    rows: dict[str, list[float]] = {"ours": [], "peer": [], "ours_space": [], "peer_space": []}
+    rows: dict[str, list[float]] = {
+        "ours": [],
+        "peer": [],
+        "synced": [],
+        "ours_space": [],
+        "peer_space": [],
+        "synced_space": [],
+    }
     with filesystem(kind, size_gb) as root:
         store = Store(root / "store")
         store.init()
@@ -117,17 +138,19 @@ def line(kind: str, rounds: int, size_gb: int) -> dict[str, float]:
         check(timed([*base, "checkout", "--pull", "never", REF, root / "r0"]), "cold checkout")
         for i in range(rounds + 1):
             results: dict[str, tuple[float, int]] = {}
-            order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
+            order = ("ours", "peer", "synced") if i % 2 == 0 else ("synced", "peer", "ours")
             for who in order:
                 dest = root / f"{who}{i}"
-                argv = (
-                    [*base, "checkout", "--pull", "never", REF, dest]
-                    if who == "ours"
-                    else peer_argv(kind, root / "r0", dest)
-                )
+                argv: list[str | Path] = [*base, "checkout", "--pull", "never", REF, dest]
+                if who != "ours":
+                    argv = peer_argv(kind, root / "r0", dest)
+                if who == "synced":
+                    argv = ["sh", "-ec", '"$@"; sync -f "$0"', dest, *argv]
+                os.sync()  # nothing of the last round left to write back
                 before = used(root)
                 took = check(timed(argv), who).seconds
-                results[who] = (took, used(root) - before)
+                space = tree_bytes(dest) if kind == "tmpfs" else used(root) - before
+                results[who] = (took, space)
                 shutil.rmtree(dest)
             if i == 0:
                 continue  # warm-up
@@ -137,7 +160,7 @@ def line(kind: str, rounds: int, size_gb: int) -> dict[str, float]:
             print(
                 f"{kind} round {i}: checkout {results['ours'][0]:.2f}s "
                 f"(+{human(results['ours'][1])}), peer {results['peer'][0]:.2f}s "
-                f"(+{human(results['peer'][1])})",
+                f"(+{human(results['peer'][1])}), peer + sync {results['synced'][0]:.2f}s",
                 flush=True,
             )
     return {k: median(v) for k, v in rows.items()}
@@ -164,16 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{kind}: preparing the store ...")
         results[kind] = line(kind, args.rounds, args.size)
     print(
-        "| file system | warm checkout | peer | peer command | checkout / peer "
-        "| new space: checkout | new space: peer |"
+        "| file system | warm checkout | peer | peer + sync -f | peer command | checkout / peer "
+        "| checkout / (peer + sync) | new space: checkout | new space: peer |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, m in results.items():
         peer = "cp -a --reflink=always" if kind in REFLINKS else "cp -a"
         print(
-            f"| {kind} | {m['ours']:.2f} s | {m['peer']:.2f} s | `{peer}` "
-            f"| {m['ours'] / m['peer']:.2f} | {human(m['ours_space'])} "
-            f"| {human(m['peer_space'])} |"
+            f"| {kind} | {m['ours']:.2f} s | {m['peer']:.2f} s | {m['synced']:.2f} s | `{peer}` "
+            f"| {m['ours'] / m['peer']:.2f} | {m['ours'] / m['synced']:.2f} "
+            f"| {human(m['ours_space'])} | {human(m['peer_space'])} |"
         )
     print("targets: tmpfs <= 0.8 x cp -a; xfs/btrfs <= 1.0 x cp -a --reflink=always, space <= peer")
     print(machine_note().replace("at start", "at end"))
