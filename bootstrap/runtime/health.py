@@ -162,8 +162,9 @@ def wait_healthy(
         if not in_grace:
             failures += 1
         log.info(
-            "%s: health check failed (%s)%s",
+            "%s: health check failed (try %d: %s)%s",
             name,
+            tries,
             last,
             " within the start period" if in_grace else f", {failures}/{check.retries}",
         )
