@@ -452,9 +452,11 @@ class Registry:
 
     def push(self, layout: Path, tag: str, dest: str, *, all: bool = False) -> None:
         """``skopeo copy oci:LAYOUT:TAG docker://HOST/DEST`` (``DEST`` is ``name:tag``; with
-        ``all``, an index and every manifest in it). Digests are preserved (no recompression).
-        Raises ``RuntimeError`` with skopeo's stderr on failure."""
-        argv = ["skopeo", "copy", "--quiet", *self.skopeo_dest_args()]
+        ``all``, an index and every manifest in it). Digests are preserved (no recompression,
+        and ``--preserve-digests``: skopeo's blob-info cache, shared by every test of the
+        machine, must not swap a layer for another compression of it that this registry holds
+        from an earlier test). Raises ``RuntimeError`` with skopeo's stderr on failure."""
+        argv = ["skopeo", "copy", "--quiet", "--preserve-digests", *self.skopeo_dest_args()]
         if all:
             argv.append("--all")
         argv += [f"oci:{layout}:{tag}", f"docker://{self.host}/{dest}"]
