@@ -71,3 +71,13 @@ class Settings:
             registries_d or os.environ.get("BOOTSTRAP_REGISTRIES_D") or DEFAULT_REGISTRIES_D
         ).absolute()
         return cls(store_path, state_path, json, verbosity, progress, policy, regd, insecure_policy)
+
+
+def seconds_from_env(variable: str, default: float) -> float:
+    """Seconds from environment variable ``variable`` (negative ones are 0); ``default`` when it
+    is unset, empty or not a number."""
+    raw = os.environ.get(variable, "")
+    try:
+        return max(0.0, float(raw)) if raw else default
+    except ValueError:
+        return default

@@ -418,7 +418,7 @@ def test_local_policy_dry_run_lock_and_bad_names(_registry_plain: Registry, tmp_
 
 def test_order_dependencies_first_then_by_name(tmp_path: Path) -> None:
     from bootstrap.deploy.autoupdate import order
-    from bootstrap.deploy.deploy import Deployment
+    from bootstrap.deploy.records import Deployment
 
     def dep(name: str, *after: str) -> Deployment:
         return Deployment(

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from bootstrap.deploy import definition as defn
-from bootstrap.deploy import deploy
+from bootstrap.deploy import plan as planning
+from bootstrap.deploy.records import Paths
 from bootstrap.errors import SystemdError, UsageError
 from bootstrap.image.model import Descriptor, Image, ImageConfig, Manifest
 from bootstrap.runtime import config as rc
@@ -41,19 +42,19 @@ def make_plan(
     set_values: dict[str, str] | None = None,
     config: dict[str, Any] | None = None,
     img: Image | None = None,
-) -> deploy.Plan:
+) -> planning.Plan:
     files = {}
     if manifest is not None:
         files[defn.MANIFEST] = json.dumps(manifest)
     if config is not None:
         files[defn.CONFIG_TEMPLATE] = json.dumps(config)
     d = defn.from_files(files, source="directory", origin="def") if files else defn.builtin()
-    return deploy.plan(
-        deploy.Paths(tmp_path, "app"), img or image(), d, set_values or {}, tmp_path / "units"
+    return planning.plan(
+        Paths(tmp_path, "app"), img or image(), d, set_values or {}, tmp_path / "units"
     )
 
 
-def args_of(p: deploy.Plan) -> list[str]:
+def args_of(p: planning.Plan) -> list[str]:
     return list(p.config.document["process"]["args"])
 
 

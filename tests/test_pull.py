@@ -424,7 +424,7 @@ def test_pull_and_install_of_a_short_name_fetch_the_same_image(
     """``bootstrap pull NAME`` and ``bootstrap install X NAME`` obtain a short name the same way
     (registries.conf's search registries; install used to normalize it to docker.io): the
     deployer's image lookup, which install calls first, gets what pull got."""
-    from bootstrap.deploy.deploy import Deployer
+    from bootstrap.deploy.deployer import Deployer
 
     name = repo_name(request)
     registry.push(busybox_image, "latest", f"{name}:1")

@@ -1,45 +1,102 @@
-"""The deploy stage's CLI-facing API: install, update, rollback, uninstall, list, status.
+"""The deploy stage's facade: the only deploy module the node stage and the CLI import.
 
-Each function takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments and
-returns a result with ``to_json()`` and ``to_text()``. Errors carry their exit code: 2 bad
-input (name, reference, definition, ``--set``), 3 registry, 5 systemd or runc (a unit that does
-not start; the message holds its last journal lines), 6 another operation holds the container.
+Commands: ``install``, ``update``, ``rollback``, ``uninstall``, ``list_containers``,
+``status``, ``auto_update``, ``update_node``, ``finish_node_update``; each takes the resolved
+:class:`~bootstrap.settings.Settings` and plain arguments and returns a result with
+``to_json()`` and ``to_text()``. For ``bootstrap up``: :func:`open_deployer` (one
+:class:`~bootstrap.deploy.deployer.Deployer` for a run of installs) with the records it hands
+back (:class:`Deployment`, :class:`Options`), and the definition vocabulary a node manifest
+checks against (``VAR_NAME``, ``AUTO_UPDATE_POLICIES``). Errors carry their exit code: 2 bad
+input (name, reference, definition, ``--set``), 3 registry, 5 systemd or runc (a unit that
+does not start; the message holds its last journal lines), 6 another operation holds the
+container. The deployer (and systemd's bus) is imported by the calls that act: ``list`` with
+nothing installed imports neither.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from bootstrap.deploy.listing import ListResult
+from bootstrap.deploy.records import (
+    ContainerStatus,
+    Deployment,
+    DeployResult,
+    ListResult,
+    Options,
+    names,
+)
 from bootstrap.settings import Settings
 
-if TYPE_CHECKING:  # the deployer (and systemd's bus) is imported by the calls that act
-    from bootstrap.deploy.deploy import ContainerStatus, Deployer, DeployResult
+if TYPE_CHECKING:
+    from bootstrap.deploy.definition import AUTO_UPDATE_POLICIES, VAR_NAME
+    from bootstrap.deploy.deployer import Deployer
     from bootstrap.deploy.nodeupdate import NodeReport
     from bootstrap.deploy.transaction import Outcome
+
+__all__ = [
+    "AUTO_UPDATE_POLICIES",
+    "VAR_NAME",
+    "ContainerStatus",
+    "DeployResult",
+    "Deployer",
+    "Deployment",
+    "ListResult",
+    "Options",
+]
+
+_LAZY = {
+    "AUTO_UPDATE_POLICIES": "bootstrap.deploy.definition",
+    "VAR_NAME": "bootstrap.deploy.definition",
+    "Deployer": "bootstrap.deploy.deployer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exports in ``_LAZY``, imported when first asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def open_deployer(settings: Settings, *, progress: Any = None) -> Deployer:
+    """A deployer over ``settings``' state and store: the signature policy is loaded on its
+    first pull, systemd is asked on first use, and a node update a killed run left is finished
+    before a per-container command."""
+    from bootstrap.deploy.deployer import Deployer
+    from bootstrap.image.api import open_store
+
+    return Deployer(
+        settings.state,
+        open_store(settings),
+        progress=progress,
+        verifier=lambda: _verifier(settings),
+        finish_node_update=_finish_interrupted,
+    )
 
 
 @contextmanager
 def _deployer(settings: Settings) -> Iterator[Deployer]:
-    from bootstrap.deploy.deploy import Deployer
-    from bootstrap.image.api import Store
     from bootstrap.progress import make_progress
 
     with make_progress(settings) as progress:
-        yield Deployer(
-            settings.state,
-            Store(settings.store),
-            progress=progress,
-            verifier=lambda: _verifier(settings),
-        )
+        yield open_deployer(settings, progress=progress)
 
 
 def _verifier(settings: Settings) -> object:
     from bootstrap.trust.verify import Verifier
 
     return Verifier.from_settings(settings)
+
+
+def _finish_interrupted(deployer: Deployer) -> Outcome | None:
+    from bootstrap.deploy.nodeupdate import finish_interrupted
+
+    return finish_interrupted(deployer)
 
 
 def install(
@@ -57,8 +114,6 @@ def install(
     [--unit-dir DIR] [--auto-update registry|local|off]``: pull REF if not stored, deploy it
     as NAME.0, write, enable and start NAME.service. The same inputs again change nothing.
     ``auto_update`` None: the definition's default policy, else ``off``."""
-    from bootstrap.deploy.deploy import Options
-
     with _deployer(settings) as d:
         return d.install(
             name,
@@ -108,22 +163,10 @@ def uninstall(settings: Settings, name: str) -> DeployResult:
 
 def list_containers(settings: Settings) -> ListResult:
     """``bootstrap list``: every installed system container and its unit state."""
-    if not _any_installed(settings):
+    if not names(settings.state):
         return ListResult(())
     with _deployer(settings) as d:
         return d.list()
-
-
-def _any_installed(settings: Settings) -> bool:
-    """Whether ``$STATE/containers`` names any container (a symlink NAME -> its active slot,
-    as :meth:`~bootstrap.deploy.deploy.Deployer.names` reads them)."""
-    import os
-
-    try:
-        with os.scandir(settings.state / "containers") as it:
-            return any(e.is_symlink() and "." not in e.name for e in it)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 def status(settings: Settings, name: str) -> ContainerStatus:
@@ -157,10 +200,10 @@ def update_node(settings: Settings, *, dry_run: bool = False, pull: bool = True)
 
 def finish_node_update(settings: Settings) -> Outcome | None:
     """Finish (commit or roll back) a node update a killed run left; None when there is none
-    (nothing is imported or asked then)."""
-    if not (settings.state / "node" / "transaction.json").exists():
-        return None
-    from bootstrap.deploy.nodeupdate import finish_interrupted
+    (neither the deployer nor systemd is imported or asked then)."""
+    from bootstrap.deploy.transaction import JOURNAL
 
+    if not settings.state.joinpath(*JOURNAL).exists():
+        return None
     with _deployer(settings) as d:
-        return finish_interrupted(d)
+        return _finish_interrupted(d)

@@ -1,7 +1,7 @@
 """Unattended updates: ``bootstrap auto-update [--dry-run] [--retry-failed] [NAME...]``.
 
 Every installed container (or those named) whose auto-update policy is not ``off`` (see
-:class:`~bootstrap.deploy.deploy.Options`) is asked for the digest its image reference names
+:class:`~bootstrap.deploy.records.Options`) is asked for the digest its image reference names
 now — ``registry``: one ``HEAD`` of the manifest (with the registries' auth and mirrors);
 ``local``: the tag in the store — and compared with the deployed image's source digest (what
 ``pull`` printed when it was pulled). The containers whose digest moved are updated together,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bootstrap.deploy.deploy import Deployer
+from bootstrap.deploy.deployer import Deployer
 from bootstrap.deploy.nodeupdate import NodeReport, node_update, order
 from bootstrap.image import api
 

@@ -32,22 +32,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bootstrap.deploy import failures, transaction
-from bootstrap.deploy.deploy import (
-    DEFAULT_JOB_TIMEOUT,
-    DEFINITION_COPY,
-    Deployer,
-    Deployment,
-    Paths,
-    StagedUpdate,
-    carried_options,
-    lock_timeout,
-)
+from bootstrap.deploy import failures, slots, transaction
+from bootstrap.deploy.deployer import Deployer, StagedUpdate
+from bootstrap.deploy.plan import DEFAULT_JOB_TIMEOUT, restart_settle
+from bootstrap.deploy.records import Deployment, Paths
 from bootstrap.deploy.transaction import Journal, Member, Outcome
 from bootstrap.errors import BootstrapError, ExitCode, SystemdError, UsageError
 from bootstrap.image import api
 from bootstrap.image.api import Image
-from bootstrap.locks import flocked
 from bootstrap.runtime.health import HealthCheck
 from bootstrap.systemd import units
 
@@ -188,10 +180,7 @@ def _member_locks(deployer: Deployer, names: Sequence[str]) -> Iterator[None]:
     """The containers' own locks, in name order (the node lock is held already)."""
     with contextlib.ExitStack() as stack:
         for name in sorted(set(names)):
-            paths = Paths(deployer.state, name)
-            stack.enter_context(
-                flocked(paths.lock, timeout=lock_timeout(), what=f"system container {name}")
-            )
+            stack.enter_context(deployer.container_locked(Paths(deployer.state, name)))
         yield
 
 
@@ -234,19 +223,14 @@ class DeployerSteps:
         paths = self._paths(m)
         active = paths.root / m.from_slot
         current = Deployment.load(active)
-        definition = None
-        if current.definition_source == "directory":
-            from bootstrap.deploy import definition as defn
-
-            definition = defn.load(active / DEFINITION_COPY, where=current.definition_origin)
         self.staged[m.name] = self.d.stage_update(
             paths,
             active,
             current,
             self.images[m.name],
             dict(current.set_values),
-            definition,
-            carried_options(current),
+            slots.kept_definition(active, current),
+            current.options(),
         )
 
     def switch(self, m: Member) -> None:
@@ -258,9 +242,8 @@ class DeployerSteps:
         paths = self._paths(m)
         staged = self.staged.get(m.name)
         timeout = staged.job_timeout if staged is not None else DEFAULT_JOB_TIMEOUT
-        oneshot = staged is not None and staged.plan.definition.unit_type == "oneshot"
         # a CRI daemon's proof is CRI Status (judged next), a oneshot's its command's exit
-        settle = 0.0 if m.cri_socket or oneshot else None
+        settle = 0.0 if m.cri_socket else restart_settle(staged.plan) if staged else None
         log.info("node update: %s: (re)starting %s", m.name, paths.unit)
         self.d.manager.reset_failed(paths.unit)
         self.started_at[m.name] = time.monotonic()
@@ -316,7 +299,7 @@ class DeployerSteps:
         if recorded is not None:
             return recorded
         try:
-            return self.d.definition_of(live).health
+            return slots.definition_of(live).health
         except BootstrapError:
             return None
 
@@ -331,14 +314,13 @@ class DeployerSteps:
         if live != back or paths.staged.exists():
             log.info("node update: %s: back to %s", m.name, m.from_slot)
             self.d.make_live(paths, back, failed=paths.staged)
-        self.d.discard_staged(paths)
+        slots.remove(paths.staged)
 
     def reload(self) -> None:
         self.d.manager.reload()
 
     def commit(self, m: Member) -> None:
-        paths = self._paths(m)
-        self.d.promote(paths, m.from_slot)
+        slots.promote(self._paths(m), m.from_slot)
 
     def settle(self, m: Member) -> None:
         self.d.run_what_the_link_says(self._paths(m))

@@ -61,7 +61,7 @@ from typing import Any
 
 import yaml
 
-from bootstrap.deploy import definition as defn
+from bootstrap.deploy import api as deploy_api
 from bootstrap.errors import BootstrapError, UsageError
 from bootstrap.image.api import Reference
 from bootstrap.systemd import units
@@ -76,7 +76,7 @@ NAME_RE = units.NAME_RE
 """A container name (the deploy stage's rule): safe as a systemd unit name, a runc container id
 and a directory name (no dots, so it cannot collide with the ``NAME.0``/``NAME.1`` slots)."""
 
-VAR_RE = defn.VAR_NAME
+VAR_RE = deploy_api.VAR_NAME
 """A template variable name (a key of ``set:``; the definition's rule)."""
 
 HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
@@ -658,10 +658,10 @@ class _Validator:
                     after.append(dep)
             socket, timeout = self.ready(m.get("ready"), f"{where}.ready")
             policy = m.get("auto_update")
-            if policy is not None and policy not in defn.AUTO_UPDATE_POLICIES:
+            if policy is not None and policy not in deploy_api.AUTO_UPDATE_POLICIES:
                 raise UsageError(
                     f"{where}.auto_update: expected one of "
-                    f"{', '.join(defn.AUTO_UPDATE_POLICIES)}, got {policy!r}",
+                    f"{', '.join(deploy_api.AUTO_UPDATE_POLICIES)}, got {policy!r}",
                     _HINT,
                 )
             result.append(

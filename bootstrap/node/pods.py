@@ -58,7 +58,7 @@ def preload(
     *,
     on_step: Callable[[str, float], None] | None = None,
 ) -> list[Preloaded]:
-    """Make the CRI daemon of deployment ``daemon`` (a :class:`~bootstrap.deploy.deploy.Deployment`
+    """Make the CRI daemon of deployment ``daemon`` (a :class:`~bootstrap.deploy.api.Deployment`
     whose unit runs) hold every image of ``images`` (stored references), asking ``client`` (a
     CRI client on its socket). ``on_step(what, started)`` is told of each image handled.
 

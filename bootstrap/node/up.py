@@ -55,7 +55,7 @@ from bootstrap.node.plan import plan
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:
-    from bootstrap.deploy.deploy import Deployer, Deployment
+    from bootstrap.deploy.api import Deployer, Deployment
     from bootstrap.image.api import Store
     from bootstrap.trust.verify import Verifier
 
@@ -542,15 +542,9 @@ def _registry_env(settings: Settings, registries: Registries) -> Iterator[None]:
 def _deployer(settings: Settings) -> Deployer:
     """One deployer for every container of the run: its systemd Manager (created on first use)
     is shared by the installs, state reads and starts instead of one per container."""
-    from bootstrap.deploy.deploy import Deployer
-    from bootstrap.image import api
-    from bootstrap.trust.verify import Verifier
+    from bootstrap.deploy import api
 
-    return Deployer(
-        settings.state,
-        api.open_store(settings),
-        verifier=lambda: Verifier.from_settings(settings),
-    )
+    return api.open_deployer(settings)
 
 
 def _enable_timer(deployer: Deployer) -> None:
@@ -572,7 +566,7 @@ def _bring_up(
 ) -> tuple[ContainerOutcome, Deployment | None]:
     """Install ``spec`` (kept when identical), start it unless active, wait until ready; each
     step ends up in ``chain``. Returns the outcome and the active deployment."""
-    from bootstrap.deploy.deploy import Options
+    from bootstrap.deploy.api import Options
 
     since = time.monotonic()
     log.info("up: %s: installing %s", spec.name, spec.image)

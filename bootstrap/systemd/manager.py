@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from bootstrap.errors import SystemdError
 from bootstrap.process import run
+from bootstrap.settings import seconds_from_env
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,7 @@ def bus_address() -> str | None:
 
 def settle_seconds() -> float:
     """Seconds a started unit must stay active (``$BOOTSTRAP_SETTLE_SECONDS``, default 3)."""
-    raw = os.environ.get("BOOTSTRAP_SETTLE_SECONDS", "")
-    try:
-        return max(0.0, float(raw)) if raw else DEFAULT_SETTLE
-    except ValueError:
-        return DEFAULT_SETTLE
+    return seconds_from_env("BOOTSTRAP_SETTLE_SECONDS", DEFAULT_SETTLE)
 
 
 def journal_tail(unit: str, lines: int = 10) -> list[str]:
