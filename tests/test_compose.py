@@ -1,26 +1,24 @@
-"""checkout: layer cache + composition, equal to umoci's rootfs; hardlinked or copied; atomic."""
+"""Composition (bootstrap/image/compose.py): a checkout equals umoci's rootfs of the same image;
+hardlinked or copied (in parallel copiers, on threads when the process has other threads);
+atomic (a failure or a kill leaves no DEST, and stale temp dirs are removed). What the layer
+cache under it does is tests/test_layercache.py's, gc's tests/test_maintenance.py's."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import multiprocessing
 import os
 import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from bootstrap.errors import IntegrityError, UsageError
-from bootstrap.image import maintenance
+from bootstrap.errors import UsageError
 from bootstrap.image.compose import checkout
-from bootstrap.image.model import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor
 from bootstrap.image.store import Store
 from bootstrap.locks import flocked
 from tests.harness.cli import bootstrap
@@ -28,7 +26,13 @@ from tests.harness.image_fixtures import ImageBuilder
 from tests.harness.imagebuilder import File, Hardlink, ImageSpec, Layer
 from tests.harness.registry import Registry
 from tests.harness.treediff import assert_same_tree, snapshot
-from tests.harness.unpack_support import load_layout, rich_spec, umoci_rootfs
+from tests.harness.unpack_support import (
+    load_layout,
+    plain_tar,
+    rich_spec,
+    store_plain,
+    umoci_rootfs,
+)
 
 ROOT = os.geteuid() == 0
 SKOPEO_COPY = ["skopeo", "copy", "--quiet", "--src-tls-verify=false"]
@@ -111,86 +115,6 @@ def test_dest_must_not_exist(rich_store: tuple[Store, Path], tmp_path: Path) -> 
     assert os.listdir(tmp_path / "exists") == []
 
 
-def _store_plain(store: Store, name: str, layer: bytes, diff_id: str) -> None:
-    ldesc = store.put_blob(layer, OCI_LAYER)
-    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}
-    config["rootfs"]["diff_ids"] = [diff_id]  # type: ignore[index]
-    cdesc = store.put_blob(json.dumps(config).encode(), OCI_CONFIG)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": cdesc.to_json(),
-        "layers": [ldesc.to_json()],
-    }
-    mdesc = store.put_blob(json.dumps(manifest).encode(), OCI_MANIFEST)
-    store.tag(name, Descriptor(OCI_MANIFEST, mdesc.digest, mdesc.size))
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def test_wrong_diff_id_caches_nothing(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
-    store.init()
-    wrong = "sha256:" + "1" * 64
-    _store_plain(store, "example.com/bad:1", _tar({"a": b"a"}), wrong)
-    with pytest.raises(IntegrityError, match="the image config says"):
-        checkout(store, store.image("example.com/bad:1"), tmp_path / "r")
-    assert not store.layer_cache_dir(wrong).exists()
-    assert [p for p in store.layer_cache_dir(wrong).parent.iterdir() if p.is_dir()] == []
-    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.tmp-*"))
-    ran = bootstrap("checkout", "example.com/bad:1", tmp_path / "r", store=tmp_path / "store")
-    assert ran.rc == 4 and "the image config says" in ran.stderr
-
-
-def _checkout_in_child(args: tuple[str, str, str]) -> int:
-    store_root, name, dest = args
-    store = Store(Path(store_root))
-    return checkout(store, store.image(name), Path(dest)).extracted
-
-
-def test_concurrent_checkouts_extract_once(image_builder: ImageBuilder, tmp_path: Path) -> None:
-    spec = ImageSpec(
-        layers=[Layer([File(f"l{i}/f{j}", os.urandom(2000)) for j in range(300)]) for i in range(3)]
-    )
-    layout, _ = image_builder(spec)
-    store = Store(tmp_path / "store")
-    store.init()
-    load_layout(store, layout, "t", "example.com/c:1")
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(3) as pool:
-        counts = pool.map(
-            _checkout_in_child,
-            [(str(store.root), "example.com/c:1", str(tmp_path / f"r{i}")) for i in range(3)],
-        )
-    assert sum(counts) == 3
-    for i in range(3):
-        assert len(os.listdir(tmp_path / f"r{i}" / "l2")) == 300
-
-
-def test_gc_drops_unused_cached_layers(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
-    store.init()
-    layer = _tar({"a": b"a"})
-    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    _store_plain(store, "example.com/g:1", layer, diff_id)
-    checkout(store, store.image("example.com/g:1"), tmp_path / "r")
-    assert store.layer_cache_dir(diff_id).is_dir()
-    maintenance.gc(store)
-    assert store.layer_cache_dir(diff_id).is_dir()  # still referenced
-    store.untag("example.com/g:1")
-    maintenance.gc(store)
-    assert not store.layer_cache_dir(diff_id).exists()
-    assert (tmp_path / "r/a").read_bytes() == b"a"  # a checkout survives its cache
-
-
 @pytest.mark.slow
 def test_cli_checkout_json(rich_store: tuple[Store, Path], tmp_path: Path) -> None:
     store, _ = rich_store
@@ -257,25 +181,6 @@ def test_unprivileged_checkout(image_builder: ImageBuilder) -> None:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
-def test_images_sharing_layers_share_the_cache(image_builder: ImageBuilder, tmp_path: Path) -> None:
-    base = Layer([File(f"base/f{i}", b"%d" % i) for i in range(50)])
-    layout, _ = image_builder(ImageSpec(layers=[base]), tag="a")
-    image_builder(ImageSpec(layers=[base, Layer([File("top", b"top")])]), tag="b")
-    store = Store(tmp_path / "store")
-    store.init()
-    load_layout(store, layout, "a", "example.com/a:1")
-    load_layout(store, layout, "b", "example.com/b:1")
-    assert checkout(store, store.image("example.com/a:1"), tmp_path / "ra").extracted == 1
-    result = checkout(store, store.image("example.com/b:1"), tmp_path / "rb")
-    assert (result.layers, result.extracted) == (2, 1)
-    assert (tmp_path / "rb/base/f7").read_bytes() == b"7"
-    # only --hardlink shares inodes between checkouts (and with the cache)
-    assert os.lstat(tmp_path / "ra/base/f7").st_ino != os.lstat(tmp_path / "rb/base/f7").st_ino
-    checkout(store, store.image("example.com/a:1"), tmp_path / "ha", hardlink=True)
-    checkout(store, store.image("example.com/b:1"), tmp_path / "hb", hardlink=True)
-    assert os.lstat(tmp_path / "ha/base/f7").st_ino == os.lstat(tmp_path / "hb/base/f7").st_ino
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not ROOT, reason="owners and devices need root")
 def test_pull_checkout_equals_skopeo_umoci(
@@ -307,8 +212,8 @@ def test_stale_temp_dirs_of_killed_checkouts_are_removed(tmp_path: Path) -> None
     DEST removes it. One whose lock is held (a checkout at work) is left alone."""
     store = Store(tmp_path / "store")
     store.init()
-    layer = _tar({"a": b"a"})
-    _store_plain(store, "example.com/s:1", layer, "sha256:" + hashlib.sha256(layer).hexdigest())
+    layer = plain_tar({"a": b"a"})
+    store_plain(store, "example.com/s:1", layer, "sha256:" + hashlib.sha256(layer).hexdigest())
     stale = tmp_path / "r.tmp-dead"
     (stale / "usr").mkdir(parents=True)
     (tmp_path / "r.tmp-dead.lock").touch()
@@ -322,52 +227,6 @@ def test_stale_temp_dirs_of_killed_checkouts_are_removed(tmp_path: Path) -> None
         "r.tmp-busy",
         "r.tmp-busy.lock",
     ]
-
-
-def _checkout_killed_midway(store_root: str, name: str, dest: str) -> None:
-    """In a forked child: a checkout that is SIGKILLed while composing its temp dir."""
-    import signal
-
-    from bootstrap.image import compose
-
-    def die(*args: object, **kwargs: object) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    compose._Composer.layer = die  # type: ignore[method-assign]
-    store = Store(Path(store_root))
-    checkout(store, store.image(name), Path(dest))
-
-
-def test_gc_removes_temp_dirs_of_killed_checkouts(tmp_path: Path) -> None:
-    """A checkout killed -9 leaves DEST.tmp-X; gc removes it (the store recorded it), even if
-    no checkout of DEST ever runs again. A record naming anything else is not followed."""
-    store = Store(tmp_path / "store")
-    store.init()
-    layer = _tar({"a": b"a"})
-    _store_plain(store, "example.com/k:1", layer, "sha256:" + hashlib.sha256(layer).hexdigest())
-    ctx = multiprocessing.get_context("fork")
-    child = ctx.Process(
-        target=_checkout_killed_midway,
-        args=(str(store.root), "example.com/k:1", str(tmp_path / "dest" / "r")),
-    )
-    (tmp_path / "dest").mkdir()
-    child.start()
-    child.join(60)
-    assert child.exitcode == -9
-    left = sorted(p.name for p in (tmp_path / "dest").iterdir())
-    assert len(left) == 2 and left[0].startswith("r.tmp-") and left[1] == left[0] + ".lock"
-    # a forged record: gc must not follow it outside a checkout temp
-    victim = tmp_path / "precious"
-    victim.mkdir()
-    (store.tmp / "checkout-forged.path").write_bytes(os.fsencode(str(victim)))
-    report = maintenance.gc(store)
-    assert report.checkouts_removed == 1
-    assert list((tmp_path / "dest").iterdir()) == []
-    assert victim.is_dir()
-    assert not list(store.tmp.glob("checkout-*"))
-    # a checkout that completes leaves no record behind
-    checkout(store, store.image("example.com/k:1"), tmp_path / "dest" / "r")
-    assert not list(store.tmp.glob("checkout-*")) and maintenance.gc(store).checkouts_removed == 0
 
 
 def test_parallel_copy_out_equals_the_hardlinked_tree(

@@ -431,7 +431,7 @@ def test_store_and_state_made_under_umask_000_are_private_and_a_non_root_contain
     unprivileged user still reads its files and runs (it never walks those paths: the overlay's
     lower dirs are mounted by root, runc pivots into the rootfs)."""
     from tests.harness.node import VENV
-    from tests.test_store_privacy import CONTENT, exposures
+    from tests.harness.store_support import CONTENT, exposures
 
     node = shared_node
     env = registries_env(node, registry)
@@ -468,7 +468,7 @@ def test_store_and_state_made_under_umask_000_are_private_and_a_non_root_contain
         assert exposures(node.path(store)) == []
         state_content = tuple(f"containers/*/{p}" for p in ("rootfs", "upper", "work"))
         assert exposures(node.path(state), state_content) == []
-        assert CONTENT  # the store's image content kept its modes (see test_store_privacy)
+        assert CONTENT  # the store's image content kept its modes (see test_store.py, privacy)
         # an update that changes something shows it, and a rollback takes it back
         ran = node.run(*argv, "update", "--no-pull", "--set", "LEVEL=debug", "priv", env=env,
                        check=False, timeout=300)  # fmt: skip

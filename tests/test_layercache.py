@@ -1,21 +1,27 @@
-"""The layer cache is never written through a checkout, and damage to it is found and repaired."""
+"""The layer cache (bootstrap/image/layercache.py): each layer extracted once (concurrent
+checkouts, images sharing layers), nothing cached for a layer that does not match its diff_id,
+never written through a checkout; its records list every path, and damage to it is found and
+repaired."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 
+from bootstrap.errors import IntegrityError
 from bootstrap.image import maintenance
 from bootstrap.image.compose import checkout
 from bootstrap.image.layercache import verify_layer
 from bootstrap.image.store import Store
 from tests.harness.cli import bootstrap
 from tests.harness.image_fixtures import ImageBuilder
+from tests.harness.imagebuilder import File, ImageSpec, Layer
 from tests.harness.treediff import snapshot
-from tests.harness.unpack_support import load_layout, rich_spec
+from tests.harness.unpack_support import load_layout, plain_tar, rich_spec, store_plain
 
 NAME = "example.com/rich:1"
 
@@ -148,3 +154,61 @@ def test_checkout_onto_another_file_system(store: Store, tmp_path: Path) -> None
         assert snapshot(other / "there") == snapshot(tmp_path / "here")
     finally:
         shutil.rmtree(other)
+
+
+def test_wrong_diff_id_caches_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.init()
+    wrong = "sha256:" + "1" * 64
+    store_plain(store, "example.com/bad:1", plain_tar({"a": b"a"}), wrong)
+    with pytest.raises(IntegrityError, match="the image config says"):
+        checkout(store, store.image("example.com/bad:1"), tmp_path / "r")
+    assert not store.layer_cache_dir(wrong).exists()
+    assert [p for p in store.layer_cache_dir(wrong).parent.iterdir() if p.is_dir()] == []
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.tmp-*"))
+    ran = bootstrap("checkout", "example.com/bad:1", tmp_path / "r", store=tmp_path / "store")
+    assert ran.rc == 4 and "the image config says" in ran.stderr
+
+
+def _checkout_in_child(args: tuple[str, str, str]) -> int:
+    store_root, name, dest = args
+    store = Store(Path(store_root))
+    return checkout(store, store.image(name), Path(dest)).extracted
+
+
+def test_concurrent_checkouts_extract_once(image_builder: ImageBuilder, tmp_path: Path) -> None:
+    spec = ImageSpec(
+        layers=[Layer([File(f"l{i}/f{j}", os.urandom(2000)) for j in range(300)]) for i in range(3)]
+    )
+    layout, _ = image_builder(spec)
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "t", "example.com/c:1")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        counts = pool.map(
+            _checkout_in_child,
+            [(str(store.root), "example.com/c:1", str(tmp_path / f"r{i}")) for i in range(3)],
+        )
+    assert sum(counts) == 3
+    for i in range(3):
+        assert len(os.listdir(tmp_path / f"r{i}" / "l2")) == 300
+
+
+def test_images_sharing_layers_share_the_cache(image_builder: ImageBuilder, tmp_path: Path) -> None:
+    base = Layer([File(f"base/f{i}", b"%d" % i) for i in range(50)])
+    layout, _ = image_builder(ImageSpec(layers=[base]), tag="a")
+    image_builder(ImageSpec(layers=[base, Layer([File("top", b"top")])]), tag="b")
+    store = Store(tmp_path / "store")
+    store.init()
+    load_layout(store, layout, "a", "example.com/a:1")
+    load_layout(store, layout, "b", "example.com/b:1")
+    assert checkout(store, store.image("example.com/a:1"), tmp_path / "ra").extracted == 1
+    result = checkout(store, store.image("example.com/b:1"), tmp_path / "rb")
+    assert (result.layers, result.extracted) == (2, 1)
+    assert (tmp_path / "rb/base/f7").read_bytes() == b"7"
+    # only --hardlink shares inodes between checkouts (and with the cache)
+    assert os.lstat(tmp_path / "ra/base/f7").st_ino != os.lstat(tmp_path / "rb/base/f7").st_ino
+    checkout(store, store.image("example.com/a:1"), tmp_path / "ha", hardlink=True)
+    checkout(store, store.image("example.com/b:1"), tmp_path / "hb", hardlink=True)
+    assert os.lstat(tmp_path / "ha/base/f7").st_ino == os.lstat(tmp_path / "hb/base/f7").st_ino

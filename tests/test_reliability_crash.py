@@ -347,7 +347,7 @@ def test_rerun_removes_the_temp_dir_of_a_killed_checkout(setup: Setup, tmp_path:
             break
         remove_tree(dest)
     assert left, "no kill landed while the checkout was composing"
-    # the rerun alone cleans up (gc removing recorded temp dirs is tested in test_checkout.py)
+    # the rerun alone cleans up (gc removing recorded temp dirs is tested in test_maintenance.py)
     bootstrap("checkout", setup.ref, dest, store=store, check=True)
     assert [n for n in dest_leftovers(dest) if n != dest.name] == []
     shutil.rmtree(dest)

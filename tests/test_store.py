@@ -1,78 +1,54 @@
-"""The shared store on its own: blobs verified on the way in, the OCI layout other tools read,
-refs, gc, fsck and the CLI commands over a store filled locally (no registry)."""
+"""The shared store on its own (bootstrap/image/store.py): blobs verified on the way in, the OCI
+layout other tools read, refs, locks (the store's, and the per-layer and per-tree build locks:
+each holds the store shared, so gc waits, plus its own flock under ``locks/layers/`` or
+``locks/trees/``, naming what it waits for when it gives up), the CLI commands over a store
+filled locally (no registry), and privacy: the store is root's alone whatever the umask
+(created under ``umask 000`` by the command and by the library, nothing in it is reachable,
+readable or writable by other users except through its 0700 root; only image content, the
+layer cache's and image trees' files with the modes the image gives them, may be
+world-writable, below private directories; a store an older version left open is closed on its
+next write; a directory made by hand keeps its mode, with a warning when others can write to
+it). gc and fsck are tests/test_maintenance.py's."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import subprocess
-import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from bootstrap.errors import BusyError, IntegrityError, UsageError
 from bootstrap.image import maintenance
+from bootstrap.image import store as store_mod
 from bootstrap.image.model import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     OCI_LAYER_GZIP,
-    REF_NAME_ANNOTATION,
     Descriptor,
     Platform,
 )
 from bootstrap.image.store import Store
-from tests.harness.cli import bootstrap
+from bootstrap.locks import flocked
+from tests.harness.cli import BOOTSTRAP, bootstrap
 from tests.harness.imagebuilder import (
     build_index,
     busybox_spec,
 )
-
-REF = "docker.io/library/busybox:latest"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def streamer(data: bytes, chunk: int = 7) -> Callable[[Callable[[bytes], object]], None]:
-    def fetch(write: Callable[[bytes], object]) -> None:
-        for i in range(0, len(data), chunk):
-            write(data[i : i + chunk])
-
-    return fetch
-
-
-def copy_layout_image(store: Store, layout: Path, tag: str, name: str) -> Descriptor:
-    """Copy the image tagged ``tag`` in an OCI layout into the store through ensure_blob (what a
-    pull does, minus the registry) and tag it ``name``."""
-    index = json.loads((layout / "index.json").read_bytes())
-    entry = next(
-        m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME_ANNOTATION) == tag
-    )
-    top = Descriptor.from_json(entry)
-
-    def copy(desc: Descriptor) -> None:
-        path = layout / "blobs" / desc.digest.replace(":", "/")
-        data = path.read_bytes()
-        store.ensure_blob(desc, streamer(data, 65536))
-        if desc.media_type in INDEX_TYPES:
-            for child in json.loads(data)["manifests"]:
-                copy(Descriptor.from_json(child))
-        elif desc.media_type in MANIFEST_TYPES:
-            doc = json.loads(data)
-            copy(Descriptor.from_json(doc["config"]))
-            for layer in doc["layers"]:
-                copy(Descriptor.from_json(layer))
-
-    with store.using():
-        copy(top)
-        store.tag(name, Descriptor(top.media_type, top.digest, top.size))
-    return top
+from tests.harness.store_support import (
+    REF,
+    copy_layout_image,
+    exposures,
+    flip_byte,
+    sha256,
+    streamer,
+)
 
 
 @pytest.fixture
@@ -347,130 +323,7 @@ def test_threads_exclude_each_other_like_processes(store: Store) -> None:
     assert not isinstance(outcome[1], BusyError) and not store.has_blob(orphan.digest)
 
 
-def test_gc_waits_for_another_process_using_the_store(store: Store, tmp_path: Path) -> None:
-    orphan = store.put_blob(b"orphan", "application/octet-stream")
-    ready = tmp_path / "ready"
-    code = (
-        "import sys, time, pathlib\n"
-        "from bootstrap.image.store import Store\n"
-        f"s = Store(pathlib.Path({str(store.root)!r}))\n"
-        "with s.using():\n"
-        f"    pathlib.Path({str(ready)!r}).touch()\n"
-        "    time.sleep(1.5)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        while not ready.exists():
-            time.sleep(0.02)
-        with pytest.raises(BusyError):
-            maintenance.gc(store, timeout=0.2)
-        assert store.has_blob(orphan.digest)
-        started = time.monotonic()
-        report = maintenance.gc(store)
-        assert time.monotonic() - started > 0.5  # waited for the other process
-        assert report.blobs_removed == 1
-    finally:
-        proc.wait(timeout=10)
-
-
-# ---- gc and fsck ----------------------------------------------------------------------------
-
-
-def test_gc_removes_only_unreferenced(
-    store: Store, stored_busybox: Descriptor, tmp_path: Path
-) -> None:
-    image = store.image(REF)
-    kept_blobs = {p.name for p in (store.blobs / "sha256").iterdir()}
-    orphan = store.put_blob(b"orphan" * 1000, "application/octet-stream")
-    (store.tmp / "blob-dead.part").write_bytes(b"x" * 10)
-    used = store.layer_cache_dir(image.config.diff_ids[0])
-    used.mkdir(parents=True)
-    (used / "f").write_text("x")
-    unused = store.layer_cache_dir(sha256(b"unused layer"))
-    unused.mkdir(parents=True)
-    (store.layers / "sha256" / ".tmp-build").mkdir()
-    report = maintenance.gc(store)
-    assert report.blobs_removed == 1 and report.bytes_freed == 6000
-    assert report.temp_removed == 1 and report.layers_removed == 2
-    assert {p.name for p in (store.blobs / "sha256").iterdir()} == kept_blobs
-    assert not store.has_blob(orphan.digest)
-    assert used.is_dir() and not unused.exists()
-    assert maintenance.fsck(store).ok
-    # after rmi, everything goes
-    store.untag(REF)
-    report = maintenance.gc(store)
-    assert report.blobs_removed == len(kept_blobs) and report.layers_removed == 1
-    assert not list((store.blobs / "sha256").iterdir())
-
-
-def test_fsck_clean_damaged_missing(store: Store, stored_busybox: Descriptor) -> None:
-    report = maintenance.fsck(store)
-    assert report.ok and report.blobs_checked == 3 and report.refs_checked == 1
-    image = store.image(REF)
-    layer = store.blob_path(image.manifest.layers[0].digest)
-    data = bytearray(layer.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    layer.write_bytes(bytes(data))
-    report = maintenance.fsck(store)
-    assert not report.ok and report.damaged == (image.manifest.layers[0].digest,)
-    layer.unlink()
-    report = maintenance.fsck(store)
-    assert report.missing == (image.manifest.layers[0].digest,) and not report.damaged
-    orphan = store.put_blob(b"orphan", "application/octet-stream")
-    assert maintenance.fsck(store).unreferenced == 1 and orphan
-
-
-def _flip(path: Path, at: int = 100) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_fsck_names_paths_and_images_and_repair_sets_damaged_blobs_aside(
-    store: Store, stored_busybox: Descriptor
-) -> None:
-    """A damaged blob is named with its path and the images that need it; ``--repair`` moves it
-    into damaged/ (kept, never deleted by gc) so that it is missing, and the hint says which
-    image to pull; a missing blob's hint is the pull, not "delete"."""
-    second = "docker.io/library/busybox:second"
-    store.tag(second, stored_busybox)
-    image = store.image(REF)
-    layer = image.manifest.layers[0].digest
-    path = store.blob_path(layer)
-    good = path.read_bytes()
-    _flip(path)
-    report = maintenance.fsck(store)
-    assert report.needed_by[layer] == (REF, second) and report.paths[layer] == str(path)
-    assert report.images_to_fetch() == (REF, second)
-    ran = bootstrap("fsck", store=store.root)
-    assert ran.rc == 4
-    assert f"fsck: damaged blob {layer}: {path} (needed by {REF}, {second})" in ran.stderr
-    hint = ran.stderr.splitlines()[-1]
-    assert hint.startswith("bootstrap: hint: 'bootstrap fsck --repair' moves the damaged blobs")
-    assert f"bootstrap pull {REF}; bootstrap pull {second}" in hint and "delete" not in hint
-    doc = bootstrap("--json", "fsck", store=store.root).json()["result"]
-    assert doc["blobs"] == [
-        {"digest": layer, "state": "damaged", "path": str(path), "images": [REF, second]}
-    ]
-
-    ran = bootstrap("fsck", "--repair", store=store.root)
-    assert ran.rc == 4  # the image still needs that blob: a pull fetches it
-    (aside,) = store.set_aside_blobs()
-    assert aside.name.startswith(f"sha256-{layer[7:]}.") and not path.exists()
-    assert f"fsck: moved damaged blob {layer} aside to {aside}" in ran.stderr
-    assert f"fsck: missing blob {layer}: {path} (needed by {REF}, {second})" in ran.stderr
-    hint = ran.stderr.splitlines()[-1]
-    assert hint.startswith(
-        f"bootstrap: hint: pull the images that need them again: bootstrap pull {REF}"
-    )
-    assert "delete" not in hint
-
-    # gc leaves the evidence alone and says so; fsck of a whole store mentions it
-    ran = bootstrap("gc", store=store.root, check=True)
-    assert f"1 damaged blob set aside in {store.damaged}" in ran.stdout and aside.exists()
-    store.ensure_blob(image.manifest.layers[0], streamer(good))  # what a pull does
-    ran = bootstrap("fsck", store=store.root, check=True)
-    assert f"1 damaged blob kept aside in {store.damaged}" in ran.stdout
+# ---- damaged blobs --------------------------------------------------------------------------
 
 
 def test_a_verifying_ensure_sets_a_same_size_damaged_blob_aside_and_fetches_it(
@@ -479,7 +332,7 @@ def test_a_verifying_ensure_sets_a_same_size_damaged_blob_aside_and_fetches_it(
     data = b"0123456789" * 100
     desc = Descriptor(OCI_LAYER_GZIP, sha256(data), len(data))
     store.ensure_blob(desc, streamer(data))
-    _flip(store.blob_path(desc.digest), 5)
+    flip_byte(store.blob_path(desc.digest), 5)
     calls = []
 
     def fetch(write: Callable[[bytes], object]) -> None:
@@ -493,12 +346,6 @@ def test_a_verifying_ensure_sets_a_same_size_damaged_blob_aside_and_fetches_it(
     assert calls == [1] and store.blob_path(desc.digest).read_bytes() == data
     (aside,) = store.set_aside_blobs()
     assert f"stored blob {desc.digest} was damaged" in caplog.text and str(aside) in caplog.text
-
-
-def test_fsck_reports_a_broken_index(store: Store) -> None:
-    (store.oci / "index.json").write_text("{not json")
-    report = maintenance.fsck(store)
-    assert not report.ok and "not a valid OCI index" in report.problems[0]
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -526,21 +373,6 @@ def test_cli_images_rmi_gc_fsck(store: Store, stored_busybox: Descriptor) -> Non
     assert bootstrap("--json", "images", store=store.root, check=True).json() == []
     ran = bootstrap("--json", "gc", store=store.root, check=True)
     assert ran.json()["blobs_removed"] == 3
-
-
-def test_cli_fsck_damage_exits_4_with_report(store: Store, stored_busybox: Descriptor) -> None:
-    image = store.image(REF)
-    layer = store.blob_path(image.manifest.layers[0].digest)
-    data = bytearray(layer.read_bytes())
-    data[100] ^= 0xFF
-    layer.write_bytes(bytes(data))
-    ran = bootstrap("fsck", store=store.root)
-    assert ran.rc == 4
-    assert f"damaged blob {image.manifest.layers[0].digest}" in ran.stderr
-    ran = bootstrap("--json", "fsck", store=store.root)
-    assert ran.rc == 4
-    doc = ran.json()
-    assert doc["exit_code"] == 4 and doc["result"]["damaged"] == [image.manifest.layers[0].digest]
 
 
 def test_cli_on_an_empty_or_missing_store(tmp_path: Path) -> None:
@@ -582,3 +414,204 @@ def test_rmi_short_name_follows_search_registries(
     ran = bootstrap("--json", "rmi", "busybox", store=store.root, env=env, check=True)
     assert ran.json()["name"] == "quay.example/busybox:latest"
     assert store.images() == []
+
+
+# ---- per-layer and per-tree build locks -----------------------------------------------------
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+Lock = Callable[[Store, str], AbstractContextManager[None]]
+CASES = [
+    pytest.param(lambda s, d: s.layer_lock(d), "layers", f"layer {DIGEST}", id="layer"),
+    pytest.param(lambda s, d: s.tree_lock(d), "trees", f"image tree {DIGEST}", id="tree"),
+]
+
+
+def _in_thread(fn: Callable[[], None]) -> BaseException | None:
+    """Run ``fn`` in another thread (the store's shared hold is per thread); its exception."""
+    caught: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            caught.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    return caught[0] if caught else None
+
+
+@pytest.mark.parametrize(("lock", "kind", "what"), CASES)
+def test_named_lock_is_exclusive_and_names_what_it_waits_for(
+    store: Store, monkeypatch: pytest.MonkeyPatch, lock: Lock, kind: str, what: str
+) -> None:
+    monkeypatch.setattr(store_mod, "LAYER_LOCK_WAIT", 0.2)
+    path = store.locks / kind / f"sha256-{'ab' * 32}.lock"
+    with flocked(path, timeout=0):  # another builder holds it
+        err = _in_thread(lambda: lock(store, DIGEST).__enter__())
+    assert isinstance(err, BusyError)
+    assert err.message == f"{what} is locked by another process"
+    # free again: taken at once, on that very file
+    with lock(store, DIGEST), pytest.raises(BusyError), flocked(path, timeout=0):
+        pass
+
+
+@pytest.mark.parametrize(("lock", "kind", "what"), CASES)
+def test_named_lock_holds_the_store_shared(store: Store, lock: Lock, kind: str, what: str) -> None:
+    with lock(store, DIGEST):
+        err = _in_thread(lambda: store.exclusive(timeout=0).__enter__())
+        assert isinstance(err, BusyError)  # gc cannot run while a layer or tree is built
+    assert _in_thread(lambda: store.exclusive(timeout=0).__enter__()) is None
+
+
+@pytest.mark.parametrize(("lock", "kind", "what"), CASES)
+def test_named_lock_refuses_a_malformed_digest(
+    store: Store, lock: Lock, kind: str, what: str
+) -> None:
+    with pytest.raises(IntegrityError), lock(store, "sha256:../../etc"):
+        pass
+    assert not (store.locks / kind).exists() or not any((store.locks / kind).iterdir())
+
+
+# ---- privacy --------------------------------------------------------------------------------
+
+
+def _rootfs_tar(tmp_path: Path) -> Path:
+    """A rootfs tar with a 1777 /tmp and a 0666 file: content the store must keep as it is."""
+    tree = tmp_path / "tree"
+    (tree / "tmp").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    (tree / "etc" / "motd").write_text("hello\n")
+    os.chmod(tree / "tmp", 0o1777)
+    os.chmod(tree / "etc" / "motd", 0o666)
+    tar = tmp_path / "rootfs.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(tree, arcname=".")
+    return tar
+
+
+def _umask_000() -> None:
+    os.umask(0)
+
+
+def test_store_made_by_the_command_under_umask_000_is_private(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    tar = _rootfs_tar(tmp_path)
+    for argv in (
+        ["import", "--name", "a/b:1", tar],
+        ["checkout", "a/b:1", tmp_path / "co"],
+        ["fsck", "--repair"],
+        ["gc"],
+        ["rmi", "a/b:1"],
+        ["import", "--name", "a/b:2", tar],
+    ):
+        proc = subprocess.run(
+            [str(BOOTSTRAP), "--store", str(store), *map(str, argv)],
+            capture_output=True,
+            text=True,
+            preexec_fn=_umask_000,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (argv, proc.stderr)
+    assert exposures(store) == []
+    # the image's own modes are kept where the image puts them
+    layer = next(store.glob("layers/sha256/*/rootfs"))
+    assert stat.S_IMODE((layer / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((tmp_path / "co" / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((tmp_path / "co" / "etc" / "motd").stat().st_mode) == 0o666
+    # a checkout's own top directory is not opened to others by the umask either
+    assert stat.S_IMODE((tmp_path / "co").stat().st_mode) & 0o022 == 0
+
+
+def test_store_made_through_the_library_under_umask_000_is_private(tmp_path: Path) -> None:
+    """Without the command's umask: the store sets its modes itself (library callers, the
+    deployer inside ``up``)."""
+    from bootstrap.image import api
+    from bootstrap.settings import Settings
+
+    settings = Settings(store=tmp_path / "deep" / "store", state=tmp_path / "state")
+    tar = _rootfs_tar(tmp_path)
+    old = os.umask(0)
+    try:
+        api.import_archive(settings, str(tar), name="a/b:1")
+        api.checkout(settings, "a/b:1", str(tmp_path / "co"), hardlink=False, devices=False)
+        store = Store(settings.store)
+        image = store.image("docker.io/a/b:1")
+        from bootstrap.image.compose import image_tree
+
+        with store.using():
+            image_tree(store, image)
+        api.fsck(settings, repair=True)
+        api.gc(settings)
+    finally:
+        os.umask(old)
+    assert exposures(settings.store) == []
+    # missing parents of the store are made private too
+    assert stat.S_IMODE((tmp_path / "deep").stat().st_mode) == 0o700
+
+
+def test_a_store_left_open_by_an_older_version_is_closed_on_its_next_write(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "store"
+    tar = _rootfs_tar(tmp_path)
+    bootstrap("import", "--name", "a/b:1", tar, store=store, check=True)
+    for path in [store, *(p for p in store.iterdir() if p.is_dir())]:
+        os.chmod(path, 0o777)  # what the older version made under umask 000
+    assert exposures(store)
+    bootstrap("import", "--name", "a/b:2", tar, store=store, check=True)
+    assert exposures(store) == []
+
+
+def test_a_directory_made_by_hand_keeps_its_mode_with_a_warning(tmp_path: Path) -> None:
+    tar = _rootfs_tar(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    ran = bootstrap("import", "--name", "a/b:1", tar, store=shared, check=True)
+    assert f"warning: the store {shared} is writable by other users (mode 777)" in ran.stderr
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o777  # not ours to change
+    assert [line for line in exposures(shared) if not line.startswith(str(shared))] == []
+    # a private directory made by hand: nothing said
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    ran = bootstrap("import", "--name", "a/b:1", tar, store=private, check=True)
+    assert "warning" not in ran.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: another user's view")
+def test_another_user_sees_nothing_of_the_store(tmp_path: Path) -> None:
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="bootstrap-privacy-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)  # reachable by anyone up to the store (pytest's dirs are not)
+        store = base / "store"
+        tar = _rootfs_tar(tmp_path)
+        for argv in (["import", "--name", "a/b:1", tar], ["checkout", "a/b:1", base / "co"]):
+            proc = subprocess.run(
+                [str(BOOTSTRAP), "--store", str(store), *map(str, argv)],
+                capture_output=True,
+                text=True,
+                preexec_fn=_umask_000,
+            )
+            assert proc.returncode == 0, proc.stderr
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        assert subprocess.run([*nobody, "ls", str(base)], capture_output=True).returncode == 0
+        layer = next(store.glob("layers/sha256/*/rootfs"))
+        for argv in (
+            ["ls", store],
+            ["cat", next(store.glob("oci/blobs/sha256/*"))],
+            ["touch", store / "x"],
+            ["touch", layer / "tmp" / "planted"],  # the cache's world-writable /tmp: unreachable
+        ):
+            out = subprocess.run([*nobody, *map(str, argv)], capture_output=True, text=True)
+            assert out.returncode != 0 and "Permission denied" in out.stderr, (argv, out)
+        assert not (layer / "tmp" / "planted").exists()
+    finally:
+        shutil.rmtree(base)

@@ -3,13 +3,14 @@ kind, loading an OCI layout into a :class:`Store`, running ``umoci unpack`` for 
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bootstrap.image.model import Descriptor
+from bootstrap.image.model import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Descriptor
 from bootstrap.image.store import Store
 from tests.harness.imagebuilder import (
     Device,
@@ -154,3 +155,30 @@ def umoci_rootfs(layout: Path, tag: str, bundle: Path) -> Path:
     )
     assert proc.returncode == 0, proc.stderr
     return bundle / "rootfs"
+
+
+def store_plain(store: Store, name: str, layer: bytes, diff_id: str) -> None:
+    """Store a one-layer image ``name`` whose config names ``diff_id`` (right or wrong)."""
+    ldesc = store.put_blob(layer, OCI_LAYER)
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}
+    config["rootfs"]["diff_ids"] = [diff_id]  # type: ignore[index]
+    cdesc = store.put_blob(json.dumps(config).encode(), OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": cdesc.to_json(),
+        "layers": [ldesc.to_json()],
+    }
+    mdesc = store.put_blob(json.dumps(manifest).encode(), OCI_MANIFEST)
+    store.tag(name, Descriptor(OCI_MANIFEST, mdesc.digest, mdesc.size))
+
+
+def plain_tar(files: dict[str, bytes]) -> bytes:
+    """A pax tar of regular files ``files`` (name -> content)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
