@@ -35,13 +35,6 @@ from tests.harness.unpack_support import rich_spec, umoci_rootfs
 ROOT = os.geteuid() == 0
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "store")
-    s.init()
-    return s
-
-
 def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:

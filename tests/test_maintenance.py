@@ -21,21 +21,8 @@ from bootstrap.image.compose import checkout
 from bootstrap.image.model import Descriptor
 from bootstrap.image.store import Store
 from tests.harness.cli import bootstrap
-from tests.harness.store_support import REF, copy_layout_image, flip_byte, sha256, streamer
+from tests.harness.store_support import REF, flip_byte, sha256, streamer
 from tests.harness.unpack_support import plain_tar, store_plain
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "store")
-    s.init()
-    return s
-
-
-@pytest.fixture
-def stored_busybox(store: Store, busybox_image: Path) -> Descriptor:
-    return copy_layout_image(store, busybox_image, "latest", REF)
-
 
 # ---- gc ---------------------------------------------------------------------------------------
 

@@ -51,18 +51,6 @@ from tests.harness.store_support import (
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "store")
-    s.init()
-    return s
-
-
-@pytest.fixture
-def stored_busybox(store: Store, busybox_image: Path) -> Descriptor:
-    return copy_layout_image(store, busybox_image, "latest", REF)
-
-
 def no_temp_files(store: Store) -> bool:
     return not any(store.tmp.iterdir())
 

@@ -42,7 +42,7 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from bootstrap.errors import UsageError
 from bootstrap.runtime.health import HealthCheck
@@ -452,11 +452,7 @@ def parse_health(doc: Any, where: str) -> HealthCheck:
         )
     if url is not None:
         _check_url(url, f"{where}.http")
-    elif (
-        not isinstance(argv, list)
-        or not argv
-        or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
-    ):
+    elif not _is_argv(argv):
         raise UsageError(
             f"{where}.exec: must be a non-empty list of strings",
             'the command run inside the container, e.g. ["/bin/check", "--quick"]',
@@ -471,6 +467,15 @@ def parse_health(doc: Any, where: str) -> HealthCheck:
         timeout=_seconds(doc.get("timeout"), f"{where}.timeout", 10.0, zero=False),
         retries=retries,
         start_period=_seconds(doc.get("start_period"), f"{where}.start_period", 0.0, zero=True),
+    )
+
+
+def _is_argv(value: Any) -> TypeGuard[list[str]]:
+    """Whether ``value`` is a command line: a non-empty list of non-empty strings without NUL."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(a, str) and a and "\0" not in a for a in value)
     )
 
 
@@ -508,11 +513,7 @@ def parse_image_import(doc: Any, where: str) -> ImageImport:
             f"{where}: unknown key {unknown[0]!r}", f"known: {', '.join(IMAGE_IMPORT_KEYS)}"
         )
     argv = doc.get("exec")
-    if (
-        not isinstance(argv, list)
-        or not argv
-        or not all(isinstance(a, str) and a and "\0" not in a for a in argv)
-    ):
+    if not _is_argv(argv):
         raise UsageError(
             f"{where}.exec: must be a non-empty list of strings",
             "the command run inside the CRI daemon's container, reading an oci-archive on stdin",

@@ -210,49 +210,42 @@ class Deployment:
     def info(self) -> dict[str, Any]:
         """The deployment's info.json document (what :meth:`load` reads back; the host files
         are kept apart, in ``hostfs.json``)."""
-        doc: dict[str, Any] = {
-            "name": self.name,
-            "image": self.image,
-            "digest": self.digest,
-            "image_id": self.image_id,
-            "values": dict(self.values),
-            "set": dict(self.set_values),
-            "definition": self._definition_json(),
-            "installed": self.installed,
-            "unit_dir": self.unit_dir,
-            **self.extra(),
-            "admitted": self.admitted,
-            **self._image_import_json(),
-        }
+        doc = {**self._record_json(), **self._image_import_json()}
         if self.health is not None:
             doc["health"] = self.health.to_json()
         return doc
 
     def to_json(self) -> dict[str, Any]:
+        record = self._record_json()
         return {
-            "name": self.name,
+            "name": record.pop("name"),
             "path": str(self.path),
             "slot": self.path.name,
-            "image": self.image,
-            "digest": self.digest,
-            "image_id": self.image_id,
-            "values": dict(self.values),
-            "set": dict(self.set_values),
-            "definition": self._definition_json(),
-            "installed": self.installed,
-            "unit_dir": self.unit_dir,
-            **self.extra(),
-            "admitted": self.admitted,
+            **record,
             "host_files": [e.to_json() for e in self.host_files],
             **self._image_import_json(),
             "health": self.health.to_json() if self.health else None,
         }
 
-    def _definition_json(self) -> dict[str, str]:
+    def _record_json(self) -> dict[str, Any]:
+        """What info.json and the JSON output both hold, in that order: the image, the values,
+        the definition, when and where it was installed, the options, the admitting policy."""
         return {
-            "source": self.definition_source,
-            "origin": self.definition_origin,
-            "digest": self.definition_digest,
+            "name": self.name,
+            "image": self.image,
+            "digest": self.digest,
+            "image_id": self.image_id,
+            "values": dict(self.values),
+            "set": dict(self.set_values),
+            "definition": {
+                "source": self.definition_source,
+                "origin": self.definition_origin,
+                "digest": self.definition_digest,
+            },
+            "installed": self.installed,
+            "unit_dir": self.unit_dir,
+            **self.extra(),
+            "admitted": self.admitted,
         }
 
     def _image_import_json(self) -> dict[str, Any]:

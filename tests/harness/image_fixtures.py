@@ -7,6 +7,9 @@
 - ``busybox_image`` (session): a :class:`Layout` (a ``Path`` to an OCI layout) holding a busybox
   image tagged ``latest`` whose cmd is ``sleep 3600``; ``.tag``, ``.image`` (BuiltImage) and
   ``.ref`` (``"oci:LAYOUT:latest"``) are attached.
+- ``store``: an empty, initialized :class:`Store` in the test's tmp dir (``tmp_path/"store"``).
+- ``stored_busybox``: ``busybox_image`` copied into ``store`` as a pull fills it, tagged
+  ``store_support.REF``; its top descriptor.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from pathlib import Path, PosixPath
 
 import pytest
 
+from bootstrap.image.model import Descriptor
+from bootstrap.image.store import Store
 from tests.harness.imagebuilder import BuiltImage, ImageSpec, build_image, build_index, busybox_spec
+from tests.harness.store_support import REF, copy_layout_image
 
 
 class Layout(PosixPath):
@@ -70,3 +76,15 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     path = tmp_path_factory.mktemp("busybox-image") / "oci"
     image = build_image(path, "latest", busybox_spec(cmd=("sleep", "3600")))
     return Layout.of(path, "latest", image)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "store")
+    s.init()
+    return s
+
+
+@pytest.fixture
+def stored_busybox(store: Store, busybox_image: Path) -> Descriptor:
+    return copy_layout_image(store, busybox_image, "latest", REF)
