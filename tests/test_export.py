@@ -103,3 +103,12 @@ def test_run_kills_the_command_when_the_feed_fails() -> None:
 
     with pytest.raises(IntegrityError, match="ours"):
         run(["cat"], feed=feed, timeout=30)
+
+
+def test_a_cri_image_id_is_the_config_digest_with_or_without_its_algorithm() -> None:
+    from bootstrap.node.pods import same_image_id
+
+    digest = "sha256:" + "ab" * 32
+    assert same_image_id(digest, digest)  # containerd
+    assert same_image_id("ab" * 32, digest)  # CRI-O: containers/storage's bare id
+    assert not same_image_id("sha256:" + "cd" * 32, digest)

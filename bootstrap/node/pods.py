@@ -4,9 +4,10 @@ bootstrap pulled (preload), then wait until the CRI says the node can run pods.
 Preload: for every image of the manifest's ``pods.images`` (already pulled and verified by
 bootstrap through its own policy, mirrors and credentials), the daemon is asked with CRI
 ``ImageStatus`` whether it holds that reference with the same image id (the config digest, which
-containerd and CRI-O both report as the id); if not, the image is streamed out of the store as an
-``oci-archive`` into the daemon's own import command, run inside its container with ``runc
-exec`` (the definition's ``imageImport``, with ``IMAGE`` set to the reference), and
+containerd reports as ``sha256:HEX`` and CRI-O as the bare ``HEX``); if not, the image is
+streamed out of the store as an ``oci-archive`` into the daemon's own import command, run
+inside its container with ``runc exec`` (the definition's ``imageImport``, with ``IMAGE`` set
+to the reference), and
 ``ImageStatus`` must then report it. Nothing is read from a registry here: a node whose registry
 is gone after ``up`` pulled still gets its pod images, and a reboot or a second ``up`` imports
 nothing.
@@ -27,6 +28,12 @@ from bootstrap.errors import SystemdError, UsageError
 from bootstrap.process import run
 
 log = logging.getLogger(__name__)
+
+
+def same_image_id(reported: str, config_digest: str) -> bool:
+    """Whether the image id a CRI daemon reports is ``config_digest``: containerd reports
+    ``sha256:HEX``, CRI-O (containers/storage) the bare ``HEX``."""
+    return reported.removeprefix("sha256:") == config_digest.removeprefix("sha256:")
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ def preload(
         image = store.image(name)
         want = image.config.digest
         held = client.image_status(name)
-        if held is not None and held.id == want:
+        if held is not None and same_image_id(held.id, want):
             log.info("up: %s already holds %s (%s)", daemon.name, name, want[:19])
             out.append(Preloaded(name, want, "held", 0, time.monotonic() - started))
             if on_step:
@@ -105,7 +112,7 @@ def preload(
             f"journalctl -u {daemon.name}.service",
         )
         held = client.image_status(name)
-        if held is None or held.id != want:
+        if held is None or not same_image_id(held.id, want):
             seen = "does not list it" if held is None else f"lists it as {held.id[:19]}"
             raise SystemdError(
                 f"imported {name} into {daemon.name}, but the CRI daemon {seen} "
