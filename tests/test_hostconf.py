@@ -128,3 +128,44 @@ def test_a_symlink_in_place_of_a_file_is_refused(tmp_path: Path, dirs: dict[str,
 def test_nothing_to_write_without_those_sections(tmp_path: Path) -> None:
     m = nm.parse("containers: [{name: a, image: busybox}]\n", tmp_path / "n.yaml")
     assert hostconf.wanted_files(m) == []
+
+
+def test_an_identical_file_up_did_not_write_stays_the_operators(
+    tmp_path: Path, dirs: dict[str, Path]
+) -> None:
+    m = _manifest(tmp_path)
+    files = hostconf.wanted_files(m)
+    conflist = next(f for f in files if f.what == "pods.network")
+    conflist.path.parent.mkdir(parents=True)
+    conflist.path.write_bytes(conflist.data)  # the operator wrote the same bytes first
+    done = {w.what: w.action for w in hostconf.apply(dirs["state"], files)}
+    assert done["pods.network"] == "unchanged"
+    other = nm.parse(
+        (tmp_path / "node.yaml").read_text().replace("name: pods", "name: other"),
+        tmp_path / "node.yaml",
+    )
+    with pytest.raises(UsageError, match="not written by bootstrap up"):
+        list(hostconf.apply(dirs["state"], hostconf.wanted_files(other)))
+
+
+def test_a_run_killed_between_the_record_and_the_rename_still_owns_the_file(
+    tmp_path: Path, dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = _manifest(tmp_path)
+    list(hostconf.apply(dirs["state"], hostconf.wanted_files(m)))
+    other = nm.parse(
+        (tmp_path / "node.yaml").read_text().replace("name: pods", "name: other"),
+        tmp_path / "node.yaml",
+    )
+
+    def killed(path: object, data: object, mode: int = 0o644) -> None:
+        raise KeyboardInterrupt  # the run dies after the record, before the rename
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(hostconf, "write_atomic", killed)  # (the fixture's env stays set)
+        list(hostconf.apply(dirs["state"], hostconf.wanted_files(other)))
+    done = {w.what: w.action for w in hostconf.apply(dirs["state"], hostconf.wanted_files(other))}
+    assert done["pods.network"] == "written"
+    assert json.loads((dirs["cni"] / "10-bootstrap.conflist").read_text())["name"] == "other"
+    record = json.loads((dirs["state"] / "node/written.json").read_text())
+    assert all(isinstance(v, str) for v in record["files"].values())  # one content each again

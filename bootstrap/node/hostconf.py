@@ -11,10 +11,13 @@
   before the CRI daemon starts.
 
 Each write is temp file + fsync + rename. What was written is recorded (path and sha256) in
-``$STATE/node/written.json``; a file that exists and was not written by ``up`` (or was changed
-since) is never overwritten: that is a :class:`~bootstrap.errors.UsageError` (exit 2) raised
-before anything is written, naming the file, except for the credentials, where an existing file
-of the operator's is kept with a warning (the manifest's file is still used for this run).
+``$STATE/node/written.json`` before the rename (with the previous content's sha256 too until
+the write is done, so a run killed in between still knows the file as its own); a file that
+exists and was not written by ``up`` (or was changed since; an identical file ``up`` did not
+write stays the operator's) is never overwritten: that is a
+:class:`~bootstrap.errors.UsageError` (exit 2) raised before anything is written, naming the
+file, except for the credentials, where an existing file of the operator's is kept with a
+warning (the manifest's file is still used for this run).
 """
 
 from __future__ import annotations
@@ -111,7 +114,9 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _load_record(state: Path) -> dict[str, str]:
+def _load_record(state: Path) -> dict[str, list[str]]:
+    """Path -> the sha256 values a file ``up`` wrote there may have (one, or two while a
+    rewrite is under way: a run killed between the record and the rename leaves either)."""
     path = state / RECORD
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -125,7 +130,16 @@ def _load_record(state: Path) -> dict[str, str]:
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict):
         return {}
-    return {str(k): str(v) for k, v in files.items()}
+    return {
+        str(k): [str(x) for x in v] if isinstance(v, list) else [str(v)] for k, v in files.items()
+    }
+
+
+def _save_record(state: Path, record: dict[str, list[str]]) -> None:
+    out = state / RECORD
+    make_dirs(out.parent)
+    doc = {"files": {k: v[0] if len(v) == 1 else v for k, v in record.items()}}
+    write_atomic(out, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _current(path: Path) -> bytes | None:
@@ -153,7 +167,7 @@ def apply(state: Path, files: list[Wanted]) -> Iterator[Written]:
             plan.append((f, "written"))
         elif now == f.data:
             plan.append((f, "unchanged"))
-        elif record.get(key) == _sha(now):
+        elif _sha(now) in record.get(key, ()):
             plan.append((f, "written"))  # ours, as we left it: replace it
         elif f.keep_foreign:
             plan.append((f, "kept"))
@@ -165,12 +179,16 @@ def apply(state: Path, files: list[Wanted]) -> Iterator[Written]:
             )
     for f, action in plan:
         if action == "written":
+            key, sha = str(f.path), _sha(f.data)
+            # first the record names both contents (a kill now leaves a file still ours)
+            record[key] = [sha, *(x for x in record.get(key, ()) if x != sha)]
+            _save_record(state, record)
             make_dirs(f.path.parent, 0o755)  # host configuration: never writable by others
             write_atomic(f.path, f.data, mode=f.mode)
-            record[str(f.path)] = _sha(f.data)
+            record[key] = [sha]
             log.info("up: wrote %s (%s)", f.path, f.what)
         elif action == "unchanged":
-            record.setdefault(str(f.path), _sha(f.data))
+            pass  # ours if the record says so; an identical file of the operator's stays theirs
         else:
             log.warning(
                 "up: %s: %s exists and is not bootstrap's; kept it (later commands read it, "
@@ -179,6 +197,4 @@ def apply(state: Path, files: list[Wanted]) -> Iterator[Written]:
                 f.path,
             )
         yield Written(f.path, action, f.what)
-    out = state / RECORD
-    make_dirs(out.parent)
-    write_atomic(out, json.dumps({"files": record}, indent=2, sort_keys=True) + "\n")
+    _save_record(state, record)
