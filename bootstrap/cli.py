@@ -606,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--node",
         action="store_true",
-        help="the node's last first boot instead: containers and the boot chain with timings",
+        help="the node instead: its last first boot (containers, boot chain with timings), an "
+        "interrupted node update, digests auto-update skips",
     )
     c = _command(
         sub,

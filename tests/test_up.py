@@ -202,6 +202,26 @@ def test_status_node_shows_the_last_boot_chain(tmp_path: Path) -> None:
     assert doc["chain"] == chain and doc["elapsed"] == 0.95
     text = bootstrap("status", "--node", state=state, check=True).stdout
     assert "boot chain" in text and "+ 0.900s  a: installed" in text, text
+    assert doc["pending_update"] is None and doc["failed_updates"] == {}, doc
+    # an interrupted node update and a remembered failure are shown, and nothing is acted on
+    from bootstrap.deploy import failures
+    from bootstrap.deploy.transaction import Journal, Member, Record
+
+    journal = Journal(state)
+    members = (Member("a", True, "a.0", True, image="r/a:1"), Member("b", False, "b.1", True))
+    journal.write(Record("f" * 32, "update --node", "T0", "starting", members))
+    failures.remember(state, "a", "r/a:1", "sha256:" + "1" * 64, "a: health check failed")
+    doc = bootstrap("--json", "status", "--node", state=state, check=True).json()
+    assert doc["pending_update"]["phase"] == "starting", doc
+    assert doc["failed_updates"]["a"]["reason"] == "a: health check failed", doc
+    text = bootstrap("status", "--node", state=state, check=True).stdout
+    assert "interrupted node update ffffffffffff (update --node, started T0)" in text, text
+    assert "phase starting, members a, b" in text and "rolls it back" in text, text
+    assert "failed update of a: sha256:111111111111 of r/a:1 was rolled back" in text, text
+    assert journal.exists()
+    journal.path.write_text("{")
+    text = bootstrap("status", "--node", state=state, check=True).stdout
+    assert "damaged node transaction journal" in text, text
     (state / ".provisioned").write_text('{"chain": [{"what": 1}]}')
     ran = bootstrap("status", "--node", state=state)
     assert ran.rc == 2 and "unreadable provisioning marker" in ran.stderr

@@ -1,9 +1,9 @@
 """The deploy stage's facade: the only deploy module the node stage and the CLI import.
 
 Commands: ``install``, ``update``, ``rollback``, ``uninstall``, ``list_containers``,
-``status``, ``auto_update``, ``update_node``, ``finish_node_update``; each takes the resolved
-:class:`~bootstrap.settings.Settings` and plain arguments and returns a result with
-``to_json()`` and ``to_text()``. For ``bootstrap up``: :func:`open_deployer` (one
+``status``, ``auto_update``, ``update_node``, ``finish_node_update``, ``node_updates``; each
+takes the resolved :class:`~bootstrap.settings.Settings` and plain arguments and returns a
+result with ``to_json()`` and ``to_text()``. For ``bootstrap up``: :func:`open_deployer` (one
 :class:`~bootstrap.deploy.deployer.Deployer` for a run of installs) with the records it hands
 back (:class:`Deployment`, :class:`Options`), and the definition vocabulary a node manifest
 checks against (``VAR_NAME``, ``AUTO_UPDATE_POLICIES``). Errors carry their exit code: 2 bad
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bootstrap.deploy.records import (
@@ -32,8 +33,9 @@ from bootstrap.settings import Settings
 if TYPE_CHECKING:
     from bootstrap.deploy.definition import AUTO_UPDATE_POLICIES, VAR_NAME
     from bootstrap.deploy.deployer import Deployer
+    from bootstrap.deploy.failures import Failed
     from bootstrap.deploy.nodeupdate import NodeReport
-    from bootstrap.deploy.transaction import Outcome
+    from bootstrap.deploy.transaction import Outcome, Record
 
 __all__ = [
     "AUTO_UPDATE_POLICIES",
@@ -43,6 +45,7 @@ __all__ = [
     "Deployer",
     "Deployment",
     "ListResult",
+    "NodeUpdates",
     "Options",
 ]
 
@@ -207,3 +210,56 @@ def finish_node_update(settings: Settings) -> Outcome | None:
         return None
     with _deployer(settings) as d:
         return _finish_interrupted(d)
+
+
+@dataclass(frozen=True)
+class NodeUpdates:
+    """What ``status --node`` shows of node updates, read without changing anything:
+    ``pending`` the journal of a node update a killed run left (None: none), ``damaged`` the
+    error when that journal is unreadable, ``failed`` the remembered rolled-back digests by
+    container name."""
+
+    pending: Record | None
+    damaged: str
+    failed: Mapping[str, Failed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pending_update": self.pending.to_json() if self.pending else None,
+            "pending_update_damaged": self.damaged or None,
+            "failed_updates": {n: f.to_json() for n, f in sorted(self.failed.items())},
+        }
+
+    def lines(self) -> list[str]:
+        """Text lines for ``status --node`` (none when there is nothing to say)."""
+        out = []
+        if self.pending is not None:
+            p = self.pending
+            out.append(
+                f"interrupted node update {p.id[:12]} ({p.command}, started {p.started}) "
+                f"left in phase {p.phase}, members {', '.join(m.name for m in p.members)}: "
+                "the next 'bootstrap update --node', 'auto-update', 'up' or a command on a "
+                "member " + ("finishes its commit" if p.phase == "committing" else "rolls it back")
+            )
+        if self.damaged:
+            out.append(f"node update journal: {self.damaged}")
+        for name, f in sorted(self.failed.items()):
+            out.append(f"failed update of {name}: {f.skip_note()}")
+        return out
+
+
+def node_updates(settings: Settings) -> NodeUpdates:
+    """The node-update state ``status --node`` shows: a pending (interrupted) transaction and
+    the remembered failures. Reads only; neither systemd nor the deployer is asked."""
+    from bootstrap.deploy import failures
+    from bootstrap.deploy.transaction import Journal
+    from bootstrap.errors import BootstrapError
+
+    damaged = ""
+    try:
+        pending = Journal(settings.state).read()
+    except BootstrapError as err:
+        pending, damaged = None, f"{err.message} ({err.hint})"
+    except OSError as exc:
+        pending, damaged = None, f"{exc.filename}: unreadable: {exc.strerror}"
+    return NodeUpdates(pending, damaged, failures.load(settings.state))

@@ -55,7 +55,7 @@ from bootstrap.node.plan import plan
 from bootstrap.settings import Settings
 
 if TYPE_CHECKING:
-    from bootstrap.deploy.api import Deployer, Deployment
+    from bootstrap.deploy.api import Deployer, Deployment, NodeUpdates
     from bootstrap.image.api import Store
     from bootstrap.trust.verify import Verifier
 
@@ -176,7 +176,8 @@ class UpResult:
 
 @dataclass(frozen=True)
 class NodeStatus:
-    """``bootstrap status --node``: the last completed first boot as its marker records it."""
+    """``bootstrap status --node``: the last completed first boot as its marker records it,
+    and what is pending or remembered of node updates since (``updates``)."""
 
     marker: str
     manifest: str
@@ -185,6 +186,7 @@ class NodeStatus:
     elapsed: float | None
     containers: tuple[dict[str, Any], ...]
     chain: tuple[BootStep, ...]
+    updates: NodeUpdates
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,6 +197,7 @@ class NodeStatus:
             "elapsed": self.elapsed,
             "containers": list(self.containers),
             "chain": [s.to_json() for s in self.chain],
+            **self.updates.to_json(),
         }
 
     def to_text(self) -> str:
@@ -207,13 +210,18 @@ class NodeStatus:
             lines += chain_text(self.chain)
         else:
             lines.append("no boot chain recorded (provisioned by an older bootstrap)")
+        lines += self.updates.lines()
         return "\n".join(lines)
 
 
 def node_status(settings: Settings) -> NodeStatus:
-    """The last first boot of this node from ``$STATE/.provisioned``. Raises
+    """The last first boot of this node from ``$STATE/.provisioned``, with the node-update
+    state (an interrupted transaction, remembered failures) read but not acted on. Raises
     :class:`UsageError` when the node was never provisioned or the marker is unreadable."""
+    from bootstrap.deploy import api
+
     marker = settings.state / MARKER
+    updates = api.node_updates(settings)
     try:
         doc = json.loads(marker.read_text())
         if not isinstance(doc, dict):
@@ -229,6 +237,7 @@ def node_status(settings: Settings) -> NodeStatus:
             elapsed=float(elapsed) if isinstance(elapsed, (int, float)) else None,
             containers=containers,
             chain=chain,
+            updates=updates,
         )
     except FileNotFoundError as exc:
         raise UsageError(
