@@ -510,3 +510,40 @@ def test_import_errors_name_the_archive_and_hint_at_it(
     for word in ("pull", "registry", "mirror", "invalid literal", "Traceback", "layer "):
         assert word not in ran.stderr, (word, ran.stderr)
     assert bootstrap("--json", "images", store=store, check=True).json() == []
+
+
+@pytest.mark.parametrize("kind", ["docker", "docker-gzip", "oci", "rootfs"])
+def test_importing_again_heals_damaged_blobs(store: Store, tmp_path: Path, kind: str) -> None:
+    """Blobs already stored are hashed before they count as present (as ``bootstrap pull``
+    does): after every stored blob is damaged in place (same size), importing the same archive
+    again moves each aside, stores the archive's, and fsck is clean."""
+    from bootstrap.image import maintenance
+
+    archive = tmp_path / "a.tar"
+    name = None
+    if kind == "docker":
+        docker_archive(archive)
+    elif kind == "docker-gzip":
+        docker_archive(archive, layer=gzip.compress(LAYER, mtime=0))
+    elif kind == "oci":
+        layout = tmp_path / "layout"
+        spec = ImageSpec([Layer([File("x", b"x" * 4096)]), Layer([File("y")], "zstd")])
+        build_image(layout, "registry.example.com/team/app:2.0", spec)
+        save_oci_archive(layout, archive)
+    else:
+        archive.write_bytes(LAYER)
+        name = "example.com/plain:1"
+    first = import_archive(store, archive, name)
+    blobs = sorted(p for p in (store.root / "oci" / "blobs").rglob("*") if p.is_file())
+    assert blobs
+    for blob in blobs:
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.chmod(0o644)
+        blob.write_bytes(bytes(data))
+    assert not maintenance.fsck(store).ok
+    again = import_archive(store, archive, name)
+    assert again.images == first.images
+    assert maintenance.fsck(store).ok
+    aside = [p for p in (store.root / "damaged").rglob("*") if p.is_file()]
+    assert len(aside) == len(blobs), aside

@@ -21,7 +21,9 @@ metadata member (manifest.json, index.json, blobs) that is a link instead of a r
 path in manifest.json that leaves the archive, a digest or diff_id mismatch: each is an
 :class:`~bootstrap.errors.IntegrityError` (exit 4). The archive is only read, never extracted;
 blobs enter the store verified (temp + fsync + rename) and the tag is written last, so a failed
-import leaves at most unreferenced blobs that ``gc`` removes.
+import leaves at most unreferenced blobs that ``gc`` removes. A blob already stored is hashed
+before it is taken as present (as ``bootstrap pull`` does): a damaged one is moved aside and
+replaced from the archive, so importing an archive again heals what ``fsck`` found.
 """
 
 from __future__ import annotations
@@ -359,7 +361,7 @@ def _import_rootfs(
             while chunk := fh.read(_CHUNK):
                 write(chunk)
 
-    store.ensure_blob(layer, fetch)
+    store.ensure_blob(layer, fetch, verify=True)
     plat = Platform.host()
     config: dict[str, Any] = {
         "architecture": plat.architecture,
@@ -370,7 +372,7 @@ def _import_rootfs(
     }
     if plat.variant:
         config["variant"] = plat.variant
-    cdesc = store.put_blob(_canonical(config), OCI_CONFIG)
+    cdesc = store.put_blob(_canonical(config), OCI_CONFIG, verify=True)
     return _tag_manifest(store, name, cdesc, [layer])
 
 
@@ -387,7 +389,7 @@ def _tag_manifest(
         "config": _plain(config),
         "layers": [_plain(d) for d in layers],
     }
-    mdesc = store.put_blob(_canonical(manifest), OCI_MANIFEST)
+    mdesc = store.put_blob(_canonical(manifest), OCI_MANIFEST, verify=True)
     store.tag(name, mdesc)
     return ImportedImage(name, mdesc.digest)
 
@@ -450,7 +452,7 @@ def _import_docker_image(
     layers: list[Descriptor] = []
     for layer_name, diff_id in zip(layer_names, config.diff_ids, strict=True):
         layers.append(_docker_layer(store, reader, layer_name, diff_id))
-    cdesc = store.put_blob(config_bytes, OCI_CONFIG, digest=config_digest)
+    cdesc = store.put_blob(config_bytes, OCI_CONFIG, digest=config_digest, verify=True)
     return [_tag_manifest(store, n, cdesc, layers) for n in names]
 
 
@@ -462,7 +464,7 @@ def _docker_layer(store: Store, reader: _Members, layer_name: str, diff_id: str)
     if compression == "none":
         desc = Descriptor(OCI_LAYER, diff_id, size)
         try:
-            store.ensure_blob(desc, reader.fetch(layer_name, "layer"))
+            store.ensure_blob(desc, reader.fetch(layer_name, "layer"), verify=True)
         except IntegrityError as exc:
             raise IntegrityError(
                 f"{reader.path.name}: layer {member.raw_name!r} does not match the config's "
@@ -491,7 +493,7 @@ def _docker_layer(store: Store, reader: _Members, layer_name: str, diff_id: str)
                 _HINT,
             )
 
-    return store.put_stream(_MEDIA[compression], produce)
+    return store.put_stream(_MEDIA[compression], produce, verify=True)
 
 
 # ---- oci-archive -------------------------------------------------------------------------------
@@ -591,6 +593,7 @@ def _copy_tree(store: Store, reader: _Members, desc: Descriptor, depth: int) -> 
                 store.ensure_blob(
                     Descriptor(blob.media_type, blob.digest, blob.size),
                     reader.fetch(_blob_member(blob.digest), "blob"),
+                    verify=True,
                 )
             except IntegrityError as exc:
                 raise IntegrityError(
@@ -598,4 +601,4 @@ def _copy_tree(store: Store, reader: _Members, desc: Descriptor, depth: int) -> 
                     f"descriptor: {exc.message.removeprefix(f'blob {blob.digest}: ')}",
                     _HINT,
                 ) from exc
-    store.put_blob(data, desc.media_type, digest=desc.digest)  # verified above: no re-read
+    store.put_blob(data, desc.media_type, digest=desc.digest, verify=True)

@@ -505,14 +505,19 @@ class Store:
         return sorted(self.damaged.iterdir())
 
     def put_stream(
-        self, media_type: str, fetch: Callable[[Callable[[bytes], object]], None]
+        self,
+        media_type: str,
+        fetch: Callable[[Callable[[bytes], object]], None],
+        *,
+        verify: bool = False,
     ) -> Descriptor:
         """Store a blob whose digest is learned from its content; return its (sha256)
         descriptor.
 
         ``fetch(write)`` streams the content as :meth:`ensure_blob`'s does; it goes to a temp
         file under ``tmp/`` while being hashed, so it is read once. Then, under the blob's lock,
-        it is renamed into ``blobs/`` unless that blob is already stored. On any failure
+        it is renamed into ``blobs/`` unless that blob is already stored (``verify``: and
+        hashes to its digest; a damaged one is moved aside and replaced). On any failure
         (including errors raised by ``fetch``, e.g. a check made while streaming) the temp
         file is removed and nothing is stored."""
         self.init()
@@ -523,7 +528,7 @@ class Store:
                 desc = Descriptor(media_type, "sha256:" + hasher.hexdigest(), size)
                 path = self.blob_path(desc.digest)
                 with self._blob_lock(desc.digest):
-                    if self._present(desc, path):
+                    if self._present(desc, path, verify):
                         tmp.unlink()
                         return desc
                     self._commit(tmp, path)
