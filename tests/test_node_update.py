@@ -192,30 +192,14 @@ def _pod_manifest(reg: Registry, images: dict[str, str]) -> str:
     from tests.harness import cri
     from tests.test_pods import CONFLIST
 
+    ocid = cri.ocid_entry(
+        f"{reg.host}/bootstrap/ocid:live", after="[cni]", auto_update="registry", ready_timeout=30
+    )
     return f"""\
-version: 1
-registries:
-  insecure: ["{reg.host}"]
-  mirrors:
-    registry.k8s.io: ["{reg.host}"]
-network:
-  timeout: 30
-containers:
+{cri.manifest_head(reg.host)}\
   - name: cni
     image: {images["cni"]}
-  - name: ocid
-    image: {reg.host}/bootstrap/ocid:live
-    definition: {REPO}/ocid
-    after: [cni]
-    auto_update: registry
-    set:
-      CRI_SOCKET: {cri.CRI_SOCKET}
-      CRI_RUN_DIR: /run/containerd
-      CRI_STATE_DIR: /var/lib/containerd
-      IMAGE_IMPORT: exec ctr -n k8s.io images import -
-    ready:
-      cri_socket: {cri.CRI_SOCKET}
-      timeout: 30
+{ocid}\
   - name: kubelet
     image: {reg.host}/bootstrap/kubelet:live
     definition: {KUBELET_DEF}

@@ -68,28 +68,10 @@ def pod_images(_registry_plain: Registry) -> dict[str, str]:
 
 def manifest(reg: Registry, images: dict[str, str], extra: str = "") -> str:
     return f"""\
-version: 1
-registries:
-  insecure: ["{reg.host}"]
-  mirrors:
-    registry.k8s.io: ["{reg.host}"]
-network:
-  timeout: 30
-containers:
+{cri.manifest_head(reg.host)}\
   - name: cni
     image: {images["cni"]}
-  - name: ocid
-    image: {images["ocid"]}
-    definition: {REPO}/ocid
-    after: [cni]
-    set:
-      CRI_SOCKET: {cri.CRI_SOCKET}
-      CRI_RUN_DIR: /run/containerd
-      CRI_STATE_DIR: /var/lib/containerd
-      IMAGE_IMPORT: exec ctr -n k8s.io images import -
-    ready:
-      cri_socket: {cri.CRI_SOCKET}
-      timeout: 120
+{cri.ocid_entry(images["ocid"], after="[cni]")}\
   - name: kubelet
     image: {images["kubelet"]}
     definition: {REPO}/images/kubelet

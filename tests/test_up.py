@@ -273,25 +273,8 @@ def test_up_network_not_ready_exits_3(tmp_path: Path) -> None:
 
 def _manifest(reg: Registry, images: dict[str, str], extra: str = "") -> str:
     return f"""\
-version: 1
-registries:
-  insecure: ["{reg.host}"]
-  mirrors:
-    registry.k8s.io: ["{reg.host}"]
-network:
-  timeout: 30
-containers:
-  - name: ocid
-    image: {images["ocid"]}
-    definition: {REPO}/ocid
-    set:
-      CRI_SOCKET: {cri.CRI_SOCKET}
-      CRI_RUN_DIR: /run/containerd
-      CRI_STATE_DIR: /var/lib/containerd
-      IMAGE_IMPORT: exec ctr -n k8s.io images import -
-    ready:
-      cri_socket: {cri.CRI_SOCKET}
-      timeout: 120
+{cri.manifest_head(reg.host)}\
+{cri.ocid_entry(images["ocid"])}\
   - name: kubelet
     image: {images["kubelet"]}
     definition: {REPO}/images/kubelet

@@ -19,6 +19,8 @@ Contract::
     node_netns() -> context of a netns name # NODE_IP on a veth, default route; deleted after
     cni_conflist() -> dict                 # bridge + host-local (POD_SUBNET) + portmap + loopback
     image_variant(image, layout, tag, label=, files=)  # a tag of `image` a label (+ files) apart
+    manifest_head(registry_host) -> str    # a node manifest up to "containers:"
+    ocid_entry(image, after=, auto_update=, ready_timeout=) -> str  # its containerd CRI daemon
 
 What the images hold is described in :mod:`bootstrap.demo.images`; their files (containerd's
 config, the stand-in's program, ...) are under ``images/demo/``. CRI_SOCKET and PAUSE_IMAGE are
@@ -227,6 +229,48 @@ NODE_IP = "198.51.100.2"
 POD_SUBNET = "198.51.100.128/25"
 POD_IMAGE = "localhost/bootstrap/busybox:httpd"
 """What the tests call :func:`pod_image` when they hand it to a CRI daemon."""
+
+
+def manifest_head(registry_host: str) -> str:
+    """The start of a test node manifest, up to ``containers:``: the loopback registry at
+    ``registry_host`` is insecure (plain HTTP) and the mirror of registry.k8s.io (where
+    PAUSE_IMAGE is known), and up waits 30 s for the network."""
+    return f"""\
+version: 1
+registries:
+  insecure: ["{registry_host}"]
+  mirrors:
+    registry.k8s.io: ["{registry_host}"]
+network:
+  timeout: 30
+containers:
+"""
+
+
+def ocid_entry(
+    image: str, *, after: str = "", auto_update: str = "", ready_timeout: int = 120
+) -> str:
+    """The node manifest's ``containers:`` entry for the CRI daemon image (:func:`
+    cri_daemon_image`) under the shipped ``ocid/`` definition: the ``set:`` values containerd
+    needs (its socket, run and state dirs, ``ctr`` as the image import) and readiness when
+    CRI_SOCKET answers within ``ready_timeout`` seconds; ``after`` (e.g. ``[cni]``) and
+    ``auto_update`` (a policy) when given."""
+    lines = [
+        "  - name: ocid",
+        f"    image: {image}",
+        f"    definition: {REPO}/ocid",
+        *([f"    after: {after}"] if after else []),
+        *([f"    auto_update: {auto_update}"] if auto_update else []),
+        "    set:",
+        f"      CRI_SOCKET: {CRI_SOCKET}",
+        "      CRI_RUN_DIR: /run/containerd",
+        "      CRI_STATE_DIR: /var/lib/containerd",
+        "      IMAGE_IMPORT: exec ctr -n k8s.io images import -",
+        "    ready:",
+        f"      cri_socket: {CRI_SOCKET}",
+        f"      timeout: {ready_timeout}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def cni_conflist(name: str = "bootstrap-test") -> dict[str, Any]:
