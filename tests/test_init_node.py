@@ -19,6 +19,7 @@ from tests.harness.imagebuilder import busybox_spec
 from tests.harness.node import Node
 from tests.harness.registry import Registry
 from tests.harness.registry_fixtures import _ensure_running
+from tests.test_deploy import running_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.node]
 
@@ -85,9 +86,26 @@ def timed(node: Node, *systemctl: str) -> float:
     return int(out.strip().splitlines()[-1]) / 1e9
 
 
-def restart_times(node: Node, unit: str, n: int = 3) -> list[float]:
+def entrypoint_started(node: Node, name: str, timeout: float = 10) -> None:
+    """Wait until container ``name``'s init (its pid 1) has started the entrypoint: the init
+    blocks every signal before it forks, so from then on a SIGTERM reaches the entrypoint.
+    (A ``Type=simple`` unit is active as soon as ``runc run`` forks; a stop in the first
+    instants after a start can find a pid 1 that drops the SIGTERM and waits the grace.)"""
+    pid = running_pid(node, name, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    children = f"/proc/{pid}/task/{pid}/children"
+    while not node.run("cat", children, check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"{name}: its init started no entrypoint"
+        time.sleep(0.05)
+
+
+def restart_times(node: Node, unit: str, n: int = 3, *, init: bool = False) -> list[float]:
+    """Seconds each of ``n`` restarts of ``unit`` takes; with ``init``, each restart stops a
+    container whose init has started the entrypoint (:func:`entrypoint_started`)."""
     times = []
     for _ in range(n):
+        if init:
+            entrypoint_started(node, unit.removesuffix(".service"))
         times.append(timed(node, "restart", unit))
         assert node.systemctl("is-active", unit).stdout.strip() == "active"
     return times
@@ -111,7 +129,8 @@ def test_sigterm_ignoring_pid1_restarts_fast_with_init_and_slow_without(
     ran = node.bootstrap("install", "fast", images["sleeper:1"], "--definition", d, env=env)
     assert ran.rc == 0, ran.stderr
     assert config_args(node, "fast")[:2] == ["/run/.bootstrap-init", "--"]
-    fast = restart_times(node, "fast.service")
+    fast = restart_times(node, "fast.service", init=True)
+    entrypoint_started(node, "fast")
     stop = timed(node, "stop", "fast.service")
     assert node.systemctl("is-active", "fast.service").stdout.strip() == "inactive"
     assert node.systemctl("show", "-p", "Result", "fast.service").stdout.strip() == "Result=success"
